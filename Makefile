@@ -1,0 +1,35 @@
+# Two entry points do all set-up on a fresh machine:  `make repro` and `make test`.
+# Both create .venv on first use and reinstall only when pyproject.toml or requirements.lock change.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: install repro repro-tiny test flow serve clean-venv
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml requirements.lock
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade "pip>=24"
+	$(BIN)/python -m pip install --quiet -r requirements.lock
+	$(BIN)/python -m pip install --quiet --no-deps --no-build-isolation -e .
+	touch $(STAMP)
+
+# Full reproduction of the offline default (DVC skips every stage whose inputs did not change).
+repro: $(STAMP)
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/dvc repro
+
+test: $(STAMP)
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m pytest -q
+
+# The same DAG, run stage by stage as a Prefect flow.
+flow: $(STAMP)
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m flows.pipeline
+
+# Serve the flow on params.yaml's cron schedule (needs `prefect server start` running; see README).
+serve: $(STAMP)
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m flows.serve
+
+clean-venv:
+	rm -rf $(VENV)

@@ -1,0 +1,23 @@
+"""The corpus: sources -> cleaned, deduplicated, split and chunked documents in zstd Parquet."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import polars as pl
+
+from fusesoup.storage import read_parquet
+
+SPLITS = ("train", "valid", "test")
+CORPUS_SCHEMA = {"doc_id": pl.String, "domain": pl.String, "text": pl.String}
+
+
+def split_path(corpus_dir: Path | str, split: str) -> Path:
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
+    return Path(corpus_dir) / f"{split}.parquet"
+
+
+def read_split(corpus_dir: Path | str, split: str, domains: list[str] | None = None) -> pl.DataFrame:
+    """One split as a DataFrame (doc_id, domain, text), optionally only the given domains, in stored order."""
+    frame = read_parquet(split_path(corpus_dir, split), CORPUS_SCHEMA)
+    return frame if domains is None else frame.filter(pl.col("domain").is_in(domains))

@@ -1,0 +1,296 @@
+"""params.yaml: one validated schema for every knob of the pipeline.
+
+Every stage loads the whole file through `load_params`, so a typo stops the pipeline at its first stage with
+one line naming the file, the key path and what was expected.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+# Names become DVC stage names (`bootstrap@<name>`) and directory names (`data/models/<name>`).
+ModelName = Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9_-]*$")]
+DomainName = Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9_-]*$")]
+PositiveInt = Annotated[int, Field(gt=0)]
+PositiveFloat = Annotated[float, Field(gt=0)]
+Fraction = Annotated[float, Field(ge=0, le=1)]
+
+# Tokens a bootstrapped tokenizer may add beyond one per byte: a word-start marker, BOS and EOS.
+TOKENS_OVER_BYTES = 3
+
+
+class ParamsError(ValueError):
+    """A params file that does not fit the schema; the message is one line naming file and key."""
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Runtime(Strict):
+    device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    threads: Annotated[int, Field(ge=0)] = 0  # torch CPU threads; 0 keeps torch's default
+
+
+class BootstrapRef(Strict):
+    source: Literal["bootstrap"]
+
+
+class PathRef(Strict):
+    source: Literal["path"]
+    path: str
+    trust_remote_code: bool = False
+
+
+class HubRef(Strict):
+    source: Literal["hub"]
+    id: Annotated[str, Field(pattern=r"^[\w.-]+(/[\w.-]+)?$")]
+    revision: str = "main"
+    trust_remote_code: bool = False
+
+
+ModelRef = Annotated[Union[BootstrapRef, PathRef, HubRef], Field(discriminator="source")]
+
+
+class BuiltinCodeSource(Strict):
+    kind: Literal["builtin_code"]
+    domain: DomainName = "code"
+
+
+class BuiltinProseSource(Strict):
+    kind: Literal["builtin_prose"]
+    domain: DomainName = "prose"
+
+
+class FilesSource(Strict):
+    """Local .txt (one document per file), .jsonl, .jsonl.zst or .parquet files (glob patterns)."""
+
+    kind: Literal["files"]
+    paths: Annotated[list[str], Field(min_length=1)]
+    text_field: str = "text"
+    domain: DomainName | None = None
+    domain_field: str | None = None  # dotted path into each record, e.g. meta.pile_set_name
+
+    @model_validator(mode="after")
+    def _one_domain_rule(self) -> "FilesSource":
+        if (self.domain is None) == (self.domain_field is None):
+            raise ValueError("give exactly one of 'domain' or 'domain_field'")
+        return self
+
+
+class HubSource(Strict):
+    """A `datasets` dataset, streamed: a hub id (e.g. JeanKaddour/minipile) or a builder such as `json`."""
+
+    kind: Literal["hub"]
+    dataset: str
+    config: str | None = None
+    split: str = "train"
+    data_files: list[str] | None = None
+    text_field: str = "text"
+    domain: DomainName | None = None
+    domain_field: str | None = None
+    max_docs: PositiveInt | None = None
+
+    @model_validator(mode="after")
+    def _one_domain_rule(self) -> "HubSource":
+        if (self.domain is None) == (self.domain_field is None):
+            raise ValueError("give exactly one of 'domain' or 'domain_field'")
+        return self
+
+
+CorpusSource = Annotated[
+    Union[BuiltinCodeSource, BuiltinProseSource, FilesSource, HubSource], Field(discriminator="kind")
+]
+
+
+class Split(Strict):
+    valid: Fraction = 0.05
+    test: Fraction = 0.05
+
+    @model_validator(mode="after")
+    def _leaves_training_data(self) -> "Split":
+        if self.valid + self.test >= 1:
+            raise ValueError("valid + test must be below 1")
+        return self
+
+
+class Corpus(Strict):
+    sources: Annotated[list[CorpusSource], Field(min_length=1)]
+    max_chunk_bytes: PositiveInt = 1024  # longer documents are cut at line boundaries
+    split: Split = Split()
+    domain_max_bytes: dict[DomainName, PositiveInt] = {}  # per-domain cap on the cleaned corpus
+    on_error: Literal["fail", "skip"] = "fail"  # bad records: stop, or skip and count in the manifest
+
+
+class TokenizerSpec(Strict):
+    kind: Literal["sentencepiece_bpe", "byte_level_bpe", "unigram"]
+    vocab_size: Annotated[int, Field(ge=300)]
+
+
+class ModelSpec(Strict):
+    hidden_size: PositiveInt
+    layers: PositiveInt
+    heads: PositiveInt
+    intermediate_size: PositiveInt
+    context: PositiveInt  # max positions; must hold the longest corpus chunk
+
+    @model_validator(mode="after")
+    def _heads_divide_hidden(self) -> "ModelSpec":
+        if self.hidden_size % self.heads:
+            raise ValueError(f"hidden_size {self.hidden_size} is not divisible by heads {self.heads}")
+        return self
+
+
+class TrainSpec(Strict):
+    steps: PositiveInt
+    batch_tokens: PositiveInt  # token budget per optimizer step (padding excluded from the plan)
+    lr: PositiveFloat
+    warmup_steps: Annotated[int, Field(ge=0)] = 0
+    weight_decay: Annotated[float, Field(ge=0)] = 0.1
+
+
+class Bootstrap(Strict):
+    architecture: Literal["llama", "gpt_neox", "gpt2"]
+    tokenizer: TokenizerSpec
+    domains: Annotated[dict[DomainName, PositiveFloat], Field(min_length=1)]  # sampling weights
+    model: ModelSpec
+    train: TrainSpec
+
+
+class Schedule(Strict):
+    cron: str = "0 3 * * *"
+    timezone: str = "UTC"
+
+    @model_validator(mode="after")
+    def _five_fields(self) -> "Schedule":
+        if len(self.cron.split()) != 5:
+            raise ValueError(f"cron must have 5 fields, got {self.cron!r}")
+        return self
+
+
+class Flow(Strict):
+    retries: Annotated[int, Field(ge=0)] = 1
+    retry_delay_seconds: Annotated[float, Field(ge=0)] = 10
+    stage_timeout_seconds: PositiveFloat = 3600
+    max_parallel: PositiveInt = 2
+    schedule: Schedule = Schedule()
+
+
+class Params(Strict):
+    seed: int = 0
+    runtime: Runtime = Runtime()
+    models: Annotated[dict[ModelName, ModelRef], Field(min_length=1)]
+    target: ModelName
+    sources: Annotated[list[ModelName], Field(min_length=1)]
+    corpus: Corpus
+    bootstrap: dict[ModelName, Bootstrap] = {}
+    flow: Flow = Flow()
+
+    @model_validator(mode="after")
+    def _references_resolve(self) -> "Params":
+        for key, name in [("target", self.target)] + [(f"sources.{i}", n) for i, n in enumerate(self.sources)]:
+            if name not in self.models:
+                raise _KeyProblem(key, f"model {name!r} is not defined under 'models' (defined: {sorted(self.models)})")
+        if self.target not in self.sources:
+            raise _KeyProblem("sources", f"must include the target {self.target!r}: its own logits are fused too")
+        for name, ref in self.models.items():
+            if ref.source == "bootstrap" and name not in self.bootstrap:
+                raise _KeyProblem(f"models.{name}", f"source is 'bootstrap' but there is no bootstrap.{name} entry")
+        for name, spec in self.bootstrap.items():
+            if name not in self.models or self.models[name].source != "bootstrap":
+                raise _KeyProblem(f"bootstrap.{name}", f"needs models.{name} with source: bootstrap")
+            needed = self.corpus.max_chunk_bytes + TOKENS_OVER_BYTES
+            if spec.model.context < needed:
+                raise _KeyProblem(
+                    f"bootstrap.{name}.model.context",
+                    f"must be >= corpus.max_chunk_bytes + {TOKENS_OVER_BYTES} = {needed}, got {spec.model.context}",
+                )
+            unknown = set(spec.domains) - self.corpus_domains()
+            if unknown:
+                raise _KeyProblem(
+                    f"bootstrap.{name}.domains",
+                    f"domains {sorted(unknown)} come from no corpus source with a fixed domain "
+                    f"(known: {sorted(self.corpus_domains())})",
+                )
+        return self
+
+    def corpus_domains(self) -> set[str]:
+        """Domains fixed by the corpus sources (sources with `domain_field` may add more at run time)."""
+        return {s.domain for s in self.corpus.sources if s.domain is not None}
+
+    def model_ref(self, name: str) -> ModelRef:
+        if name not in self.models:
+            raise ParamsError(f"model {name!r} is not defined under 'models' (defined: {sorted(self.models)})")
+        return self.models[name]
+
+
+class _KeyProblem(ValueError):
+    """Raised inside cross-key validation to report an exact key path instead of the model's root."""
+
+    def __init__(self, key: str, message: str):
+        super().__init__(message)
+        self.key, self.message = key, message
+
+
+def _key_path(loc: tuple[Any, ...]) -> str:
+    """('corpus', 'sources', 0, 'files', 'paths') -> 'corpus.sources.0.paths': drops the union tag pydantic adds."""
+    parts = [str(part) for part in loc]
+    if parts[:2] == ["corpus", "sources"] and len(parts) > 4:
+        del parts[3]
+    elif parts[:1] == ["models"] and len(parts) > 3:
+        del parts[2]
+    return ".".join(parts) or "(top level)"
+
+
+def _one_line(path: Path, error: ValidationError) -> str:
+    first = error.errors()[0]
+    ctx_error = (first.get("ctx") or {}).get("error")
+    if isinstance(ctx_error, _KeyProblem):
+        return f"{path}: {ctx_error.key}: {ctx_error.message}"
+    key = _key_path(tuple(first["loc"]))
+    msg = first["msg"].removeprefix("Value error, ")
+    if first["type"] == "extra_forbidden":
+        msg = "unknown key"
+    elif first["type"] == "missing":
+        msg = "required key is missing"
+    elif "input" in first and first["type"] != "model_type":
+        msg += f", got {first['input']!r}"
+    more = len(error.errors()) - 1
+    return f"{path}: {key}: {msg}" + (f" (and {more} more problem{'s' * (more > 1)})" if more else "")
+
+
+def parse_params(raw: Any, path: Path | str = "params.yaml") -> Params:
+    """Validate an already-parsed params mapping; errors name `path`."""
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as error:
+        raise ParamsError(_one_line(Path(path), error)) from None
+
+
+def load_params(path: Path | str = "params.yaml") -> Params:
+    """Read and validate a params file."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ParamsError(f"{path}: file not found") from None
+    except yaml.YAMLError as error:
+        raise ParamsError(f"{path}: not valid YAML: {' '.join(str(error).split())}") from None
+    if not isinstance(raw, dict):
+        raise ParamsError(f"{path}: expected a mapping at the top level, got {type(raw).__name__}")
+    return parse_params(raw, path)
+
+
+def deep_merge(base: dict, overrides: dict) -> dict:
+    """`base` with `overrides` applied recursively (mappings merge, anything else replaces)."""
+    merged = dict(base)
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
