@@ -239,11 +239,16 @@ class _KeyProblem(ValueError):
 def _key_path(loc: tuple[Any, ...]) -> str:
     """('corpus', 'sources', 0, 'files', 'paths') -> 'corpus.sources.0.paths': drops the union tag pydantic adds."""
     parts = [str(part) for part in loc]
-    if parts[:2] == ["corpus", "sources"] and len(parts) > 4:
-        del parts[3]
-    elif parts[:1] == ["models"] and len(parts) > 3:
-        del parts[2]
+    for prefix, tag_index, tags in _UNION_TAGS:
+        if parts[: len(prefix)] == prefix and len(parts) > tag_index and parts[tag_index] in tags:
+            del parts[tag_index]
     return ".".join(parts) or "(top level)"
+
+
+_UNION_TAGS = [
+    (["corpus", "sources"], 3, {"builtin_code", "builtin_prose", "files", "hub"}),
+    (["models"], 2, {"bootstrap", "path", "hub"}),
+]
 
 
 def _one_line(path: Path, error: ValidationError) -> str:
@@ -257,7 +262,7 @@ def _one_line(path: Path, error: ValidationError) -> str:
         msg = "unknown key"
     elif first["type"] == "missing":
         msg = "required key is missing"
-    elif "input" in first and first["type"] != "model_type":
+    elif "input" in first and not isinstance(first["input"], (dict, list)):
         msg += f", got {first['input']!r}"
     more = len(error.errors()) - 1
     return f"{path}: {key}: {msg}" + (f" (and {more} more problem{'s' * (more > 1)})" if more else "")

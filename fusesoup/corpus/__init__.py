@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Callable, NamedTuple
 
 import polars as pl
 
@@ -21,3 +22,11 @@ def read_split(corpus_dir: Path | str, split: str, domains: list[str] | None = N
     """One split as a DataFrame (doc_id, domain, text), optionally only the given domains, in stored order."""
     frame = read_parquet(split_path(corpus_dir, split), CORPUS_SCHEMA)
     return frame if domains is None else frame.filter(pl.col("domain").is_in(domains))
+
+
+class TokenLimit(NamedTuple):
+    """A tokenizer that every corpus chunk must fit: chunks are cut until count_tokens(chunk) <= max_tokens."""
+
+    model: str
+    count_tokens: Callable[[str], int]
+    max_tokens: int

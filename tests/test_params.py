@@ -1,0 +1,95 @@
+"""params.yaml validation: every bad input stops with one line naming the file, the key path and what was expected."""
+import copy
+from pathlib import Path
+
+import pytest
+import yaml
+
+from fusesoup.params import ParamsError, deep_merge, load_params, parse_params
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def raw() -> dict:
+    return yaml.safe_load((REPO / "params.yaml").read_text())
+
+
+def error_for(raw: dict, change, tmp_path: Path) -> str:
+    bad = copy.deepcopy(raw)
+    change(bad)
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(bad, allow_unicode=True))
+    with pytest.raises(ParamsError) as caught:
+        load_params(path)
+    message = str(caught.value)
+    assert "\n" not in message
+    assert message.startswith(f"{path}: ")
+    return message.removeprefix(f"{path}: ")
+
+
+def test_repo_params_and_tiny_profile_are_valid(raw):
+    params = load_params(REPO / "params.yaml")
+    assert params.target in params.sources
+    assert set(params.bootstrap) == {n for n, ref in params.models.items() if ref.source == "bootstrap"}
+    tiny = yaml.safe_load((REPO / "profiles" / "tiny.yaml").read_text())
+    parse_params(deep_merge(raw, tiny), "tiny")
+
+
+@pytest.mark.parametrize(
+    "change, expected",
+    [
+        (lambda r: r.__setitem__("sead", 1), "sead: unknown key"),
+        (lambda r: r["corpus"].__setitem__("max_chunk_bytes", 0), "corpus.max_chunk_bytes: Input should be greater than 0, got 0"),
+        (lambda r: r["corpus"].__setitem__("max_chunk_bytes", "big"), "corpus.max_chunk_bytes: Input should be a valid integer"),
+        (lambda r: r["corpus"]["sources"][1].__setitem__("kind", "ftp"), "corpus.sources.1: Input tag 'ftp' found using 'kind' does not match"),
+        (lambda r: r["corpus"]["sources"].append({"kind": "files", "paths": ["x.txt"]}), "corpus.sources.2: give exactly one of 'domain' or 'domain_field'"),
+        (lambda r: r["corpus"]["split"].update(valid=0.6, test=0.5), "corpus.split: valid + test must be below 1"),
+        (lambda r: r["corpus"].__setitem__("on_error", "ignore"), "corpus.on_error: Input should be 'fail' or 'skip', got 'ignore'"),
+        (lambda r: r.__setitem__("target", "llama-70b"), "target: model 'llama-70b' is not defined under 'models'"),
+        (lambda r: r["sources"].append("ghost"), "sources.3: model 'ghost' is not defined under 'models'"),
+        (lambda r: r["sources"].remove("target-base"), "sources: must include the target 'target-base'"),
+        (lambda r: r["models"].__setitem__("extra", {"source": "bootstrap"}), "models.extra: source is 'bootstrap' but there is no bootstrap.extra entry"),
+        (lambda r: r["models"].__setitem__("hubby", {"source": "hub"}), "models.hubby.id: required key is missing"),
+        (lambda r: r["models"].__setitem__("Bad Name", {"source": "path", "path": "/m"}), "models.Bad Name.[key]: String should match pattern"),
+        (lambda r: r["bootstrap"]["code-neox"]["model"].__setitem__("context", 512), "bootstrap.code-neox.model.context: must be >= corpus.max_chunk_bytes + 3"),
+        (lambda r: r["bootstrap"]["code-neox"]["model"].__setitem__("heads", 3), "bootstrap.code-neox.model: hidden_size"),
+        (lambda r: r["bootstrap"]["code-neox"]["train"].__setitem__("lr", -1), "bootstrap.code-neox.train.lr: Input should be greater than 0, got -1"),
+        (lambda r: r["bootstrap"]["code-neox"].__setitem__("architecture", "mamba"), "bootstrap.code-neox.architecture: Input should be 'llama', 'gpt_neox' or 'gpt2', got 'mamba'"),
+        (lambda r: r["bootstrap"]["code-neox"]["domains"].__setitem__("legal", 1.0), "bootstrap.code-neox.domains: domains ['legal'] come from no corpus source"),
+        (lambda r: r["bootstrap"]["prose-gpt2"]["tokenizer"].__setitem__("vocab_size", 100), "bootstrap.prose-gpt2.tokenizer.vocab_size: Input should be greater than or equal to 300"),
+        (lambda r: r["flow"]["schedule"].__setitem__("cron", "daily"), "flow.schedule: cron must have 5 fields, got 'daily'"),
+        (lambda r: r["runtime"].__setitem__("device", "tpu"), "runtime.device: String should match pattern"),
+    ],
+)
+def test_bad_params_name_the_key(raw, tmp_path, change, expected):
+    assert error_for(raw, change, tmp_path).startswith(expected)
+
+
+def test_several_problems_are_counted_on_one_line(raw, tmp_path):
+    def two_problems(r):
+        r["seed"] = "x"
+        r["corpus"]["max_chunk_bytes"] = -5
+
+    message = error_for(raw, two_problems, tmp_path)
+    assert message.startswith("seed: Input should be a valid integer")
+    assert message.endswith("(and 1 more problem)")
+
+
+def test_unreadable_files_are_named(tmp_path):
+    with pytest.raises(ParamsError, match=r"missing\.yaml: file not found"):
+        load_params(tmp_path / "missing.yaml")
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("corpus: [unclosed\n")
+    with pytest.raises(ParamsError, match=r"broken\.yaml: not valid YAML"):
+        load_params(broken)
+    scalar = tmp_path / "scalar.yaml"
+    scalar.write_text("42\n")
+    with pytest.raises(ParamsError, match=r"scalar\.yaml: expected a mapping at the top level, got int"):
+        load_params(scalar)
+
+
+def test_deep_merge_overrides_nested_keys_only():
+    base = {"a": {"b": 1, "c": 2}, "d": [1, 2]}
+    assert deep_merge(base, {"a": {"b": 5}, "d": [3]}) == {"a": {"b": 5, "c": 2}, "d": [3]}
+    assert base == {"a": {"b": 1, "c": 2}, "d": [1, 2]}
