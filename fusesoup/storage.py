@@ -13,6 +13,17 @@ from typing import Any, Iterator
 import polars as pl
 
 
+def _current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+# mkstemp/mkdtemp create private (0600/0700) entries; outputs get the modes a plain open()/mkdir() would give.
+_FILE_MODE = 0o666 & ~_current_umask()
+_DIR_MODE = 0o777 & ~_current_umask()
+
+
 class StorageError(RuntimeError):
     """A stored file is missing, corrupt or of the wrong schema; the message names the file."""
 
@@ -32,6 +43,7 @@ def atomic_write_bytes(path: Path | str, data: bytes) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.tmp-")
     try:
         with os.fdopen(fd, "wb") as handle:
+            os.fchmod(handle.fileno(), _FILE_MODE)
             handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
@@ -64,6 +76,7 @@ def atomic_dir(path: Path | str) -> Iterator[Path]:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp-"))
+    os.chmod(tmp, _DIR_MODE)
     try:
         yield tmp
         if path.exists():
@@ -82,6 +95,7 @@ def write_parquet(frame: pl.DataFrame, path: Path | str) -> None:
     os.close(fd)
     try:
         frame.write_parquet(tmp, compression="zstd", compression_level=9, statistics=False)
+        os.chmod(tmp, _FILE_MODE)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):

@@ -1,11 +1,13 @@
 """The corpus: sources -> cleaned, deduplicated, split and chunked documents in zstd Parquet."""
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, NamedTuple
 
 import polars as pl
 
+from fusesoup.cli import StageError
 from fusesoup.storage import read_parquet
 
 SPLITS = ("train", "valid", "test")
@@ -30,3 +32,21 @@ class TokenLimit(NamedTuple):
     model: str
     count_tokens: Callable[[str], int]
     max_tokens: int
+
+
+class CorpusError(StageError):
+    """Bad corpus input or settings; the message names the file and line (or row) and the problem."""
+
+
+@dataclass(frozen=True)
+class RawDoc:
+    """One document as a source yields it, before cleaning.
+
+    `group` is the split key: documents with the same group always land in the same split. None means
+    "the document's own content" (records of user files and datasets).
+    """
+
+    text: str
+    domain: str
+    group: str | None
+    origin: str  # "file:line" or "file:row N", for messages

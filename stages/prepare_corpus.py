@@ -1,0 +1,26 @@
+"""DVC stage prepare_corpus: params.yaml's corpus section -> data/corpus/{train,valid,test}.parquet + manifest.json."""
+from __future__ import annotations
+
+import argparse
+
+from fusesoup.cli import run_stage
+from fusesoup.corpus.prepare import prepare_corpus
+from fusesoup.params import load_params
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m stages.prepare_corpus", description=__doc__)
+    parser.add_argument("--params", default="params.yaml", help="the params file (default: params.yaml)")
+    parser.add_argument("--out", default="data/corpus", help="the corpus directory (default: data/corpus)")
+    args = parser.parse_args(argv)
+    params = load_params(args.params)
+    from fusesoup.models import external_token_limits  # loads tokenizers of path/hub models only
+
+    manifest = prepare_corpus(params.corpus, args.out, external_token_limits(params))
+    totals = manifest["totals"]
+    print(f"{args.out}: {totals['documents']} documents, {totals['chunks']} chunks, {totals['bytes']} bytes "
+          f"(train/valid/test chunks: {'/'.join(str(s['chunks']) for s in manifest['splits'].values())})")
+
+
+if __name__ == "__main__":
+    run_stage(main)
