@@ -1,0 +1,179 @@
+"""flows/: the Prefect flow runs a DVC project's stages in dependency order, in parallel where it may, leaves
+what `dvc repro` leaves, and fails, kills and retries stages as configured. Runs on toy shell-stage projects."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import yaml
+from dvc.repo import Repo
+
+from flows.pipeline import StageRunError, pipeline, stage_graph
+from flows.serve import build_deployment
+from fusesoup.params import Flow, Schedule
+
+pytestmark = pytest.mark.usefixtures("prefect_api")
+
+SETTINGS = Flow(retries=0, retry_delay_seconds=0, stage_timeout_seconds=60, max_parallel=2)
+
+
+def logged(name: str, cmd: str) -> str:
+    """`cmd`, bracketed by lines 'NAME start|end TIME' appended to ../runs.log (outside the DVC project)."""
+    return f"echo {name} start $(date +%s.%N) >> ../runs.log && {cmd} && echo {name} end $(date +%s.%N) >> ../runs.log"
+
+
+# a -> b, a -> c, (b, c) -> d. b and c sleep where ../slow exists, so that the flow's copy shows whether they
+# overlap while `dvc repro` in the reference copy runs the same commands (same dvc.lock) without the wait.
+DIAMOND = {
+    "a": {"cmd": logged("a", "echo alpha > a.txt"), "outs": ["a.txt"]},
+    "b": {"cmd": logged("b", "(test ! -f ../slow || sleep 2) && tr a-z A-Z < a.txt > b.txt"),
+          "deps": ["a.txt"], "outs": ["b.txt"]},
+    "c": {"cmd": logged("c", "(test ! -f ../slow || sleep 2) && rev a.txt > c.txt"),
+          "deps": ["a.txt"], "outs": ["c.txt"]},
+    "d": {"cmd": logged("d", "cat b.txt c.txt > d.txt"), "deps": ["b.txt", "c.txt"], "outs": ["d.txt"]},
+}
+
+
+def make_project(dest: Path, stages: dict) -> Path:
+    """A fresh git + DVC repo at `dest` whose dvc.yaml holds `stages`."""
+    dest.mkdir(parents=True)
+    subprocess.run(["git", "init", "-q"], cwd=dest, check=True)
+    Repo.init(str(dest)).close()
+    (dest / ".dvc" / "config").write_text("[core]\n    analytics = false\n")
+    (dest / "dvc.yaml").write_text(yaml.safe_dump({"stages": stages}, sort_keys=False))
+    return dest
+
+
+def runs(repo: Path) -> list[tuple[str, str, float]]:
+    """(stage, 'start' | 'end', time) for each line of the project's ../runs.log."""
+    log = repo.parent / "runs.log"
+    lines = log.read_text().split() if log.exists() else []
+    return [(name, event, float(at)) for name, event, at in zip(lines[::3], lines[1::3], lines[2::3])]
+
+
+@pytest.fixture(scope="module")
+def diamond(tmp_path_factory) -> tuple[Path, dict[str, list[str]]]:
+    """The diamond project after one flow run, and that run's result."""
+    root = tmp_path_factory.mktemp("diamond")
+    (root / "slow").touch()
+    repo = make_project(root / "repo", DIAMOND)
+    return repo, pipeline(str(repo), SETTINGS)
+
+
+def test_stage_graph_reads_dependencies_from_dvc(tmp_path):
+    repo = make_project(tmp_path / "repo", DIAMOND)
+    graph = stage_graph(repo)
+    assert graph == {"a": [], "b": ["a"], "c": ["a"], "d": ["b", "c"]}
+    assert list(graph) == ["a", "b", "c", "d"]
+
+    fit = {"cmd": "cp a.txt ${item}.txt", "deps": ["a.txt"], "outs": ["${item}.txt"]}
+    foreach = {"a": DIAMOND["a"], "fit": {"foreach": ["y", "x"], "do": fit}}
+    (repo / "dvc.yaml").write_text(yaml.safe_dump({"stages": foreach}))
+    assert stage_graph(repo) == {"a": [], "fit@x": ["a"], "fit@y": ["a"]}
+
+
+def test_flow_runs_each_stage_once_in_order_and_matches_dvc_repro(diamond, tmp_path):
+    repo, result = diamond
+    order = list(result)
+    assert sorted(order) == ["a", "b", "c", "d"]
+    for stage, upstream in stage_graph(repo).items():
+        assert all(order.index(u) < order.index(stage) for u in upstream), order
+
+    events = runs(repo)
+    assert sorted(name for name, event, _ in events if event == "start") == ["a", "b", "c", "d"]
+    at = {(name, event): t for name, event, t in events}
+    assert at["b", "start"] < at["c", "end"] and at["c", "start"] < at["b", "end"], "b and c did not overlap"
+
+    reference = make_project(tmp_path / "repo", DIAMOND)
+    subprocess.run([sys.executable, "-m", "dvc", "repro"], cwd=reference, check=True, capture_output=True)
+    # Byte for byte: DVC appends an entry when a stage completes, so b and c, finishing in either order in the
+    # flow, would land in completion order; the flow puts new entries in `dvc repro`'s own order.
+    assert (repo / "dvc.lock").read_text() == (reference / "dvc.lock").read_text()
+    assert (repo / "d.txt").read_text() == "ALPHA\nahpla\n"
+
+
+def snapshot(repo: Path) -> dict[str, tuple[bytes, int]]:
+    """Content and mtime of the project's outputs and dvc.lock."""
+    return {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in [*repo.glob("*.txt"), repo / "dvc.lock"]}
+
+
+def test_second_run_is_a_no_op_for_dvc(diamond):
+    repo, _ = diamond
+    before = snapshot(repo)
+    started = len(runs(repo))
+
+    result = pipeline(str(repo), SETTINGS)
+
+    for stage, lines in result.items():
+        assert f"Stage '{stage}' didn't change, skipping" in lines, lines
+    assert len(runs(repo)) == started
+    assert snapshot(repo) == before
+
+
+def test_failed_stage_fails_the_flow_and_skips_its_downstream(tmp_path):
+    repo = make_project(tmp_path / "repo", {
+        "bad": {"cmd": "echo about to fail && exit 1", "outs": ["bad.txt"]},
+        "after": {"cmd": logged("after", "cp bad.txt after.txt"), "deps": ["bad.txt"], "outs": ["after.txt"]},
+        "fine": {"cmd": "echo fine > fine.txt", "outs": ["fine.txt"]},
+    })
+    with pytest.raises(StageRunError) as failure:
+        pipeline(str(repo), SETTINGS)
+    message = str(failure.value)
+    assert "stage 'bad' failed" in message and "about to fail" in message
+    assert "exited with 1" in message  # DVC quotes the stage command's own exit status
+    assert "not run: after" in message
+    assert runs(repo) == [] and not (repo / "after.txt").exists()
+    assert (repo / "fine.txt").read_text() == "fine\n"  # an independent stage still completes
+
+
+def group_of(pid: int) -> int | None:
+    try:
+        return os.getpgid(pid)
+    except ProcessLookupError:
+        return None
+
+
+def test_timeout_kills_the_stage_process_group(tmp_path):
+    # The shell records its background sleep's pid, its own and its process group's, then waits.
+    cmd = "sleep 60 & echo $! $$ $(cut -d' ' -f5 /proc/$$/stat) > ../pids; wait"
+    repo = make_project(tmp_path / "repo", {"slow": {"cmd": cmd, "outs": ["slow.txt"]}})
+    started = time.monotonic()
+    with pytest.raises(StageRunError, match="stage 'slow' timed out after 2 s"):
+        pipeline(str(repo), SETTINGS.model_copy(update={"stage_timeout_seconds": 2}))
+    assert time.monotonic() - started < 12
+
+    sleep_pid, shell_pid, group = map(int, (tmp_path / "pids").read_text().split())
+    assert group != os.getpgrp()  # the stage ran in a process group of its own
+    survivors = [p.info for p in psutil.process_iter(["pid", "status", "cmdline"])
+                 if p.info["status"] != psutil.STATUS_ZOMBIE and group_of(p.info["pid"]) == group]
+    assert survivors == []
+    for pid in (sleep_pid, shell_pid):
+        assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+
+
+def test_retries_rerun_a_failed_stage(tmp_path):
+    cmd = "if [ ! -f ../tried ]; then touch ../tried; exit 1; fi; echo ok > flaky.txt"
+    repo = make_project(tmp_path / "repo", {"flaky": {"cmd": cmd, "outs": ["flaky.txt"]}})
+    result = pipeline(str(repo), SETTINGS.model_copy(update={"retries": 1}))
+    assert list(result) == ["flaky"]
+    assert (tmp_path / "tried").exists() and (repo / "flaky.txt").read_text() == "ok\n"
+
+
+def test_unknown_stage_is_refused(tmp_path):
+    repo = make_project(tmp_path / "repo", DIAMOND)
+    with pytest.raises(ValueError, match="unknown stage"):
+        pipeline(str(repo), SETTINGS, stages=["nope"])
+
+
+def test_deployment_carries_the_schedule(tmp_path):
+    settings = Flow(schedule=Schedule(cron="30 4 * * 1", timezone="Europe/Paris"))
+    deployment = build_deployment(tmp_path, settings)
+    assert deployment.name == "fusesoup-pipeline"
+    [schedule] = [s.schedule for s in deployment.schedules]
+    assert (schedule.cron, schedule.timezone) == ("30 4 * * 1", "Europe/Paris")
+    assert deployment.parameters == {"repo_dir": str(tmp_path.resolve())}
