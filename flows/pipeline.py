@@ -74,13 +74,14 @@ def match_repro_lock_order(repo_dir: str | os.PathLike, existing: list[str]) -> 
         root_dvcfile = os.path.join(repo.root_dir, "dvc.yaml")
         steps = plan_repro(get_active_graph(repo.index.graph), collect_stages(repo, [root_dvcfile]))
         planned = [stage.name for stage in steps if stage.path == root_dvcfile]
-    lock = Path(repo_dir) / "dvc.lock"
-    if not lock.exists():
-        return
-    with modify_yaml(lock) as data:
-        entries = data.get("stages", {})
-        for name in [n for n in existing if n in entries] + [n for n in planned if n in entries and n not in existing]:
-            entries.move_to_end(name)
+    current = lock_stage_names(repo_dir)
+    wanted = [n for n in existing if n in current] + [n for n in planned if n in current and n not in existing]
+    wanted += [n for n in current if n not in wanted]
+    if wanted == current:
+        return  # nothing to move: leave the file (and its mtime) alone
+    with modify_yaml(Path(repo_dir) / "dvc.lock") as data:
+        for name in wanted:
+            data["stages"].move_to_end(name)
 
 
 def _address(stage, root_dir: str) -> str:
