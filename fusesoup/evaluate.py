@@ -1,0 +1,100 @@
+"""Bits per byte: a language-model score that does not depend on the tokenizer.
+
+Every text is scored as [BOS] + its tokens; the NLL of each text token given its prefix is summed and divided by
+the text's UTF-8 bytes (and ln 2), so models with different tokenizers and vocabularies compare fairly.
+"""
+from __future__ import annotations
+
+import math
+from typing import NamedTuple, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from fusesoup.cli import StageError
+from fusesoup.models import context_length
+
+
+class BpbResult(NamedTuple):
+    nll_nats: float  # summed over every scored token
+    tokens: int  # scored tokens (the text's tokens; BOS is context, not scored)
+    bytes: int  # UTF-8 bytes of the texts
+    bpb: float  # nll_nats / ln 2 / bytes
+
+    @staticmethod
+    def total(results: Sequence["BpbResult"]) -> "BpbResult":
+        """The result over the union of the texts of several results (e.g. every domain -> `all`)."""
+        nll, tokens, size = sum(r.nll_nats for r in results), sum(r.tokens for r in results), sum(r.bytes for r in results)
+        return BpbResult(nll, tokens, size, nll / math.log(2) / size if size else math.nan)
+
+
+class ContextError(StageError):
+    """A text does not fit the model's context (the corpus is chunked so that this does not happen)."""
+
+
+def bos_token_id(tokenizer) -> int:
+    """The id put in front of every sequence: BOS, or EOS for families without one (GPT-2 style)."""
+    bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    if bos is None:
+        raise StageError(f"tokenizer {type(tokenizer).__name__} ({tokenizer.name_or_path}) has neither a BOS nor "
+                         "an EOS token to start sequences with")
+    return bos
+
+
+def _batches(lengths: Sequence[int], batch_tokens: int) -> list[list[int]]:
+    """Indices grouped so that each batch's padded size (count x longest) stays within batch_tokens.
+
+    Longest first, so every batch's first sequence is its longest; a sequence longer than the budget goes alone.
+    """
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    batches: list[list[int]] = []
+    for i in order:
+        if batches and (len(batches[-1]) + 1) * lengths[batches[-1][0]] <= batch_tokens:
+            batches[-1].append(i)
+        else:
+            batches.append([i])
+    return batches
+
+
+def bits_per_byte(model, tokenizer, texts: Sequence[str], batch_tokens: int) -> BpbResult:
+    """Summed NLL of `texts` under `model`, in nats and in bits per UTF-8 byte (see the module docstring)."""
+    if batch_tokens <= 0:
+        raise ValueError(f"batch_tokens must be positive, got {batch_tokens}")
+    texts = list(texts)
+    size = sum(len(text.encode("utf-8")) for text in texts)
+    if not texts:
+        return BpbResult(0.0, 0, 0, math.nan)
+    bos = bos_token_id(tokenizer)
+    encoded = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    sequences = [[bos] + list(ids) for ids in encoded]
+    context = context_length(model.config)
+    longest = max(range(len(sequences)), key=lambda i: len(sequences[i]))
+    if len(sequences[longest]) > context:
+        raise ContextError(
+            f"text {longest} is {len(sequences[longest])} tokens with BOS ({len(texts[longest].encode())} bytes) but "
+            f"the model context is {context} ({getattr(model.config, '_name_or_path', '') or model.config.model_type})")
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else bos
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    nll = torch.zeros((), dtype=torch.float64)
+    try:
+        with torch.inference_mode():
+            for batch in _batches([len(s) for s in sequences], batch_tokens):
+                width = len(sequences[batch[0]])
+                input_ids = torch.full((len(batch), width), pad, dtype=torch.long)
+                mask = torch.zeros((len(batch), width), dtype=torch.long)
+                for row, i in enumerate(batch):
+                    input_ids[row, : len(sequences[i])] = torch.tensor(sequences[i])
+                    mask[row, : len(sequences[i])] = 1
+                input_ids, mask = input_ids.to(device), mask.to(device)
+                logits = model(input_ids=input_ids, attention_mask=mask).logits[:, :-1].float()
+                targets = input_ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
+                loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
+                                       ignore_index=-100, reduction="sum")
+                nll += loss.double().cpu()
+    finally:
+        model.train(was_training)
+    tokens = sum(len(s) - 1 for s in sequences)
+    nll_nats = float(nll)
+    return BpbResult(nll_nats, tokens, size, nll_nats / math.log(2) / size if size else math.nan)

@@ -1,0 +1,89 @@
+"""DVC stage bootstrap@<name>: train a tokenizer and a small causal LM on the corpus, save both, score them.
+
+Outputs: the model + tokenizer directory (safetensors), metrics (bits per byte on the valid split per domain and
+overall, training summary) and the loss curve as CSV for `dvc plots`.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import time
+
+import torch
+
+from fusesoup.bootstrap import build_model, train_causal_lm
+from fusesoup.cli import StageError, run_stage
+from fusesoup.corpus import read_split
+from fusesoup.evaluate import BpbResult, bits_per_byte
+from fusesoup.models import resolve_device_dtype
+from fusesoup.params import load_params
+from fusesoup.storage import atomic_dir, atomic_write_bytes, write_json
+from fusesoup.tokenizer_families import train_tokenizer
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m stages.bootstrap", description=__doc__)
+    parser.add_argument("name", help="the model: a key of params.yaml's bootstrap section")
+    parser.add_argument("--params", default="params.yaml", help="the params file (default: params.yaml)")
+    parser.add_argument("--corpus", default="data/corpus", help="the corpus directory (default: data/corpus)")
+    parser.add_argument("--out", help="the model directory (default: data/models/<name>)")
+    parser.add_argument("--metrics", help="metrics JSON (default: metrics/bootstrap/<name>.json)")
+    parser.add_argument("--plots", help="loss curve CSV (default: plots/bootstrap/<name>.csv)")
+    args = parser.parse_args(argv)
+    name = args.name
+    out = args.out or f"data/models/{name}"
+    metrics_path = args.metrics or f"metrics/bootstrap/{name}.json"
+    plots_path = args.plots or f"plots/bootstrap/{name}.csv"
+
+    params = load_params(args.params)
+    if name not in params.bootstrap:
+        raise StageError(f"{args.params}: no bootstrap.{name} entry (bootstrap models: {sorted(params.bootstrap)})")
+    spec = params.bootstrap[name]
+    if params.runtime.threads:
+        torch.set_num_threads(params.runtime.threads)
+    torch.manual_seed(params.seed)
+    device, _ = resolve_device_dtype(params.runtime)  # trained in float32 whatever runtime.dtype: it is tiny
+
+    train = read_split(args.corpus, "train", domains=list(spec.domains))
+    texts_by_domain = {d: train.filter(train["domain"] == d)["text"].to_list() for d in spec.domains}
+    empty = sorted(d for d, texts in texts_by_domain.items() if not texts)
+    if empty:
+        raise StageError(f"bootstrap.{name}: the train split of {args.corpus} has no documents of domain(s) {empty}")
+    started = time.perf_counter()
+    tokenizer = train_tokenizer(spec.tokenizer.kind, train["text"].to_list(), spec.tokenizer.vocab_size)
+    sequences = {d: tokenizer(texts, add_special_tokens=False)["input_ids"] for d, texts in texts_by_domain.items()}
+    print(f"{name}: {spec.tokenizer.kind} tokenizer of {len(tokenizer)} tokens in {time.perf_counter() - started:.1f} s; "
+          + ", ".join(f"{d}: {len(s)} documents, {sum(map(len, s))} tokens" for d, s in sequences.items()), flush=True)
+
+    model = build_model(spec.architecture, spec.model, tokenizer, params.seed).to(device)
+    print(f"{name}: {spec.architecture}, {sum(p.numel() for p in model.parameters()):,} parameters", flush=True)
+    started = time.perf_counter()
+    log = train_causal_lm(model, sequences, dict(spec.domains), spec.train, params.seed)
+    seconds = time.perf_counter() - started
+
+    with atomic_dir(out) as tmp:
+        model.save_pretrained(tmp)  # transformers v5 always writes safetensors
+        tokenizer.save_pretrained(tmp)
+
+    valid = read_split(args.corpus, "valid")
+    results = {}
+    for domain in sorted(valid["domain"].unique().to_list()):
+        texts = valid.filter(valid["domain"] == domain)["text"].to_list()
+        results[domain] = bits_per_byte(model, tokenizer, texts, spec.train.batch_tokens)
+    results["all"] = BpbResult.total(list(results.values()))
+    write_json(metrics_path, {
+        "domains": {d: {"bpb": r.bpb, "tokens": r.tokens, "bytes": r.bytes} for d, r in results.items()},
+        "train": {"steps": len(log), "final_loss": log[-1]["loss"], "tokens": log[-1]["tokens"]},
+    })
+    table = io.StringIO()
+    writer = csv.DictWriter(table, fieldnames=["step", "loss", "lr", "tokens"], lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(log)
+    atomic_write_bytes(plots_path, table.getvalue().encode())
+    print(f"{name}: trained {len(log)} steps in {seconds:.0f} s, final loss {log[-1]['loss']:.3f}; valid bpb "
+          + ", ".join(f"{d} {r.bpb:.3f}" for d, r in results.items()), flush=True)
+
+
+if __name__ == "__main__":
+    run_stage(main)
