@@ -41,7 +41,7 @@ def bos_token_id(tokenizer) -> int:
     return bos
 
 
-def _batches(lengths: Sequence[int], batch_tokens: int) -> list[list[int]]:
+def plan_batches(lengths: Sequence[int], batch_tokens: int) -> list[list[int]]:
     """Indices grouped so that each batch's padded size (count x longest) stays within batch_tokens.
 
     Longest first, so every batch's first sequence is its longest; a sequence longer than the budget goes alone.
@@ -54,6 +54,17 @@ def _batches(lengths: Sequence[int], batch_tokens: int) -> list[list[int]]:
         else:
             batches.append([i])
     return batches
+
+
+def pad_batch(sequences: Sequence[Sequence[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask), both [len(sequences), longest], right-padded with `pad` / 0."""
+    width = max(len(s) for s in sequences)
+    input_ids = torch.full((len(sequences), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, sequence in enumerate(sequences):
+        input_ids[row, : len(sequence)] = torch.tensor(sequence, dtype=torch.long)
+        mask[row, : len(sequence)] = 1
+    return input_ids, mask
 
 
 def bits_per_byte(model, tokenizer, texts: Sequence[str], batch_tokens: int) -> BpbResult:
@@ -80,13 +91,8 @@ def bits_per_byte(model, tokenizer, texts: Sequence[str], batch_tokens: int) -> 
     nll = torch.zeros((), dtype=torch.float64)
     try:
         with torch.inference_mode():
-            for batch in _batches([len(s) for s in sequences], batch_tokens):
-                width = len(sequences[batch[0]])
-                input_ids = torch.full((len(batch), width), pad, dtype=torch.long)
-                mask = torch.zeros((len(batch), width), dtype=torch.long)
-                for row, i in enumerate(batch):
-                    input_ids[row, : len(sequences[i])] = torch.tensor(sequences[i])
-                    mask[row, : len(sequences[i])] = 1
+            for batch in plan_batches([len(s) for s in sequences], batch_tokens):
+                input_ids, mask = pad_batch([sequences[i] for i in batch], pad)
                 input_ids, mask = input_ids.to(device), mask.to(device)
                 logits = model(input_ids=input_ids, attention_mask=mask).logits[:, :-1].float()
                 targets = input_ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)

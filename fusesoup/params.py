@@ -161,6 +161,15 @@ class Bootstrap(Strict):
     train: TrainSpec
 
 
+class Extract(Strict):
+    """Teacher logit extraction (stages/extract.py); every key but batch_tokens is part of the store's key."""
+
+    k: Annotated[int, Field(ge=1, le=255)] = 10  # top-k entries kept per position
+    splits: Annotated[list[Literal["train", "valid", "test"]], Field(min_length=1)] = ["train"]
+    batch_tokens: PositiveInt = 8192  # padded tokens per forward pass (count x longest)
+    shard_sequences: PositiveInt = 512  # sequences per shard: the unit of resumption and of parallel workers
+
+
 class Schedule(Strict):
     cron: str = "0 3 * * *"
     timezone: str = "UTC"
@@ -188,6 +197,7 @@ class Params(Strict):
     sources: Annotated[list[ModelName], Field(min_length=1)]
     corpus: Corpus
     bootstrap: dict[ModelName, Bootstrap] = {}
+    extract: Extract = Extract()
     flow: Flow = Flow()
 
     @model_validator(mode="after")

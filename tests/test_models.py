@@ -10,7 +10,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import GPT2Config, LlamaConfig, PreTrainedConfig, PreTrainedTokenizerFast
 
 from fusesoup.bootstrap import build_model
-from fusesoup.evaluate import BpbResult, ContextError, _batches, bits_per_byte
+from fusesoup.evaluate import BpbResult, ContextError, plan_batches, bits_per_byte
 from fusesoup.models import (ModelError, context_length, external_token_limits, load_model, load_tokenizer,
                              model_dir, resolve_device_dtype)
 from fusesoup.params import ModelSpec, Runtime, parse_params
@@ -202,7 +202,7 @@ def test_bits_per_byte_matches_direct_computation_and_ignores_padding(architectu
 
 def test_batches_respect_the_padded_token_budget():
     lengths = [5, 50, 7, 30, 30, 2, 100]
-    batches = _batches(lengths, batch_tokens=64)
+    batches = plan_batches(lengths, batch_tokens=64)
     assert sorted(i for batch in batches for i in batch) == list(range(len(lengths)))
     for batch in batches:
         longest = max(lengths[i] for i in batch)

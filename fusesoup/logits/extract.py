@@ -1,0 +1,196 @@
+"""Teacher logit extraction: corpus split -> per-position top-k log-probs, ids, offsets and CE, in shards.
+
+The corpus is streamed one shard of sequences at a time (memory does not grow with the corpus); each shard is
+tokenized with offsets, run in length-sorted batches under a padded-token budget, and written by a background
+thread while the next shard computes. Shards already finished under the same content key are kept, so a killed
+run resumes, and N workers (`worker_index` of `num_workers`) fill disjoint shards of the same store.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import polars as pl
+import pyarrow.parquet as pq
+import torch
+from tqdm.auto import tqdm
+
+from fusesoup.cli import StageError
+from fusesoup.corpus import CORPUS_SCHEMA, split_path
+from fusesoup.evaluate import bos_token_id, pad_batch, plan_batches
+from fusesoup.logits import store as shards
+from fusesoup.logits.codec import CODEC, SequenceLogits
+from fusesoup.models import context_length
+from fusesoup.params import Extract
+from fusesoup.storage import sha256_file
+
+
+class ExtractionError(StageError):
+    """The teacher cannot be run over the corpus as asked; the message names the file, split or row."""
+
+
+def content_key(parts: dict) -> str:
+    """sha256 of the canonical JSON of everything the stored values depend on."""
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
+
+
+def directory_fingerprint(directory: Path | str) -> dict[str, str]:
+    """{relative path: sha256} of every file of a model directory (weights, config, tokenizer files)."""
+    root = Path(directory)
+    return {str(p.relative_to(root)): sha256_file(p) for p in sorted(root.rglob("*"))
+            if p.is_file() and not any(part.startswith(".") for part in p.relative_to(root).parts)}
+
+
+def key_parts(model_fingerprint: dict, corpus_dir: Path | str, spec: Extract, dtype: torch.dtype) -> dict:
+    """What the store depends on: model + tokenizer files, each split's bytes, the extraction settings.
+
+    batch_tokens is left out: it changes speed, not the stored values beyond float rounding.
+    """
+    return {"codec": CODEC, "model": model_fingerprint, "dtype": str(dtype).removeprefix("torch."),
+            "k": spec.k, "shard_sequences": spec.shard_sequences,
+            "splits": {split: sha256_file(split_path(corpus_dir, split)) for split in sorted(set(spec.splits))}}
+
+
+@torch.inference_mode()
+def teacher_outputs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, k: int):
+    """For a [B, L] batch starting with BOS: top-k ids and log-probs [B, L-1, k] and CE [B, L-1] of each next token.
+
+    Log-probs are over the full vocabulary (logit - logsumexp), computed in float32 without a full
+    log-softmax copy of the logits.
+    """
+    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits.float()  # [B, L, V]
+    # on the whole (contiguous) tensor, then drop the last position: slicing first would copy the logits
+    normalizer = torch.logsumexp(logits, dim=-1)[:, :-1]  # [B, L-1]
+    top = torch.topk(logits, k, dim=-1)  # sorted, most likely first
+    realised = logits[:, :-1].gather(-1, input_ids[:, 1:, None]).squeeze(-1)
+    return top.indices[:, :-1], top.values[:, :-1] - normalizer[..., None], normalizer - realised
+
+
+def extract_sequences(model, tokenizer, texts: Sequence[str], k: int, batch_tokens: int,
+                      first_row: int = 0) -> list[SequenceLogits]:
+    """Teacher outputs for each text (tokenized without specials, scored after BOS), in the order given."""
+    if not tokenizer.is_fast:
+        raise ExtractionError(f"tokenizer {type(tokenizer).__name__} is not a fast tokenizer: character offsets "
+                              "for the alignment stage need one (tokenizer.json)")
+    vocab_size = model.config.vocab_size
+    if k > vocab_size:
+        raise ExtractionError(f"extract.k is {k} but the model has only {vocab_size} ids")
+    encoded = tokenizer(list(texts), add_special_tokens=False, return_offsets_mapping=True)
+    bos = bos_token_id(tokenizer)
+    sequences = [[bos] + ids for ids in encoded["input_ids"]]
+    context = context_length(model.config)
+    for row, sequence in enumerate(sequences):
+        if len(sequence) > context or len(sequence) < 2:
+            raise ExtractionError(f"corpus row {first_row + row}: {len(sequence) - 1} tokens do not fit 1..{context - 1} "
+                                  "(the model context with BOS); re-run prepare_corpus with this model in params")
+    device = next(model.parameters()).device
+    results: list[SequenceLogits | None] = [None] * len(texts)
+    for batch in plan_batches([len(s) for s in sequences], batch_tokens):
+        input_ids, mask = pad_batch([sequences[i] for i in batch], pad=bos)
+        ids, logprobs, ce = (t.cpu().numpy() for t in teacher_outputs(model, input_ids.to(device), mask.to(device), k))
+        for row, i in enumerate(batch):
+            n = len(sequences[i]) - 1
+            offsets = np.array(encoded["offset_mapping"][i], dtype=np.int64).reshape(n, 2)
+            results[i] = SequenceLogits(input_ids=input_ids[row, 1 : n + 1].numpy(), starts=offsets[:, 0],
+                                        ends=offsets[:, 1], topk_ids=ids[row, :n], topk_logprobs=logprobs[row, :n],
+                                        ce=ce[row, :n])
+    return results
+
+
+def read_texts(path: Path, start: int, stop: int) -> list[str]:
+    """Rows [start, stop) of a corpus split's text column, without reading the rest of the file."""
+    return pl.scan_parquet(path).slice(start, stop - start).select("text").collect()["text"].to_list()
+
+
+def split_rows(path: Path) -> int:
+    """Row count of a corpus split, after checking its schema; errors name the file."""
+    if not path.is_file():
+        raise ExtractionError(f"{path}: missing; run the prepare_corpus stage first")
+    try:
+        schema = dict(pl.read_parquet_schema(path))
+    except Exception as error:  # polars raises several types for unreadable files
+        raise ExtractionError(f"{path}: not a readable Parquet file ({error})") from None
+    if schema != CORPUS_SCHEMA:
+        raise ExtractionError(f"{path}: schema {schema} does not match the corpus schema {CORPUS_SCHEMA}")
+    return pq.read_metadata(path).num_rows
+
+
+def extract_store(load_teacher: Callable[[], tuple[object, object]], vocab_size: int, corpus_dir: Path | str,
+                  store: Path | str, spec: Extract, parts: dict, num_workers: int = 1, worker_index: int = 0,
+                  progress: bool = True) -> dict | None:
+    """Fill this worker's shards of `store`; returns the manifest once every shard is done (else None).
+
+    `load_teacher()` -> (model, tokenizer) is called only if some shard is left to do; `vocab_size` is the
+    model's (config.vocab_size), known without loading weights.
+    """
+    if not 0 <= worker_index < num_workers:
+        raise ExtractionError(f"--worker-index {worker_index} is not in 0..{num_workers - 1}")
+    store, key, splits = Path(store), content_key(parts), sorted(set(spec.splits))
+    counts = {split: split_rows(split_path(corpus_dir, split)) for split in splits}
+    plan = {split: math.ceil(rows / spec.shard_sequences) for split, rows in counts.items()}
+    manifest_path = store / shards.MANIFEST
+    if manifest_path.is_file():
+        shards.remove_manifest(store)  # rewritten below when (and only when) every shard checks out
+    if worker_index == 0:
+        _remove_foreign(store, plan)
+    todo = []
+    for split in splits:
+        mine = [i for i in range(plan[split]) if i % num_workers == worker_index]
+        shards.clear_stale(store, split, mine, key)
+        todo += [(split, i) for i in mine if shards.finished_shard(store, split, i, key) is None]
+
+    if todo:
+        model, tokenizer = load_teacher()
+        if model.config.vocab_size != vocab_size:
+            raise ExtractionError(f"the loaded model has {model.config.vocab_size} ids, its config {vocab_size}")
+        total = sum(min(counts[s], (i + 1) * spec.shard_sequences) - i * spec.shard_sequences for s, i in todo)
+        bar = tqdm(total=total, desc="extract", unit="seq", disable=not progress, dynamic_ncols=True)
+        tokens = 0
+        with ThreadPoolExecutor(max_workers=1) as writer:
+            pending: Future | None = None
+            for split, index in todo:
+                start, stop = index * spec.shard_sequences, min(counts[split], (index + 1) * spec.shard_sequences)
+                outputs = extract_sequences(model, tokenizer, read_texts(split_path(corpus_dir, split), start, stop),
+                                            spec.k, spec.batch_tokens, first_row=start)
+                if pending is not None:
+                    pending.result()  # at most one shard waits to be written: memory stays bounded
+                pending = writer.submit(shards.write_shard, store, split, index, key, list(range(start, stop)),
+                                        outputs, vocab_size)
+                tokens += sum(len(o.input_ids) for o in outputs)
+                bar.update(stop - start)
+                bar.set_postfix(tok_s=f"{tokens / max(bar.format_dict['elapsed'], 1e-9):.0f}", refresh=False)
+            if pending is not None:
+                pending.result()
+        bar.close()
+    return _finish(store, key, parts, spec, plan, vocab_size)
+
+
+def _remove_foreign(store: Path, plan: dict[str, int]) -> None:
+    """Shards beyond the current plan and splits no longer extracted (left by other settings)."""
+    if not store.is_dir():
+        return
+    for directory in (p for p in store.iterdir() if p.is_dir()):
+        keep = plan.get(directory.name, 0)
+        for path in directory.glob("shard-*.*"):
+            if int(path.name[len("shard-"):].split(".")[0]) >= keep:
+                path.unlink()
+
+
+def _finish(store: Path, key: str, parts: dict, spec: Extract, plan: dict[str, int], vocab_size: int) -> dict | None:
+    splits = {}
+    for split, count in plan.items():
+        records = [shards.finished_shard(store, split, i, key) for i in range(count)]
+        if any(record is None for record in records):
+            return None
+        splits[split] = {"sequences": sum(r.rows for r in records), "positions": sum(r.positions for r in records),
+                         "bytes": sum((store / r.file).stat().st_size for r in records),
+                         "shards": [r._asdict() for r in records]}
+    manifest = {"key": key, "key_parts": parts, "codec": CODEC, "k": spec.k, "vocab_size": vocab_size,
+                "splits": splits}
+    shards.write_manifest(store, manifest)
+    return manifest

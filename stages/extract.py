@@ -1,0 +1,64 @@
+"""DVC stage extract@<teacher>: the teacher's top-k next-token log-probs over the corpus, as a logit store.
+
+The store (data/logits/<teacher>, a DVC `persist` output) is keyed by a content hash of the model and
+tokenizer files, the corpus splits and the extraction params: a re-run with the same key does nothing, a
+killed run resumes at its first unfinished shard, and N workers may fill one store in parallel.
+"""
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from fusesoup.cli import StageError, run_stage
+from fusesoup.logits.extract import directory_fingerprint, extract_store, key_parts
+from fusesoup.models import load_config, load_model, model_dir, resolve_device_dtype
+from fusesoup.params import HubRef, load_params
+from fusesoup.storage import write_json
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m stages.extract", description=__doc__)
+    parser.add_argument("teacher", help="the model: one of params.yaml's sources")
+    parser.add_argument("--params", default="params.yaml", help="the params file (default: params.yaml)")
+    parser.add_argument("--corpus", default="data/corpus", help="the corpus directory (default: data/corpus)")
+    parser.add_argument("--models", default="data/models", help="where bootstrap models live (default: data/models)")
+    parser.add_argument("--out", help="the store directory (default: data/logits/<teacher>)")
+    parser.add_argument("--metrics", help="metrics JSON, written once the store is complete "
+                                          "(default: metrics/extract/<teacher>.json)")
+    parser.add_argument("--num-workers", type=int, default=1, help="processes filling this store (default: 1)")
+    parser.add_argument("--worker-index", type=int, default=0, help="this process's index, 0..N-1 (default: 0)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    args = parser.parse_args(argv)
+    teacher = args.teacher
+    out = args.out or f"data/logits/{teacher}"
+    params = load_params(args.params)
+    if teacher not in params.sources:
+        raise StageError(f"{args.params}: {teacher!r} is not in sources {params.sources}")
+    if params.runtime.threads:
+        torch.set_num_threads(params.runtime.threads)
+    _, dtype = resolve_device_dtype(params.runtime)
+    ref = params.model_ref(teacher)
+    location = model_dir(teacher, params, args.models)
+    config = load_config(teacher, params, args.models)
+    fingerprint = ({"hub": ref.id, "revision": ref.revision, "commit": getattr(config, "_commit_hash", None)}
+                   if isinstance(ref, HubRef) else directory_fingerprint(location))
+    parts = key_parts(fingerprint, args.corpus, params.extract, dtype)
+
+    manifest = extract_store(lambda: load_model(teacher, params, args.models), config.vocab_size, args.corpus, out,
+                             params.extract, parts, args.num_workers, args.worker_index,
+                             progress=not args.no_progress)
+    if manifest is None:
+        print(f"{out}: worker {args.worker_index} of {args.num_workers} done; other workers' shards remain")
+        return
+    metrics = {split: {"sequences": s["sequences"], "positions": s["positions"], "bytes": s["bytes"],
+                       "bytes_per_position": s["bytes"] / max(1, s["positions"])}
+               for split, s in manifest["splits"].items()}
+    write_json(args.metrics or f"metrics/extract/{teacher}.json", {"k": manifest["k"], "splits": metrics})
+    print(f"{out}: complete, key {manifest['key'][:12]}; "
+          + ", ".join(f"{split} {m['positions']} positions, {m['bytes_per_position']:.2f} bytes/position"
+                      for split, m in metrics.items()))
+
+
+if __name__ == "__main__":
+    run_stage(main)

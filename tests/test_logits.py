@@ -1,0 +1,269 @@
+"""Teacher logit extraction: the codec, the teacher outputs, the sharded store (resume, corruption, workers)."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pytest
+import torch
+import yaml
+
+from fusesoup.bootstrap import build_model
+from fusesoup.corpus import CORPUS_SCHEMA
+from fusesoup.logits.codec import (CE_STEP, LOGPROB_STEP, SequenceLogits, decode, encode, id_dtype,
+                                   renormalized_kl)
+from fusesoup.logits.extract import ExtractionError, extract_sequences, extract_store, key_parts, teacher_outputs
+from fusesoup.logits.store import LogitStore
+from fusesoup.params import Extract
+from fusesoup.storage import StorageError, write_parquet
+from tests.test_models import make_tokenizer, tiny_spec
+
+REPO = Path(__file__).resolve().parents[1]
+ASCII_TEXTS = [f"def f{i}(x):\n    return x * {i} + {i % 7}\n" * (1 + i % 3) for i in range(40)]
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return make_tokenizer(ASCII_TEXTS)
+
+
+@pytest.fixture(scope="module")
+def model(tokenizer):
+    return build_model("llama", tiny_spec(context=256), tokenizer, seed=0).eval()
+
+
+def random_sequence(rng, n: int, k: int, vocab: int) -> SequenceLogits:
+    logits = rng.normal(0, 3, size=(n, vocab))
+    logprobs = logits - np.log(np.exp(logits).sum(axis=1, keepdims=True))
+    order = np.argsort(-logprobs, axis=1)[:, :k]
+    ends = np.cumsum(rng.integers(0, 4, n))
+    return SequenceLogits(input_ids=rng.integers(0, vocab, n), starts=ends - rng.integers(0, 2, n), ends=ends,
+                          topk_ids=order, topk_logprobs=np.take_along_axis(logprobs, order, 1).astype(np.float32),
+                          ce=rng.uniform(0, 20, n).astype(np.float32))
+
+
+def test_codec_round_trip_is_lossless_for_ids_and_offsets_and_within_a_step_for_logprobs():
+    rng = np.random.default_rng(0)
+    sequence = random_sequence(rng, n=300, k=10, vocab=5000)
+    columns = encode(sequence, vocab_size=5000)
+    assert columns["topk_ids"].dtype == np.uint16 and columns["topk_codes"].dtype == np.uint8
+    back = decode(columns, k=10)
+    for name in ("input_ids", "starts", "ends", "topk_ids"):
+        np.testing.assert_array_equal(getattr(back, name), getattr(sequence, name))
+    inside = sequence.topk_logprobs > -255 * LOGPROB_STEP
+    assert np.abs(back.topk_logprobs - sequence.topk_logprobs)[inside].max() <= LOGPROB_STEP / 2 + 1e-6
+    assert np.abs(back.ce - sequence.ce).max() <= CE_STEP / 2 + 1e-6
+    assert renormalized_kl(sequence.topk_logprobs, back.topk_logprobs).mean() < 1e-3
+
+
+def test_codec_keeps_overlapping_offsets_and_rejects_ids_outside_the_vocabulary():
+    sequence = SequenceLogits(np.array([1, 2, 3]), np.array([0, 2, 2]), np.array([2, 3, 3]),
+                              np.array([[1], [2], [3]]), np.zeros((3, 1), np.float32), np.zeros(3, np.float32))
+    back = decode(encode(sequence, 4), k=1)  # two byte tokens of one character share the span (2, 3)
+    assert back.starts.tolist() == [0, 2, 2] and back.ends.tolist() == [2, 3, 3]
+    with pytest.raises(ValueError, match="an id is >= the vocabulary size 3"):
+        encode(sequence, 3)
+
+
+def test_id_dtype_is_the_smallest_that_holds_the_vocabulary():
+    assert [id_dtype(v) for v in (256, 257, 65536, 65537)] == [np.uint8, np.uint16, np.uint16, np.uint32]
+
+
+def test_teacher_outputs_match_a_full_log_softmax(model, tokenizer):
+    ids = torch.tensor([[tokenizer.bos_token_id] + tokenizer.encode(ASCII_TEXTS[3], add_special_tokens=False)])
+    top_ids, top_logprobs, ce = teacher_outputs(model, ids, torch.ones_like(ids), k=5)
+    with torch.no_grad():
+        full = torch.log_softmax(model(input_ids=ids).logits[:, :-1].double(), dim=-1)
+    expected = full.topk(5, dim=-1)
+    torch.testing.assert_close(top_logprobs.double(), expected.values, atol=1e-5, rtol=0)
+    assert torch.equal(top_ids, expected.indices)
+    torch.testing.assert_close(ce.double(), -full.gather(-1, ids[:, 1:, None]).squeeze(-1), atol=1e-5, rtol=0)
+
+
+def test_extracted_sequences_do_not_depend_on_batching_and_keep_offsets(model, tokenizer):
+    texts = ASCII_TEXTS[:12]
+    alone = [extract_sequences(model, tokenizer, [t], k=4, batch_tokens=10_000)[0] for t in texts]
+    batched = extract_sequences(model, tokenizer, texts, k=4, batch_tokens=400)
+    for text, one, many in zip(texts, alone, batched):
+        np.testing.assert_array_equal(one.input_ids, many.input_ids)
+        np.testing.assert_array_equal(one.topk_ids, many.topk_ids)
+        np.testing.assert_allclose(one.topk_logprobs, many.topk_logprobs, atol=1e-4)
+        np.testing.assert_allclose(one.ce, many.ce, atol=1e-4)
+        assert "".join(text[s:e] for s, e in zip(one.starts, one.ends)) == text
+        assert [tokenizer.decode([i]) for i in one.input_ids] == [text[s:e] for s, e in zip(one.starts, one.ends)]
+
+
+def test_a_sequence_longer_than_the_context_names_its_row(tokenizer):
+    short = build_model("gpt2", tiny_spec(context=8), tokenizer, seed=0)
+    with pytest.raises(ExtractionError, match=r"corpus row 7: \d+ tokens do not fit 1\.\.7"):
+        extract_sequences(short, tokenizer, [ASCII_TEXTS[5]], k=2, batch_tokens=100, first_row=7)
+
+
+# --- the store ------------------------------------------------------------------------------------------------------
+
+def write_corpus(directory: Path, texts=ASCII_TEXTS) -> Path:
+    rows = [(f"d{i}", "code", text) for i, text in enumerate(texts)]
+    for split in ("train", "valid", "test"):
+        write_parquet(pl.DataFrame(rows if split == "train" else rows[:3], schema=CORPUS_SCHEMA, orient="row"),
+                      directory / f"{split}.parquet")
+    return directory
+
+
+SPEC = Extract(k=5, splits=["train"], batch_tokens=512, shard_sequences=8)
+
+
+def run_store(model, tokenizer, corpus: Path, store: Path, spec: Extract = SPEC, **kwargs):
+    calls = []
+
+    def load():
+        calls.append(1)
+        return model, tokenizer
+
+    parts = key_parts({"model.safetensors": "fixed"}, corpus, spec, torch.float32)
+    manifest = extract_store(load, model.config.vocab_size, corpus, store, spec, parts, progress=False, **kwargs)
+    return manifest, len(calls)
+
+
+def shard_bytes(store: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(store)): p.read_bytes() for p in sorted(store.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def reference_store(model, tokenizer, tmp_path_factory) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("store")
+    corpus = write_corpus(root / "corpus")
+    run_store(model, tokenizer, corpus, root / "logits")
+    return corpus, root / "logits"
+
+
+def test_store_reads_back_every_sequence_in_order(reference_store, tokenizer):
+    corpus, store_dir = reference_store
+    store = LogitStore(store_dir)
+    assert store.k == 5 and len(store.shards("train")) == 5  # 40 sequences, 8 per shard
+    seen = [item for batch in store.iter_batches("train", batch_sequences=3) for item in batch]
+    assert [item.sequence for item in seen] == list(range(40))
+    for item in seen:
+        text = ASCII_TEXTS[item.sequence]
+        assert item.logits.input_ids.tolist() == tokenizer.encode(text, add_special_tokens=False)
+        assert "".join(text[s:e] for s, e in zip(item.logits.starts, item.logits.ends)) == text
+        assert item.logits.topk_ids.shape == (len(item.logits.input_ids), 5)
+    manifest = json.loads((store_dir / "manifest.json").read_text())
+    assert manifest["splits"]["train"]["sequences"] == 40
+    assert manifest["splits"]["train"]["positions"] == sum(len(i.logits.input_ids) for i in seen)
+    with pytest.raises(StorageError, match=r"manifest.json: no split 'valid' \(stored: \['train'\]\)"):
+        store.shards("valid")
+
+
+def test_same_key_does_nothing_and_changing_k_re_extracts(reference_store, model, tokenizer, tmp_path):
+    corpus, reference = reference_store
+    store = tmp_path / "logits"
+    run_store(model, tokenizer, corpus, store)
+    before = shard_bytes(store)
+    manifest, loads = run_store(model, tokenizer, corpus, store)
+    assert loads == 0 and shard_bytes(store) == before  # the model is not even loaded
+    manifest, loads = run_store(model, tokenizer, corpus, store, Extract(**{**SPEC.model_dump(), "k": 3}))
+    assert loads == 1 and manifest["k"] == 3 and LogitStore(store).k == 3
+    assert next(LogitStore(store).iter_batches("train"))[0].logits.topk_ids.shape[1] == 3
+
+
+def test_corpus_change_re_extracts(reference_store, model, tokenizer, tmp_path):
+    corpus, reference = reference_store
+    store = tmp_path / "logits"
+    run_store(model, tokenizer, corpus, store)
+    changed = write_corpus(tmp_path / "corpus", ASCII_TEXTS[:20])
+    manifest, loads = run_store(model, tokenizer, changed, store)
+    assert loads == 1 and manifest["splits"]["train"]["sequences"] == 20
+    assert sorted(p.name for p in (store / "train").iterdir()) == [
+        f"shard-0000{i}.{ext}" for i in range(3) for ext in ("json", "parquet")]  # shards 3 and 4 are gone
+
+
+def test_a_corrupt_shard_is_refused_by_the_reader_and_redone_by_the_next_run(reference_store, model, tokenizer, tmp_path):
+    corpus, reference = reference_store
+    store = tmp_path / "logits"
+    run_store(model, tokenizer, corpus, store)
+    victim = store / "train/shard-00002.parquet"
+    victim.write_bytes(victim.read_bytes()[:-100])  # truncated
+    with pytest.raises(StorageError, match=r"shard-00002.parquet: checksum does not match the manifest"):
+        for _ in LogitStore(store).iter_batches("train"):
+            pass
+    untouched = (store / "train/shard-00001.parquet").stat().st_mtime_ns
+    manifest, loads = run_store(model, tokenizer, corpus, store)
+    assert loads == 1 and shard_bytes(store) == shard_bytes(reference)
+    assert (store / "train/shard-00001.parquet").stat().st_mtime_ns == untouched
+
+
+def test_two_workers_fill_the_same_store_as_one(reference_store, model, tokenizer, tmp_path):
+    corpus, reference = reference_store
+    store = tmp_path / "logits"
+    first, _ = run_store(model, tokenizer, corpus, store, num_workers=2, worker_index=1)
+    assert first is None and not (store / "manifest.json").exists()
+    assert sorted(p.name for p in (store / "train").glob("*.parquet")) == ["shard-00001.parquet", "shard-00003.parquet"]
+    second, _ = run_store(model, tokenizer, corpus, store, num_workers=2, worker_index=0)
+    assert second is not None and shard_bytes(store) == shard_bytes(reference)
+    with pytest.raises(ExtractionError, match=r"--worker-index 2 is not in 0\.\.1"):
+        run_store(model, tokenizer, corpus, store, num_workers=2, worker_index=2)
+
+
+# --- the stage, killed mid-run --------------------------------------------------------------------------------------
+
+KILL_AFTER_SHARDS = """
+import os, signal, sys
+from fusesoup.logits import store
+from fusesoup.storage import write_json
+written = []
+def write_json_then_die(path, obj):
+    write_json(path, obj)
+    written.append(path)
+    if len(written) == 2:
+        os.kill(os.getpid(), signal.SIGKILL)  # a real kill, right after the second shard is complete
+store.write_json = write_json_then_die
+from stages.extract import main
+main(sys.argv[1:])
+"""
+
+
+@pytest.fixture(scope="module")
+def stage_project(model, tokenizer, tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("stage")
+    write_corpus(root / "corpus")
+    model.save_pretrained(root / "models/teacher")
+    tokenizer.save_pretrained(root / "models/teacher")
+    raw = {"models": {"teacher": {"source": "path", "path": str(root / "models/teacher")}}, "target": "teacher",
+           "sources": ["teacher"], "corpus": {"sources": [{"kind": "builtin_code"}]},
+           "runtime": {"device": "cpu", "threads": 1}, "extract": SPEC.model_dump()}
+    (root / "params.yaml").write_text(yaml.safe_dump(raw))
+    return root
+
+
+def stage_cmd(root: Path, out: str, *extra: str) -> list[str]:
+    return ["teacher", "--params", str(root / "params.yaml"), "--corpus", str(root / "corpus"), "--out",
+            str(root / out), "--metrics", str(root / f"{out}.json"), "--no-progress", *extra]
+
+
+def test_a_killed_extraction_resumes_and_matches_an_uninterrupted_run(stage_project):
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    killed = subprocess.run([sys.executable, "-c", KILL_AFTER_SHARDS, *stage_cmd(stage_project, "resumed")],
+                            env=env, capture_output=True, text=True)
+    assert killed.returncode == -signal.SIGKILL
+    store = stage_project / "resumed"
+    assert sorted(p.name for p in (store / "train").glob("shard-*")) == [
+        "shard-00000.json", "shard-00000.parquet", "shard-00001.json", "shard-00001.parquet"]
+    assert not (store / "manifest.json").exists()
+    (store / "train/.shard-00002.parquet.tmp-crash").write_bytes(b"half a shard")  # as a crash mid-write leaves
+    first_shard = (store / "train/shard-00000.parquet").stat().st_mtime_ns
+
+    for out in ("resumed", "whole"):
+        done = subprocess.run([sys.executable, "-m", "stages.extract", *stage_cmd(stage_project, out)],
+                              env=env, cwd=REPO, capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr
+    assert (store / "train/shard-00000.parquet").stat().st_mtime_ns == first_shard  # kept, not redone
+    assert shard_bytes(store) == shard_bytes(stage_project / "whole")
+    metrics = json.loads((stage_project / "resumed.json").read_text())
+    assert metrics["k"] == 5 and metrics["splits"]["train"]["sequences"] == 40
+    assert 0 < metrics["splits"]["train"]["bytes_per_position"] < 40
