@@ -18,7 +18,8 @@ from fusesoup.bootstrap import build_model
 from fusesoup.corpus import CORPUS_SCHEMA
 from fusesoup.logits.codec import (CE_STEP, LOGPROB_STEP, SequenceLogits, decode, encode, id_dtype,
                                    renormalized_kl)
-from fusesoup.logits.extract import ExtractionError, extract_sequences, extract_store, key_parts, teacher_outputs
+from fusesoup.logits.extract import (ExtractionError, extract_sequences, extract_store, key_parts, output_head,
+                                     teacher_outputs)
 from fusesoup.logits.store import LogitStore
 from fusesoup.params import Extract
 from fusesoup.storage import StorageError, write_parquet
@@ -75,15 +76,35 @@ def test_id_dtype_is_the_smallest_that_holds_the_vocabulary():
     assert [id_dtype(v) for v in (256, 257, 65536, 65537)] == [np.uint8, np.uint16, np.uint16, np.uint32]
 
 
-def test_teacher_outputs_match_a_full_log_softmax(model, tokenizer):
+@pytest.mark.parametrize("via_head", [True, False])
+def test_teacher_outputs_match_a_full_log_softmax(model, tokenizer, via_head, monkeypatch):
+    monkeypatch.setattr("fusesoup.logits.extract.CHUNK_ROWS", 7)  # several chunks, the last one short
     ids = torch.tensor([[tokenizer.bos_token_id] + tokenizer.encode(ASCII_TEXTS[3], add_special_tokens=False)])
-    top_ids, top_logprobs, ce = teacher_outputs(model, ids, torch.ones_like(ids), k=5)
+    head = output_head(model, ids) if via_head else None
+    assert (head is not None) == via_head
+    top_ids, top_logprobs, ce = teacher_outputs(model, ids, torch.ones_like(ids), k=5, head=head)
     with torch.no_grad():
         full = torch.log_softmax(model(input_ids=ids).logits[:, :-1].double(), dim=-1)
     expected = full.topk(5, dim=-1)
     torch.testing.assert_close(top_logprobs.double(), expected.values, atol=1e-5, rtol=0)
     assert torch.equal(top_ids, expected.indices)
     torch.testing.assert_close(ce.double(), -full.gather(-1, ids[:, 1:, None]).squeeze(-1), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("architecture", ["llama", "gpt_neox", "gpt2"])
+def test_the_output_head_shortcut_is_taken_only_when_it_gives_the_model_s_logits(architecture, tokenizer):
+    model = build_model(architecture, tiny_spec(), tokenizer, seed=0).eval()
+    probe = torch.tensor([[tokenizer.bos_token_id, 40, 41, 42]])
+    assert output_head(model, probe) is model.get_output_embeddings()
+    forward = model.forward
+
+    def soft_capped(*args, **kwargs):  # as Gemma-2 does: logits no longer equal lm_head(hidden)
+        out = forward(*args, **kwargs)
+        out.logits = 3.0 * torch.tanh(out.logits / 3.0)
+        return out
+
+    model.forward = soft_capped
+    assert output_head(model, probe) is None
 
 
 def test_extracted_sequences_do_not_depend_on_batching_and_keep_offsets(model, tokenizer):

@@ -56,19 +56,54 @@ def key_parts(model_fingerprint: dict, corpus_dir: Path | str, spec: Extract, dt
             "splits": {split: sha256_file(split_path(corpus_dir, split)) for split in sorted(set(spec.splits))}}
 
 
+CHUNK_ROWS = 1024  # positions whose logits exist at once: [CHUNK_ROWS, V] stays in cache, never [B, L, V]
+
+
 @torch.inference_mode()
-def teacher_outputs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, k: int):
+def output_head(model, probe: torch.Tensor):
+    """The model's output embedding if its logits are exactly that applied to base_model's last hidden state
+    (checked on `probe`, a [1, L] batch), else None. Families with soft-capping or logit scaling fail the check
+    and go through the full forward instead."""
+    head = model.get_output_embeddings()
+    base = getattr(model, "base_model", None)
+    if head is None or base is None or base is model:
+        return None
+    try:
+        via_head = head(base(input_ids=probe).last_hidden_state).float()
+    except (TypeError, AttributeError):
+        return None
+    logits = model(input_ids=probe).logits.float()
+    return head if torch.allclose(via_head, logits, atol=1e-3, rtol=1e-3) else None
+
+
+@torch.inference_mode()
+def teacher_outputs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, k: int, head=None):
     """For a [B, L] batch starting with BOS: top-k ids and log-probs [B, L-1, k] and CE [B, L-1] of each next token.
 
-    Log-probs are over the full vocabulary (logit - logsumexp), computed in float32 without a full
-    log-softmax copy of the logits.
+    Log-probs are over the full vocabulary (logit - logsumexp) in float32. With `head` (see output_head) the
+    logits are made CHUNK_ROWS positions at a time from the hidden states: the [B, L, V] tensor never exists,
+    and logsumexp and top-k read each chunk right after it is made.
     """
-    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits.float()  # [B, L, V]
-    # on the whole (contiguous) tensor, then drop the last position: slicing first would copy the logits
-    normalizer = torch.logsumexp(logits, dim=-1)[:, :-1]  # [B, L-1]
-    top = torch.topk(logits, k, dim=-1)  # sorted, most likely first
-    realised = logits[:, :-1].gather(-1, input_ids[:, 1:, None]).squeeze(-1)
-    return top.indices[:, :-1], top.values[:, :-1] - normalizer[..., None], normalizer - realised
+    batch, length = input_ids.shape
+    targets = input_ids[:, 1:].reshape(-1)
+    if head is not None:
+        hidden = model.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        rows = hidden[:, :-1].reshape(batch * (length - 1), -1)
+        chunks = (head(chunk) for chunk in rows.split(CHUNK_ROWS))
+    else:
+        logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
+        chunks = iter(logits[:, :-1].reshape(batch * (length - 1), -1).split(CHUNK_ROWS))
+    ids, logprobs, ce = [], [], []
+    for start, chunk in zip(range(0, len(targets), CHUNK_ROWS), chunks):
+        chunk = chunk.float()
+        normalizer = torch.logsumexp(chunk, dim=-1, keepdim=True)
+        top = torch.topk(chunk, k, dim=-1)  # sorted, most likely first
+        ids.append(top.indices)
+        logprobs.append(top.values - normalizer)
+        realised = chunk.gather(-1, targets[start : start + len(chunk), None])
+        ce.append((normalizer - realised).squeeze(-1))
+    shape = (batch, length - 1)
+    return (torch.cat(ids).view(*shape, k), torch.cat(logprobs).view(*shape, k), torch.cat(ce).view(shape))
 
 
 def extract_sequences(model, tokenizer, texts: Sequence[str], k: int, batch_tokens: int,
@@ -89,10 +124,12 @@ def extract_sequences(model, tokenizer, texts: Sequence[str], k: int, batch_toke
             raise ExtractionError(f"corpus row {first_row + row}: {len(sequence) - 1} tokens do not fit 1..{context - 1} "
                                   "(the model context with BOS); re-run prepare_corpus with this model in params")
     device = next(model.parameters()).device
+    head = output_head(model, torch.tensor([sequences[0][:16]], device=device)) if sequences else None
     results: list[SequenceLogits | None] = [None] * len(texts)
     for batch in plan_batches([len(s) for s in sequences], batch_tokens):
         input_ids, mask = pad_batch([sequences[i] for i in batch], pad=bos)
-        ids, logprobs, ce = (t.cpu().numpy() for t in teacher_outputs(model, input_ids.to(device), mask.to(device), k))
+        outputs = teacher_outputs(model, input_ids.to(device), mask.to(device), k, head)
+        ids, logprobs, ce = (t.cpu().numpy() for t in outputs)
         for row, i in enumerate(batch):
             n = len(sequences[i]) - 1
             offsets = np.array(encoded["offset_mapping"][i], dtype=np.int64).reshape(n, 2)
