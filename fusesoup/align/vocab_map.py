@@ -1,0 +1,81 @@
+"""Vocabulary map from a source tokenizer to a target tokenizer, on the tokens' bytes (see token_bytes).
+
+`exact`: the target token with the same bytes. `min_ed` (FuseLLM's): the exact match if there is one, else the
+target token at minimum Levenshtein distance over bytes. Ties go to the smallest target id, which is what FuseLLM's
+brute force gives when it scans the vocabulary in id order and keeps the first minimum. Tokens without bytes
+(special tokens) neither map nor are mapped to: their entry is -1.
+
+FuseLLM scans the whole target vocabulary for every source token (64 processes). Here a token is searched by rising
+lower bound instead: the bag distance max(|a|, |b|) - (bytes the two have in common, as multisets) never exceeds the
+edit distance, costs a few vector operations over the whole vocabulary, and the exact distances are only computed for
+targets whose bound is at most the best distance found so far, level by level.
+"""
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Sequence
+from typing import Literal
+
+import numpy as np
+
+from fusesoup.align.edit_distance import PaddedBytes, pairwise_edit_distances
+
+VocabMethod = Literal["exact", "min_ed"]
+
+
+def map_vocab(
+    source_bytes: Sequence[bytes], target_bytes: Sequence[bytes], method: VocabMethod = "min_ed"
+) -> np.ndarray:
+    """int64 array of len(source_bytes): the target id of each source id, -1 where there is none (see module doc)."""
+    if method not in ("exact", "min_ed"):
+        raise ValueError(f"unknown vocabulary mapping {method!r}; expected 'exact' or 'min_ed'")
+    first_id: dict[bytes, int] = {}
+    for target_id, token in enumerate(target_bytes):
+        if token:
+            first_id.setdefault(token, target_id)
+    mapping = np.fromiter((first_id.get(token, -1) for token in source_bytes), np.int64, len(source_bytes))
+    unmatched = [source_id for source_id, token in enumerate(source_bytes) if token and mapping[source_id] < 0]
+    if method == "exact" or not unmatched or not first_id:
+        return mapping
+    nearest = NearestTokens(target_bytes)
+    for source_id in unmatched:
+        mapping[source_id] = nearest.find(source_bytes[source_id])
+    return mapping
+
+
+class NearestTokens:
+    """Index of a target vocabulary for `find`: the smallest id among the non-empty tokens nearest to a byte string."""
+
+    def __init__(self, target_bytes: Sequence[bytes]):
+        self.ids = np.array([index for index, token in enumerate(target_bytes) if token], np.int64)
+        self.tokens = PaddedBytes.of([target_bytes[index] for index in self.ids])
+        # byte_counts[b, t]: how often byte b occurs in token t (uint16: no token repeats a byte 65536 times).
+        lengths = self.tokens.lengths
+        inside = np.arange(self.tokens.matrix.shape[1]) < lengths[:, None]
+        token_of_byte = np.broadcast_to(np.arange(len(self.ids))[:, None], inside.shape)[inside]
+        self.byte_counts = np.zeros((256, len(self.ids)), np.uint16)
+        np.add.at(self.byte_counts, (self.tokens.matrix[inside], token_of_byte), 1)
+
+    def find(self, query: bytes) -> int:
+        """Target id at minimum edit distance from `query` (non-empty); the smallest such id on ties."""
+        bound = self._bag_distance(query)
+        query_tokens = PaddedBytes.of([query])
+        best_distance, best_id = np.iinfo(np.int64).max, -1
+        level = int(bound.min())
+        while level <= best_distance:  # a target at the next level may still tie with a smaller id
+            candidates = np.flatnonzero(bound == level)  # ascending, so argmin below is the smallest id
+            if len(candidates):
+                distances = pairwise_edit_distances(query_tokens, self.tokens.take(candidates))[0]
+                nearest = int(distances.argmin())
+                candidate_id = int(self.ids[candidates[nearest]])
+                if (distances[nearest], candidate_id) < (best_distance, best_id):
+                    best_distance, best_id = int(distances[nearest]), candidate_id
+            level += 1  # every target left has a bound, so a distance, of at least `level`
+        return best_id
+
+    def _bag_distance(self, query: bytes) -> np.ndarray:
+        """max(|query|, |target|) - shared bytes (as multisets), for every target: a lower bound of edit distance."""
+        shared = np.zeros(len(self.ids), np.int64)
+        for byte, count in Counter(query).items():
+            shared += np.minimum(self.byte_counts[byte], count)
+        return np.maximum(self.tokens.lengths, len(query)) - shared
