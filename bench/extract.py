@@ -6,7 +6,8 @@ Per teacher, on the first --sequences rows of the train split:
 - ids_identical: the stored top-k ids equal the exact ones;
 - forward_tok_s, extract_tok_s, time_ratio: the bare forward pass over the same batches vs the whole extraction
   (read corpus, tokenize, forward, top-k, encode, write shards), best of --repeats each (target: ratio <= 1.15);
-- peak_rss_mb at --sequences and 4x --sequences, each in a fresh process (memory must not grow with the corpus).
+- peak_rss_mb at --sequences and 4x --sequences, each in a fresh process (memory must not grow with the corpus;
+  Linux only: read from /proc/self/status).
 
     python bench/extract.py [--teachers code-neox] [--sequences 512]
 """
@@ -14,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import tempfile
@@ -109,7 +109,10 @@ def rss_child(name: str, params, args) -> None:
     model, tokenizer = load_model(name, params, args.models)
     with tempfile.TemporaryDirectory() as scratch:
         run_extraction(model, tokenizer, Path(args.corpus), Path(scratch) / "store", train_only(params))
-    print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    # VmHWM, not getrusage's ru_maxrss: Linux carries ru_maxrss across fork + exec, so a child would report
+    # the parent's peak (the bench process holding every model) whenever that is larger.
+    status = Path("/proc/self/status").read_text()
+    print(int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmHWM:"))) / 1024)
 
 
 def main() -> None:
