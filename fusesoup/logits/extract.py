@@ -184,7 +184,8 @@ def extract_store(load_teacher: Callable[[], tuple[object, object]], vocab_size:
         if model.config.vocab_size != vocab_size:
             raise ExtractionError(f"the loaded model has {model.config.vocab_size} ids, its config {vocab_size}")
         total = sum(min(counts[s], (i + 1) * spec.shard_sequences) - i * spec.shard_sequences for s, i in todo)
-        bar = tqdm(total=total, desc="extract", unit="seq", disable=not progress, dynamic_ncols=True)
+        # progress=True shows the bar on a terminal only (tqdm's None), so logs piped to Prefect stay readable
+        bar = tqdm(total=total, desc="extract", unit="seq", disable=None if progress else True, dynamic_ncols=True)
         tokens = 0
         with ThreadPoolExecutor(max_workers=1) as writer:
             pending: Future | None = None
