@@ -11,6 +11,7 @@ anything else (a missing or stale sidecar, a truncated or corrupt file, a temp f
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import os
 from pathlib import Path
@@ -61,9 +62,10 @@ def write_shard(store: Path, split: str, index: int, key: str, sequences: list[i
     buffer = io.BytesIO()
     pq.write_table(table, buffer, compression="zstd", compression_level=ZSTD_LEVEL, use_dictionary=False,
                    write_statistics=False, column_encoding=SPLIT_BYTES)
-    relative = f"{split}/{shard_name(index)}.parquet"
-    atomic_write_bytes(store / relative, buffer.getvalue())
-    record = ShardRecord(relative, len(sequences), sum(len(o.input_ids) for o in outputs), sha256_file(store / relative))
+    relative, data = f"{split}/{shard_name(index)}.parquet", buffer.getvalue()
+    atomic_write_bytes(store / relative, data)
+    positions = sum(len(o.input_ids) for o in outputs)
+    record = ShardRecord(relative, len(sequences), positions, hashlib.sha256(data).hexdigest())
     write_json(store / split / f"{shard_name(index)}.json", {"key": key, **record._asdict()})
     return record
 
@@ -83,21 +85,26 @@ def finished_shard(store: Path, split: str, index: int, key: str) -> ShardRecord
     return record
 
 
-def clear_stale(store: Path, split: str, shard_indices: list[int], key: str) -> None:
-    """Delete temp files and stale shards (another key, a bad checksum) among the given shards only.
+def clear_stale(store: Path, split: str, shard_indices: list[int], key: str) -> set[int]:
+    """Delete temp files and stale shards (another key, a bad checksum) among the given shards only; returns the
+    indices of those that are finished.
 
     Limited to `shard_indices` so that parallel workers never touch each other's files.
     """
     directory = store / split
     if not directory.is_dir():
-        return
+        return set()
+    finished = set()
     for index in shard_indices:
         name = shard_name(index)
         for temp in directory.glob(f".{name}.*.tmp-*"):
             temp.unlink(missing_ok=True)
-        if finished_shard(store, split, index, key) is None:
+        if finished_shard(store, split, index, key) is not None:
+            finished.add(index)
+        else:
             for path in (directory / f"{name}.json", directory / f"{name}.parquet"):
                 path.unlink(missing_ok=True)
+    return finished
 
 
 def write_manifest(store: Path, manifest: dict) -> None:
