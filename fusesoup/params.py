@@ -170,6 +170,20 @@ class Extract(Strict):
     shard_sequences: PositiveInt = 512  # sequences per shard: the unit of resumption and of parallel workers
 
 
+class Align(Strict):
+    """Cross-tokenizer alignment (stages/align.py): every key is part of the aligned store's key."""
+
+    vocab: Literal["exact", "min_ed"] = "min_ed"  # teacher id -> target id: same bytes only, or nearest bytes too
+    method: Literal["offsets", "dtw"] = "offsets"  # shared byte offsets (exact), or FuseLLM's DTW on token bytes
+
+
+class Fuse(Strict):
+    """Distribution fusion (stages/fuse.py)."""
+
+    method: Literal["min_ce", "avg_ce", "min_ce_token", "avg_ce_token"] = "min_ce"
+    temperature: PositiveFloat = 1.0  # each source's softmax(logprob / T) before choosing or averaging
+
+
 class Schedule(Strict):
     cron: str = "0 3 * * *"
     timezone: str = "UTC"
@@ -198,6 +212,8 @@ class Params(Strict):
     corpus: Corpus
     bootstrap: dict[ModelName, Bootstrap] = {}
     extract: Extract = Extract()
+    align: Align = Align()
+    fuse: Fuse = Fuse()
     flow: Flow = Flow()
 
     @model_validator(mode="after")

@@ -6,8 +6,15 @@ import pytest
 
 from fusesoup.align.token_alignment import byte_ends, offset_align
 from fusesoup.align.transfer import (EXACT, FALLBACK, MAPPED, agreement, groups_from_path, transfer_groups,
-                                     translate_row)
+                                     translate_rows)
 from fusesoup.logits.codec import SequenceLogits
+from fusesoup.logits.sparse import SparseRows
+
+
+def row(rows: SparseRows, i: int) -> tuple[list[int], np.ndarray]:
+    """(ids, probabilities) of row i."""
+    a, b = rows.offsets[i], rows.offsets[i + 1]
+    return rows.ids[a:b].tolist(), np.exp(rows.logprobs[a:b])
 
 
 def teacher(ids: list[int], topk: list[list[int]], probs: list[list[float]], ce: list[float]) -> SequenceLogits:
@@ -16,13 +23,16 @@ def teacher(ids: list[int], topk: list[list[int]], probs: list[list[float]], ce:
                           np.log(np.array(probs, dtype=np.float32)), np.array(ce, dtype=np.float32))
 
 
-def test_translate_row_merges_duplicates_drops_unmapped_and_renormalises():
+def test_translate_rows_merges_duplicates_drops_unmapped_and_renormalises():
     vocab_map = np.array([10, 11, 10, -1])
-    ids, logprobs = translate_row(np.array([0, 1, 2, 3]), np.log(np.array([0.4, 0.3, 0.2, 0.1])), vocab_map, k=4)
-    assert ids.tolist() == [10, 11, -1, -1]  # 0 and 2 both map to 10: 0.4 + 0.2; 3 maps nowhere
-    np.testing.assert_allclose(np.exp(logprobs[:2]), [0.6 / 0.9, 0.3 / 0.9], rtol=1e-6)
-    assert np.isneginf(logprobs[2:]).all()
-    assert translate_row(np.array([3]), np.array([0.0]), vocab_map, k=2)[0].tolist() == [-1, -1]
+    topk = np.array([[0, 1, 2, 3], [3, 3, 3, 3], [1, 0, 3, 3]])
+    logprobs = np.log(np.array([[0.4, 0.3, 0.2, 0.1], [0.25] * 4, [0.5, 0.5, 1e-9, 1e-9]]))
+    rows = translate_rows(np.array([2, 0, 1]), topk, logprobs, vocab_map, n=4, target_vocab_size=12)
+    ids, probs = row(rows, 2)
+    assert ids == [10, 11]  # 0 and 2 both map to 10: 0.4 + 0.2; 3 maps nowhere
+    np.testing.assert_allclose(probs, [0.6 / 0.9, 0.3 / 0.9], rtol=1e-6)
+    assert row(rows, 0)[0] == [] and row(rows, 3)[0] == []  # nothing maps; no teacher row
+    assert row(rows, 1)[0] == [11, 10]  # a tie keeps the teacher's order
 
 
 def test_identical_tokenizations_transfer_every_row_unchanged():
@@ -33,11 +43,13 @@ def test_identical_tokenizations_transfer_every_row_unchanged():
                      [1.0, 2.0, 0.5, 0.25])
     identity = np.arange(4)
     agree = agreement(source.input_ids, pieces, pieces, np.arange(4), identity, groups)
-    result = transfer_groups(groups, source, np.arange(4), identity, agree)
+    result = transfer_groups(groups, source, np.arange(4), identity, agree, target_vocab_size=4)
     assert result.status.tolist() == [EXACT] * 4
-    assert result.topk_ids.tolist() == source.topk_ids.tolist()
-    expected = source.topk_logprobs - np.log(np.exp(source.topk_logprobs).sum(axis=1, keepdims=True))
-    np.testing.assert_allclose(result.topk_logprobs, expected, rtol=1e-6)
+    probabilities = np.exp(source.topk_logprobs)
+    for i in range(4):
+        ids, probs = row(result.rows, i)
+        assert ids == source.topk_ids[i].tolist()
+        np.testing.assert_allclose(probs, probabilities[i] / probabilities[i].sum(), rtol=1e-6)
     assert result.ce.tolist() == [1.0, 2.0, 0.5, 0.25]
 
 
@@ -50,10 +62,10 @@ def test_spans_fall_back_to_a_one_hot_on_the_token_each_row_predicts_and_keep_ce
     target_ids = np.array([40, 41, 42])
     vocab_map = np.arange(10)
     agree = agreement(source.input_ids, teacher_pieces, target_pieces, target_ids, vocab_map, groups)
-    result = transfer_groups(groups, source, target_ids, vocab_map, agree)
+    result = transfer_groups(groups, source, target_ids, vocab_map, agree, target_vocab_size=50)
     assert result.status.tolist() == [FALLBACK] * 3
-    assert result.topk_ids[:, 0].tolist() == [40, 41, 42]  # the token AT each position, not the one before
-    assert (result.topk_ids[:, 1:] == -1).all() and (result.topk_logprobs[:, 0] == 0).all()
+    assert result.rows.offsets.tolist() == [0, 1, 2, 3] and (result.rows.logprobs == 0).all()
+    assert result.rows.ids.tolist() == [40, 41, 42]  # the token AT each position, not the one before
     assert result.ce.tolist() == [1.5, 1.5, 1.5]  # 3.0 split over two rows; 1.0 + 0.5 on one
     assert result.ce.sum() == pytest.approx(source.ce.sum())
 
@@ -67,12 +79,15 @@ def test_dtw_pairs_agree_through_the_vocab_map_or_fall_back():
     vocab_map = np.array([10, 11, 12])  # "Xb" maps to "b" through MinED
     agree = agreement(source.input_ids, teacher_pieces, target_pieces, target_ids, vocab_map, groups)
     assert agree.tolist() == [EXACT, MAPPED, EXACT]
-    result = transfer_groups(groups, source, target_ids, vocab_map, agree)
+    result = transfer_groups(groups, source, target_ids, vocab_map, agree, target_vocab_size=13)
     assert result.status.tolist() == [EXACT, MAPPED, EXACT]
+    assert row(result.rows, 1)[0] == [11, 12]
     disagreeing = np.array([10, 12, 12])  # now "Xb" maps to "c": the pair disagrees
     agree = agreement(source.input_ids, teacher_pieces, target_pieces, target_ids, disagreeing, groups)
-    result = transfer_groups(groups, source, target_ids, disagreeing, agree)
-    assert result.status.tolist() == [EXACT, FALLBACK, EXACT] and result.topk_ids[1, 0] == 11
+    result = transfer_groups(groups, source, target_ids, disagreeing, agree, target_vocab_size=13)
+    assert result.status.tolist() == [EXACT, FALLBACK, EXACT] and row(result.rows, 1)[0] == [11]
+    with pytest.raises(ValueError, match="do not cover the 3 target tokens"):
+        transfer_groups(groups[:2], source, target_ids, vocab_map, agree, target_vocab_size=13)
 
 
 def test_groups_from_a_dtw_path_join_repeated_tokens():

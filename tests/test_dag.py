@@ -2,16 +2,19 @@
 and reruns exactly the stages whose params changed."""
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import re
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
 from fusesoup.corpus import SPLITS, read_split
+from fusesoup.logits.sparse_store import ALIGNED_EXTRAS, FUSED_EXTRAS, SparseStore
 from fusesoup.logits.store import LogitStore
 from fusesoup.params import load_params
 from tests.dvc_project import dvc, make_project, run, set_param
@@ -33,7 +36,8 @@ def bootstrap_names(repo: Path) -> list[str]:
 
 def stage_names(repo: Path) -> list[str]:
     params = load_params(repo / "params.yaml")
-    return ["prepare_corpus", *(f"bootstrap@{m}" for m in params.bootstrap), *(f"extract@{m}" for m in params.sources)]
+    return ["prepare_corpus", *(f"bootstrap@{m}" for m in params.bootstrap), *(f"extract@{m}" for m in params.sources),
+            *(f"align@{m}" for m in params.sources), "fuse"]
 
 
 def commit_all(repo: Path) -> None:
@@ -75,6 +79,38 @@ def test_repro_writes_corpus_models_and_metrics(built):
         assert [item.sequence for item in first] == [0, 1]
         metrics = json.loads((built / "metrics/extract" / f"{name}.json").read_text())
         assert metrics["splits"]["train"]["sequences"] == train_rows
+
+
+def test_alignment_and_fusion_outputs(built):
+    params = load_params(built / "params.yaml")
+    alignment = json.loads((built / "metrics/alignment.json").read_text())
+    assert set(alignment) == set(params.sources)
+    own = alignment[params.target]["positions"]["train"]["all"]
+    assert own["exact"] == 1.0  # the target aligned to itself is the identity
+    for name in params.sources:
+        for shares in alignment[name]["positions"]["train"].values():
+            assert shares["exact"] + shares["mapped"] + shares["fallback"] == pytest.approx(1.0)
+        vocab = alignment[name]["vocab_map"]
+        assert vocab["exact"] + vocab["nearest"] + vocab["unmapped"] == pytest.approx(1.0)
+    fusion = json.loads((built / "metrics/fusion.json").read_text())
+    assert fusion["method"] == "min_ce" and fusion["sources"] == params.sources
+    for by_source in fusion["splits"]["train"].values():
+        assert sum(v["sequence_wins"] for v in by_source.values()) == pytest.approx(1.0)
+        assert sum(v["token_wins"] for v in by_source.values()) == pytest.approx(1.0)
+
+    target = LogitStore(built / "data/logits" / params.target)
+    aligned = {name: SparseStore(built / "data/aligned" / name, ALIGNED_EXTRAS) for name in params.sources}
+    fused = SparseStore(built / "data/fused", FUSED_EXTRAS)
+    batches = zip(target.iter_batches("train", 8), fused.iter_batches("train", 8),
+                  *(store.iter_batches("train", 8) for store in aligned.values()))
+    for own_batch, fused_batch, *aligned_batches in itertools.islice(batches, 3):
+        for stored, item, *sources in zip(own_batch, fused_batch, *aligned_batches):
+            assert item.sequence == stored.sequence and item.input_ids.tolist() == stored.logits.input_ids.tolist()
+            winner = int(np.argmin([s.extras["ce_codes"].astype(np.int64).sum() for s in sources]))
+            assert (item.extras["source"] == winner).all()  # min_ce: the whole sequence from one source
+            assert item.rows.ids.tolist() == sources[winner].rows.ids.tolist()
+            totals = np.bincount(item.rows.rows_of_entries(), weights=np.exp(item.rows.logprobs.astype(np.float64)))
+            np.testing.assert_allclose(totals, 1.0, rtol=1e-5)
 
 
 def test_second_repro_is_a_no_op(built):
@@ -151,7 +187,8 @@ def test_extraction_reruns_for_k_and_for_a_new_teacher_only(built, tmp_path):
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     out = dvc(repo, "repro").stdout
     # prepare_corpus reads `models` (for token limits) so it reruns, but its output is unchanged
-    assert ran_stages(out) == {"prepare_corpus", "bootstrap@code-neox-2", "extract@code-neox-2"}
+    assert ran_stages(out) == {"prepare_corpus", "bootstrap@code-neox-2", "extract@code-neox-2", "align@code-neox-2",
+                               "fuse"}
     assert LogitStore(repo / "data/logits/code-neox-2").k == 10
 
 
@@ -160,6 +197,9 @@ def test_an_experiment_on_one_teacher_reuses_the_other_stores(built, tmp_path):
     shutil.copytree(built, repo, symlinks=True)
     commit_all(repo)
     out = dvc(repo, "exp", "run", "-S", "bootstrap.prose-gpt2.train.lr=0.002").stdout
-    assert ran_stages(out) == {"bootstrap@prose-gpt2", "extract@prose-gpt2"}
+    assert ran_stages(out) == {"bootstrap@prose-gpt2", "extract@prose-gpt2", "align@prose-gpt2", "fuse"}
     for name in ("target-base", "code-neox"):
         assert f"Stage 'extract@{name}' didn't change, skipping" in out
+    out = dvc(repo, "exp", "run", "-S", "fuse.method=avg_ce").stdout  # downstream of extraction: no extract reruns
+    assert ran_stages(out) == {"fuse"}
+    assert json.loads((repo / "metrics/fusion.json").read_text())["method"] == "avg_ce"

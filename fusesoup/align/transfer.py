@@ -19,76 +19,56 @@ from typing import NamedTuple
 import numpy as np
 
 from fusesoup.logits.codec import SequenceLogits
+from fusesoup.logits.sparse import SparseRows, fill_empty_rows, merge_entries
 
 EXACT, MAPPED, FALLBACK = 0, 1, 2  # status of a target position: same bytes, agreed through the vocab map, one-hot
 
 
 class AlignedSequence(NamedTuple):
-    """A teacher's distributions on the target's n tokens; k = the teacher's top-k."""
+    """A teacher's distributions on the target's n tokens."""
 
-    topk_ids: np.ndarray  # [n, k] target ids, most likely first, -1 padding
-    topk_logprobs: np.ndarray  # [n, k] log-probs renormalised over the kept entries, -inf padding
+    rows: SparseRows  # n rows of target ids, most likely first, renormalised over the kept entries
     ce: np.ndarray  # [n] float32: the teacher's cross-entropy carried onto target positions
     status: np.ndarray  # [n] uint8: EXACT, MAPPED or FALLBACK
 
 
-def translate_row(ids: np.ndarray, logprobs: np.ndarray, vocab_map: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """One teacher top-k row in target ids: mapped, duplicates merged, renormalised, sorted, padded to k.
-
-    Returns empty-padded rows (all -1) when no id maps.
-    """
-    mapped = vocab_map[ids]
+def translate_rows(positions: np.ndarray, topk_ids: np.ndarray, topk_logprobs: np.ndarray, vocab_map: np.ndarray,
+                   n: int, target_vocab_size: int) -> SparseRows:
+    """Teacher top-k rows [m, k] moved to target rows `positions` [m] of n: ids mapped, duplicates merged,
+    unmapped ids (-1) dropped, renormalised, sorted (ties keep the teacher's order). Other rows stay empty."""
+    mapped = vocab_map[topk_ids]
     keep = mapped >= 0
-    out_ids = np.full(k, -1, dtype=np.int64)
-    out_logprobs = np.full(k, -np.inf, dtype=np.float32)
-    if not keep.any():
-        return out_ids, out_logprobs
-    unique, first, inverse = np.unique(mapped[keep], return_index=True, return_inverse=True)
-    probabilities = np.zeros(len(unique))
-    np.add.at(probabilities, inverse, np.exp(logprobs[keep].astype(np.float64)))
-    order = np.lexsort((first, -probabilities))  # most likely first; ties keep the teacher's order
-    out_ids[: len(unique)] = unique[order]
-    out_logprobs[: len(unique)] = np.log(probabilities[order] / probabilities.sum())
-    return out_ids, out_logprobs
-
-
-def _one_hot(result: AlignedSequence, position: int, token: int) -> None:
-    result.topk_ids[position] = -1
-    result.topk_logprobs[position] = -np.inf
-    result.topk_ids[position, 0] = token
-    result.topk_logprobs[position, 0] = 0.0
-    result.status[position] = FALLBACK
-
-
-def _empty(n: int, k: int) -> AlignedSequence:
-    return AlignedSequence(np.full((n, k), -1, np.int64), np.full((n, k), -np.inf, np.float32),
-                           np.zeros(n, np.float32), np.zeros(n, np.uint8))
+    rows = np.broadcast_to(np.asarray(positions)[:, None], mapped.shape)
+    return merge_entries(rows[keep], mapped[keep], np.exp(topk_logprobs[keep].astype(np.float64)), n,
+                         target_vocab_size, max_entries=topk_ids.shape[1])
 
 
 def transfer_groups(groups: Sequence[tuple[range, range]], teacher: SequenceLogits, target_ids: np.ndarray,
-                    vocab_map: np.ndarray, agree: np.ndarray) -> AlignedSequence:
-    """Apply the rules above to alignment groups (teacher token range, target token range).
+                    vocab_map: np.ndarray, agree: np.ndarray, target_vocab_size: int) -> AlignedSequence:
+    """Apply the rules above to alignment groups (teacher token range, target token range) covering both sides.
 
     `agree[j]` says whether teacher token j, when it is alone in its group opposite a single target token, stands
     for that target token (EXACT if the bytes are equal, MAPPED if only through the vocabulary map, -1 if not):
     a disagreeing one-to-one pair falls back to a one-hot too.
     """
-    n, k = len(target_ids), teacher.topk_ids.shape[1]
-    result = _empty(n, k)
-    for teacher_range, target_range in groups:
-        span_ce = float(teacher.ce[teacher_range.start : teacher_range.stop].sum())
-        for i in target_range:
-            result.ce[i] = span_ce / len(target_range)
-        if len(teacher_range) == 1 and len(target_range) == 1 and agree[teacher_range.start] >= 0:
-            j, i = teacher_range.start, target_range.start
-            ids, logprobs = translate_row(teacher.topk_ids[j], teacher.topk_logprobs[j], vocab_map, k)
-            if ids[0] >= 0:
-                result.topk_ids[i], result.topk_logprobs[i] = ids, logprobs
-                result.status[i] = agree[j]
-                continue
-        for i in target_range:
-            _one_hot(result, i, int(target_ids[i]))
-    return result
+    n = len(target_ids)
+    bounds = np.array([(a.start, a.stop, b.start, b.stop) for a, b in groups], np.int64).reshape(-1, 4)
+    teacher_start, teacher_stop, target_start, target_stop = bounds.T
+    if n == 0 or target_start[0] != 0 or target_stop[-1] != n or (target_start[1:] != target_stop[:-1]).any():
+        raise ValueError(f"the alignment groups do not cover the {n} target tokens in order")
+    one_to_one = (teacher_stop - teacher_start == 1) & (target_stop - target_start == 1)
+    j, i = teacher_start[one_to_one], target_start[one_to_one]
+    agreeing = agree[j] >= 0
+    j, i = j[agreeing], i[agreeing]
+    rows = translate_rows(i, teacher.topk_ids[j], teacher.topk_logprobs[j], vocab_map, n, target_vocab_size)
+    status = np.full(n, FALLBACK, np.uint8)
+    translated = rows.counts[i] > 0
+    status[i[translated]] = agree[j[translated]]
+
+    ce_sums = np.concatenate([[0.0], np.cumsum(teacher.ce, dtype=np.float64)])
+    lengths = target_stop - target_start
+    ce = np.repeat((ce_sums[teacher_stop] - ce_sums[teacher_start]) / lengths, lengths).astype(np.float32)
+    return AlignedSequence(fill_empty_rows(rows, target_ids), ce, status)
 
 
 def groups_from_path(path: Sequence[tuple[int, int]]) -> list[tuple[range, range]]:

@@ -170,7 +170,7 @@ def extract_store(load_teacher: Callable[[], tuple[object, object]], vocab_size:
     plan = {split: math.ceil(rows / spec.shard_sequences) for split, rows in counts.items()}
     shards.remove_manifest(store)  # rewritten below when (and only when) every shard checks out
     if worker_index == 0:
-        _remove_foreign(store, plan)
+        shards.remove_foreign(store, plan)
     todo = []
     for split in splits:
         mine = [i for i in range(plan[split]) if i % num_workers == worker_index]
@@ -193,9 +193,10 @@ def extract_store(load_teacher: Callable[[], tuple[object, object]], vocab_size:
                                             spec.k, spec.batch_tokens, first_row=start)
                 if pending is not None:
                     pending.result()  # at most one shard waits to be written: memory stays bounded
-                pending = writer.submit(shards.write_shard, store, split, index, key, list(range(start, stop)),
-                                        outputs, vocab_size)
-                tokens += sum(len(o.input_ids) for o in outputs)
+                positions = sum(len(o.input_ids) for o in outputs)
+                pending = writer.submit(_write_logit_shard, store, split, index, key, start, outputs, vocab_size,
+                                        positions)
+                tokens += positions
                 bar.update(stop - start)
                 bar.set_postfix(tok_s=f"{tokens / max(bar.format_dict['elapsed'], 1e-9):.0f}", refresh=False)
             if pending is not None:
@@ -204,26 +205,17 @@ def extract_store(load_teacher: Callable[[], tuple[object, object]], vocab_size:
     return _finish(store, key, parts, spec, plan, vocab_size)
 
 
-def _remove_foreign(store: Path, plan: dict[str, int]) -> None:
-    """Shards beyond the current plan and splits no longer extracted (left by other settings)."""
-    if not store.is_dir():
-        return
-    for directory in (p for p in store.iterdir() if p.is_dir()):
-        keep = plan.get(directory.name, 0)
-        for path in directory.glob("shard-*.*"):
-            if int(path.name[len("shard-"):].split(".")[0]) >= keep:
-                path.unlink()
+def _write_logit_shard(store: Path, split: str, index: int, key: str, start: int, outputs: list[SequenceLogits],
+                       vocab_size: int, positions: int) -> None:
+    """Encode and write one shard (in the writer thread, while the next shard computes)."""
+    table = shards.logit_table(list(range(start, start + len(outputs))), outputs, vocab_size)
+    shards.write_shard(store, split, index, key, table, positions)
 
 
 def _finish(store: Path, key: str, parts: dict, spec: Extract, plan: dict[str, int], vocab_size: int) -> dict | None:
-    splits = {}
-    for split, count in plan.items():
-        records = [shards.finished_shard(store, split, i, key) for i in range(count)]
-        if any(record is None for record in records):
-            return None
-        splits[split] = {"sequences": sum(r.rows for r in records), "positions": sum(r.positions for r in records),
-                         "bytes": sum((store / r.file).stat().st_size for r in records),
-                         "shards": [r._asdict() for r in records]}
+    splits = shards.split_records(store, key, plan)
+    if splits is None:
+        return None
     manifest = {"key": key, "key_parts": parts, "codec": CODEC, "k": spec.k, "vocab_size": vocab_size,
                 "splits": splits}
     shards.write_manifest(store, manifest)

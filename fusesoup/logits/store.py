@@ -1,22 +1,25 @@
-"""The teacher-logit store on disk: zstd Parquet shards, a sidecar per finished shard, a manifest when all are done.
+"""Sharded stores on disk: zstd Parquet shards, a sidecar per finished shard, a manifest when all are done.
 
     <store>/manifest.json                   written last, only when every shard of every split is complete
-    <store>/<split>/shard-00000.parquet     one row per corpus sequence (codec.py's columns + `sequence`)
+    <store>/<split>/shard-00000.parquet     one row per corpus sequence
     <store>/<split>/shard-00000.json        written after its shard: key, rows, positions, sha256
 
 A shard counts as done only when its sidecar carries the store's content key and the Parquet file's sha256;
 anything else (a missing or stale sidecar, a truncated or corrupt file, a temp file left by a crash) is redone.
-`LogitStore` reads a complete store one batch of sequences at a time and names the file in every error.
+The teacher-logit store (`LogitStore`, codec.py's columns) and the aligned and fused stores (sparse_store.py) share
+this discipline; readers hold one Parquet row group at a time and name the file in every error.
 """
 from __future__ import annotations
 
+import abc
 import contextlib
 import hashlib
 import io
 import os
 from pathlib import Path
-from typing import Iterator, NamedTuple
+from typing import Callable, Iterator, NamedTuple
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -27,7 +30,7 @@ MANIFEST = "manifest.json"
 ZSTD_LEVEL = 10
 # Byte-stream split puts each byte of the (4-byte physical) values in its own stream, so zstd sees the constant
 # high bytes as runs: 25-30% smaller for these columns; plain is smaller for the id columns (measured in bench/).
-SPLIT_BYTES = {f"{name}.list.element": "BYTE_STREAM_SPLIT" for name in ("start_gaps", "lengths", "topk_codes", "ce_codes")}
+SPLIT_COLUMNS = {"start_gaps", "lengths", "topk_codes", "ce_codes", "counts", "codes", "status", "source"}
 
 
 def shard_name(index: int) -> str:
@@ -50,22 +53,25 @@ class ShardRecord(NamedTuple):
     sha256: str
 
 
-def write_shard(store: Path, split: str, index: int, key: str, sequences: list[int],
-                outputs: list[SequenceLogits], vocab_size: int) -> ShardRecord:
-    """Atomically write one shard and then its sidecar; returns what the manifest records for it."""
+def logit_table(sequences: list[int], outputs: list[SequenceLogits], vocab_size: int) -> pa.Table:
+    """One shard of the teacher-logit store as a table: a row per sequence, codec.py's columns."""
     columns = {name: [] for name in shard_schema(vocab_size).names}
     for sequence, output in zip(sequences, outputs, strict=True):
         columns["sequence"].append(sequence)
         for name, values in encode(output, vocab_size).items():
             columns[name].append(values)
-    table = pa.table(columns, schema=shard_schema(vocab_size))
+    return pa.table(columns, schema=shard_schema(vocab_size))
+
+
+def write_shard(store: Path, split: str, index: int, key: str, table: pa.Table, positions: int) -> ShardRecord:
+    """Atomically write one shard and then its sidecar; returns what the manifest records for it."""
     buffer = io.BytesIO()
+    encodings = {f"{name}.list.element": "BYTE_STREAM_SPLIT" for name in table.column_names if name in SPLIT_COLUMNS}
     pq.write_table(table, buffer, compression="zstd", compression_level=ZSTD_LEVEL, use_dictionary=False,
-                   write_statistics=False, column_encoding=SPLIT_BYTES)
+                   write_statistics=False, column_encoding=encodings)
     relative, data = f"{split}/{shard_name(index)}.parquet", buffer.getvalue()
     atomic_write_bytes(store / relative, data)
-    positions = sum(len(o.input_ids) for o in outputs)
-    record = ShardRecord(relative, len(sequences), positions, hashlib.sha256(data).hexdigest())
+    record = ShardRecord(relative, table.num_rows, positions, hashlib.sha256(data).hexdigest())
     write_json(store / split / f"{shard_name(index)}.json", {"key": key, **record._asdict()})
     return record
 
@@ -116,22 +122,68 @@ def remove_manifest(store: Path) -> None:
         os.unlink(store / MANIFEST)
 
 
+def remove_foreign(store: Path, plan: dict[str, int]) -> None:
+    """Shards beyond the plan {split: shard count} and splits it does not list (left by other settings)."""
+    if not store.is_dir():
+        return
+    for directory in (p for p in store.iterdir() if p.is_dir()):
+        keep = plan.get(directory.name, 0)
+        for path in directory.glob("shard-*.*"):
+            if int(path.name[len("shard-"):].split(".")[0]) >= keep:
+                path.unlink()
+
+
+def split_records(store: Path, key: str, plan: dict[str, int]) -> dict | None:
+    """The manifest's `splits` entry if every planned shard is finished under `key`, else None."""
+    splits = {}
+    for split, count in plan.items():
+        records = [finished_shard(store, split, i, key) for i in range(count)]
+        if any(record is None for record in records):
+            return None
+        splits[split] = {"sequences": sum(r.rows for r in records), "positions": sum(r.positions for r in records),
+                         "bytes": sum((store / r.file).stat().st_size for r in records),
+                         "shards": [r._asdict() for r in records]}
+    return splits
+
+
+def fill_store(store: Path, key: str, plan: dict[str, int],
+               build_shard: Callable[[str, int], tuple[pa.Table, int]]) -> dict:
+    """Build every shard of `plan` not already finished under `key` (build_shard(split, index) -> (table,
+    positions)), in order; returns the manifest's `splits` entry. A killed run resumes at its first missing shard."""
+    store.mkdir(parents=True, exist_ok=True)
+    remove_manifest(store)
+    remove_foreign(store, plan)
+    for split, count in plan.items():
+        finished = clear_stale(store, split, list(range(count)), key)
+        for index in range(count):
+            if index not in finished:
+                write_shard(store, split, index, key, *build_shard(split, index))
+    splits = split_records(store, key, plan)
+    assert splits is not None, "every shard was just written"
+    return splits
+
+
 class StoredSequence(NamedTuple):
     sequence: int  # row index in the corpus split
     logits: SequenceLogits
 
 
-class LogitStore:
-    """A complete store, read lazily: `iter_batches(split)` holds one Parquet row group in memory at a time."""
+class ShardedStore(abc.ABC):
+    """A complete store: its manifest, checked; shards opened one at a time and checked against it."""
+
+    REQUIRED: tuple[str, ...] = ("key", "splits", "codec", "vocab_size")
 
     def __init__(self, directory: Path | str):
         self.directory = Path(directory)
         self.manifest = read_json(self.directory / MANIFEST)
-        for key in ("key", "k", "vocab_size", "splits", "codec"):
+        for key in self.REQUIRED:
             if key not in self.manifest:
-                raise StorageError(f"{self.directory / MANIFEST}: no '{key}' (not a logit store manifest)")
-        self.k: int = self.manifest["k"]
+                raise StorageError(f"{self.directory / MANIFEST}: no '{key}' (not a {type(self).__name__} manifest)")
         self.vocab_size: int = self.manifest["vocab_size"]
+
+    @abc.abstractmethod
+    def schema(self) -> pa.Schema:
+        """The schema every shard must have."""
 
     def shards(self, split: str) -> list[ShardRecord]:
         if split not in self.manifest["splits"]:
@@ -145,28 +197,53 @@ class LogitStore:
             raise StorageError(f"{path}: missing (listed in {self.directory / MANIFEST})")
         if sha256_file(path) != shard.sha256:
             raise StorageError(f"{path}: checksum does not match the manifest (corrupt or changed); "
-                               "re-run the extract stage to redo it")
+                               "re-run the stage that writes it to redo it")
         try:
             parquet = pq.ParquetFile(path)
         except (pa.ArrowException, OSError) as error:
             raise StorageError(f"{path}: not a readable Parquet file ({error})") from None
-        expected = shard_schema(self.vocab_size)
+        expected = self.schema()
         if not parquet.schema_arrow.equals(expected):
             raise StorageError(f"{path}: schema {parquet.schema_arrow} does not match the expected {expected}")
         if parquet.metadata.num_rows != shard.rows:
             raise StorageError(f"{path}: {parquet.metadata.num_rows} rows, manifest says {shard.rows}")
         return parquet
 
-    def iter_batches(self, split: str, batch_sequences: int = 64) -> Iterator[list[StoredSequence]]:
-        """Every sequence of `split` in corpus order, `batch_sequences` at a time."""
-        for shard in self.shards(split):
-            parquet = self._open(shard)
-            for batch in parquet.iter_batches(batch_size=batch_sequences):
-                columns = {name: batch.column(name) for name in batch.schema.names}
-                out = []
-                for row in range(batch.num_rows):
-                    values = {name: columns[name][row].values.to_numpy(zero_copy_only=False)
-                              for name in columns if name != "sequence"}
-                    out.append(StoredSequence(columns["sequence"][row].as_py(), decode(values, self.k)))
-                yield out
+    def record_batches(self, split: str, batch_sequences: int = 64, shard: int | None = None,
+                       columns: list[str] | None = None) -> Iterator[pa.RecordBatch]:
+        """The rows of `split` (or of one of its shards) in corpus order, `batch_sequences` at a time; all
+        columns or only `columns`."""
+        records = self.shards(split) if shard is None else [self.shards(split)[shard]]
+        for record in records:
+            yield from self._open(record).iter_batches(batch_size=batch_sequences, columns=columns)
 
+
+def list_rows(batch: pa.RecordBatch, names: list[str]) -> list[dict[str, np.ndarray]]:
+    """Per row of the batch, its list columns `names` as numpy arrays (views into one array per column)."""
+    flat = {}
+    for name in names:
+        column = batch.column(name)
+        flat[name] = (column.values.to_numpy(zero_copy_only=False), column.offsets.to_numpy())
+    return [{name: values[offsets[row]:offsets[row + 1]] for name, (values, offsets) in flat.items()}
+            for row in range(batch.num_rows)]
+
+
+class LogitStore(ShardedStore):
+    """A teacher-logit store: `iter_batches(split)` yields decoded sequences, one row group in memory at a time."""
+
+    REQUIRED = ShardedStore.REQUIRED + ("k",)
+
+    def __init__(self, directory: Path | str):
+        super().__init__(directory)
+        self.k: int = self.manifest["k"]
+
+    def schema(self) -> pa.Schema:
+        return shard_schema(self.vocab_size)
+
+    def iter_batches(self, split: str, batch_sequences: int = 64, shard: int | None = None) -> Iterator[list[StoredSequence]]:
+        """Every sequence of `split` (or of one shard of it) in corpus order, `batch_sequences` at a time."""
+        names = [name for name in self.schema().names if name != "sequence"]
+        for batch in self.record_batches(split, batch_sequences, shard):
+            sequences = batch.column("sequence").to_pylist()
+            yield [StoredSequence(sequence, decode(values, self.k))
+                   for sequence, values in zip(sequences, list_rows(batch, names), strict=True)]

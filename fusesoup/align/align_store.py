@@ -1,0 +1,117 @@
+"""align@<teacher>: a teacher's logit store moved onto the target's tokens and vocabulary, shard by shard.
+
+Both logit stores were cut into shards of the same corpus rows, so aligned shard i is made from teacher shard i,
+target shard i and those rows' texts (the tokens' bytes must spell the text exactly, or the row is named in the
+error). The output is a sparse store (sparse_store.py, ALIGNED_EXTRAS) with the same shards, keyed by the two
+logit stores' keys and the alignment settings; finished shards are kept, so a killed run resumes.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal, NamedTuple
+
+import numpy as np
+import polars as pl
+
+from fusesoup.align.token_alignment import byte_ends, dtw_align, offset_align
+from fusesoup.align.token_bytes import text_token_bytes
+from fusesoup.align.transfer import EXACT, FALLBACK, MAPPED, AlignedSequence, agreement, groups_from_path, transfer_groups
+from fusesoup.cli import StageError
+from fusesoup.corpus import split_path
+from fusesoup.logits.codec import SequenceLogits, quantize_ce
+from fusesoup.logits.extract import content_key, read_texts
+from fusesoup.logits.sparse import SPARSE_CODEC
+from fusesoup.logits.sparse_store import ALIGNED_EXTRAS, SparseSequence, SparseStore, sparse_table
+from fusesoup.logits.store import LogitStore, fill_store, write_manifest
+
+AlignMethod = Literal["offsets", "dtw"]
+TRANSFER_RULES = "one-to-one-merge-v1"  # part of the key: a change of the transfer rules re-aligns
+
+
+class AlignmentError(StageError):
+    """A teacher's store cannot be aligned to the target's; the message names the store, split and row."""
+
+
+class Alignment(NamedTuple):
+    """What stays fixed while one teacher is aligned to the target."""
+
+    teacher_bytes: list[bytes]  # token_bytes of the teacher's tokenizer
+    target_bytes: list[bytes]
+    vocab_map: np.ndarray  # [teacher model vocab] target id or -1 (map_vocab, padded to the model's vocab)
+    method: AlignMethod
+    target_vocab_size: int
+
+
+def align_sequence(teacher: SequenceLogits, target: SequenceLogits, text: str, setup: Alignment) -> AlignedSequence:
+    """One text's teacher distributions on the target's positions (transfer.py's rules)."""
+    teacher_pieces = text_token_bytes(setup.teacher_bytes, teacher.input_ids.tolist(), text)
+    target_pieces = text_token_bytes(setup.target_bytes, target.input_ids.tolist(), text)
+    if setup.method == "offsets":
+        groups = offset_align(byte_ends(teacher_pieces), byte_ends(target_pieces))
+    else:
+        groups = groups_from_path(dtw_align(teacher_pieces, target_pieces))
+    agree = agreement(teacher.input_ids, teacher_pieces, target_pieces, target.input_ids, setup.vocab_map, groups)
+    return transfer_groups(groups, teacher, target.input_ids, setup.vocab_map, agree, setup.target_vocab_size)
+
+
+def align_store(teacher: LogitStore, target: LogitStore, corpus_dir: Path | str, out: Path | str,
+                setup: Alignment, settings: dict) -> dict:
+    """Write the aligned store `out` (every split the target store has); returns its manifest."""
+    out = Path(out)
+    parts = {"codec": SPARSE_CODEC, "rules": TRANSFER_RULES, "teacher": teacher.manifest["key"],
+             "target": target.manifest["key"], **settings}
+    key = content_key(parts)
+    splits = sorted(target.manifest["splits"])
+    for split in splits:
+        if [s.rows for s in teacher.shards(split)] != [s.rows for s in target.shards(split)]:
+            raise AlignmentError(f"{teacher.directory} and {target.directory}: the {split} shards hold different "
+                                 "corpus rows; extract both with the same extract params and corpus")
+
+    def build(split: str, index: int):
+        items, positions = [], 0
+        for teacher_batch, target_batch in zip(teacher.iter_batches(split, shard=index),
+                                               target.iter_batches(split, shard=index), strict=True):
+            first = target_batch[0].sequence
+            texts = read_texts(split_path(corpus_dir, split), first, first + len(target_batch))
+            for mine, theirs, text in zip(teacher_batch, target_batch, texts, strict=True):
+                if mine.sequence != theirs.sequence:
+                    raise AlignmentError(f"{teacher.directory}: {split} shard {index} holds row {mine.sequence} "
+                                         f"where {target.directory} holds row {theirs.sequence}")
+                try:
+                    aligned = align_sequence(mine.logits, theirs.logits, text, setup)
+                except ValueError as error:
+                    raise AlignmentError(f"{split_path(corpus_dir, split)} row {theirs.sequence}: {error}") from None
+                items.append(SparseSequence(theirs.sequence, theirs.logits.input_ids, aligned.rows,
+                                            {"ce_codes": quantize_ce(aligned.ce), "status": aligned.status}))
+                positions += len(aligned.status)
+        return sparse_table(items, setup.target_vocab_size, ALIGNED_EXTRAS), positions
+
+    plan = {split: len(target.shards(split)) for split in splits}
+    manifest = {"key": key, "key_parts": parts, "codec": SPARSE_CODEC, "vocab_size": setup.target_vocab_size,
+                "extras": sorted(ALIGNED_EXTRAS), "splits": fill_store(out, key, plan, build)}
+    write_manifest(out, manifest)
+    return manifest
+
+
+def vocab_stats(teacher_bytes: list[bytes], target_bytes: list[bytes], vocab_map: np.ndarray) -> dict:
+    """Shares of the teacher's (non-special) tokens with an exact byte match, mapped to another token, unmapped."""
+    target = set(target_bytes)
+    real = [i for i, token in enumerate(teacher_bytes) if token]
+    exact = sum(teacher_bytes[i] in target for i in real)
+    mapped = sum(int(vocab_map[i] >= 0) for i in real) - exact
+    return {"tokens": len(real), "exact": exact / len(real), "nearest": mapped / len(real),
+            "unmapped": (len(real) - exact - mapped) / len(real)}
+
+
+def position_stats(store: SparseStore, corpus_dir: Path | str, split: str) -> dict:
+    """Per domain (and `all`): positions and the shares transferred EXACT, MAPPED, and fallen back to a one-hot."""
+    names, domain_of_row = np.unique(pl.read_parquet(split_path(corpus_dir, split), columns=["domain"])["domain"]
+                                     .to_numpy().astype(str), return_inverse=True)
+    counts = np.zeros((len(names), 3), np.int64)
+    for batch in store.record_batches(split, batch_sequences=1024, columns=["sequence", "status"]):
+        status = batch.column("status")
+        domains = np.repeat(domain_of_row[batch.column("sequence").to_numpy()], np.diff(status.offsets.to_numpy()))
+        np.add.at(counts, (domains, status.values.to_numpy().astype(np.int64)), 1)
+    by_domain = {**dict(zip(names.tolist(), counts)), "all": counts.sum(axis=0)}
+    return {domain: {"positions": int(c.sum()), "exact": c[EXACT] / c.sum(), "mapped": c[MAPPED] / c.sum(),
+                     "fallback": c[FALLBACK] / c.sum()} for domain, c in sorted(by_domain.items()) if c.sum()}

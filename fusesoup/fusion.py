@@ -1,0 +1,74 @@
+"""Fusing the sources' aligned distributions into one training target per position (FuseLLM section 3.3).
+
+Every source s brings, per target position i, a sparse distribution P_s,i (its softmax(logprob / T), temperature
+applied first) and its cross-entropy ce_s,i carried onto the target's tokens (transfer.py keeps the sums, so a
+source's CE of a sequence, mean over the target's positions, compares across tokenizers). With r = exp(-CE):
+- `min_ce`:        per sequence, P* = P_s of the source with the smallest sequence CE (the paper's default);
+- `avg_ce`:        per sequence, P* = sum_s w_s P_s with w = softmax_s(r_s) (as the reference computes it; with CEs
+                   of a few nats the r_s are small and alike, so w is close to uniform);
+- `min_ce_token`:  per position, the source with the smallest ce_s,i;
+- `avg_ce_token`:  per position, w_s,i = softmax_s(r_s,i).
+Ties go to the source listed first (the order of `sources` in params.yaml).
+"""
+from __future__ import annotations
+
+from typing import Literal, NamedTuple, Sequence
+
+import numpy as np
+
+from fusesoup.logits.sparse import SparseRows, merge_entries, with_temperature
+from fusesoup.logits.sparse_store import MIXED
+
+FuseMethod = Literal["min_ce", "avg_ce", "min_ce_token", "avg_ce_token"]
+
+
+class SourceRows(NamedTuple):
+    """One source's aligned distributions over a sequence's n target positions."""
+
+    rows: SparseRows
+    ce: np.ndarray  # [n] per-position CE carried onto the target's tokens
+
+
+class Fused(NamedTuple):
+    rows: SparseRows
+    source: np.ndarray  # [n] uint8: index of the source each position took, MIXED where averaged
+    weights: np.ndarray  # [S, n] float: each source's weight at each position (one-hot for the min methods)
+
+
+def softmax(values: np.ndarray, axis: int = 0) -> np.ndarray:
+    shifted = np.exp(values - values.max(axis=axis, keepdims=True))
+    return shifted / shifted.sum(axis=axis, keepdims=True)
+
+
+def source_weights(ce: np.ndarray, method: FuseMethod) -> np.ndarray:
+    """[S, n] per-position CE of each source -> [S, n] weights of each source (see the module docstring)."""
+    per_token = method.endswith("_token")
+    scores = ce if per_token else np.broadcast_to(ce.mean(axis=1, keepdims=True), ce.shape)
+    if method.startswith("min_ce"):
+        return (np.arange(len(ce))[:, None] == scores.argmin(axis=0)).astype(np.float64)
+    return softmax(np.exp(-scores.astype(np.float64)), axis=0)
+
+
+def mix(sources: Sequence[SparseRows], weights: np.ndarray, vocab_size: int) -> SparseRows:
+    """sum_s weights[s, i] * P_s,i for every row i, merged over equal ids, sorted; zero-weight entries dropped."""
+    rows, ids, probs = [], [], []
+    for s, source in enumerate(sources):
+        row_of = source.rows_of_entries()
+        weight = weights[s, row_of]
+        keep = weight > 0
+        rows.append(row_of[keep])
+        ids.append(source.ids[keep])
+        probs.append(np.exp(source.logprobs[keep].astype(np.float64)) * weight[keep])
+    return merge_entries(np.concatenate(rows), np.concatenate(ids), np.concatenate(probs), weights.shape[1],
+                         vocab_size)
+
+
+def fuse_sequence(sources: Sequence[SourceRows], method: FuseMethod, temperature: float, vocab_size: int) -> Fused:
+    """The fused target distribution of one sequence from S sources' aligned rows."""
+    ce = np.stack([source.ce for source in sources])
+    weights = source_weights(ce, method)
+    scaled = [with_temperature(source.rows, temperature) for source in sources]
+    if method.startswith("min_ce"):
+        winner = weights.argmax(axis=0)
+        return Fused(mix(scaled, weights, vocab_size), winner.astype(np.uint8), weights)
+    return Fused(mix(scaled, weights, vocab_size), np.full(ce.shape[1], MIXED, np.uint8), weights)

@@ -1,0 +1,91 @@
+"""The fuse stage's I/O: every source's aligned store in, one fused store out (shard by shard, resumable), and
+the statistics of who wins where for metrics/fusion.json."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import polars as pl
+
+from fusesoup.cli import StageError
+from fusesoup.corpus import split_path
+from fusesoup.fusion import FuseMethod, SourceRows, fuse_sequence, source_weights
+from fusesoup.logits.codec import dequantize_ce
+from fusesoup.logits.extract import content_key
+from fusesoup.logits.sparse import SPARSE_CODEC
+from fusesoup.logits.sparse_store import FUSED_EXTRAS, SparseSequence, SparseStore, sparse_table
+from fusesoup.logits.store import fill_store, list_rows, write_manifest
+
+
+class FusionError(StageError):
+    """The aligned stores do not fit together; the message names the stores, split and row."""
+
+
+def check_compatible(stores: Sequence[SparseStore]) -> None:
+    first = stores[0]
+    for store in stores[1:]:
+        if store.vocab_size != first.vocab_size:
+            raise FusionError(f"{store.directory}: vocabulary {store.vocab_size}, but {first.directory} has "
+                              f"{first.vocab_size}; every aligned store must be on the same target")
+        for split in first.manifest["splits"]:
+            if [s.rows for s in store.shards(split)] != [s.rows for s in first.shards(split)]:
+                raise FusionError(f"{store.directory} and {first.directory}: the {split} shards hold different rows")
+
+
+def fuse_store(stores: Sequence[SparseStore], out: Path | str, method: FuseMethod, temperature: float) -> dict:
+    """Write the fused store `out` from the sources' aligned stores (in `sources` order); returns its manifest."""
+    check_compatible(stores)
+    out, first, vocab_size = Path(out), stores[0], stores[0].vocab_size
+    parts = {"codec": SPARSE_CODEC, "sources": [s.manifest["key"] for s in stores], "method": method,
+             "temperature": temperature}
+    key = content_key(parts)
+
+    def build(split: str, index: int):
+        items, positions = [], 0
+        for batches in zip(*(s.iter_batches(split, shard=index) for s in stores), strict=True):
+            for sequences in zip(*batches, strict=True):
+                head = sequences[0]
+                for other, store in zip(sequences[1:], stores[1:]):
+                    if other.sequence != head.sequence or not np.array_equal(other.input_ids, head.input_ids):
+                        raise FusionError(f"{store.directory}: {split} row {other.sequence} does not hold the "
+                                          f"target tokens of {first.directory} row {head.sequence}")
+                sources = [SourceRows(s.rows, dequantize_ce(s.extras["ce_codes"])) for s in sequences]
+                fused = fuse_sequence(sources, method, temperature, vocab_size)
+                items.append(SparseSequence(head.sequence, head.input_ids, fused.rows, {"source": fused.source}))
+                positions += len(head.input_ids)
+        return sparse_table(items, vocab_size, FUSED_EXTRAS), positions
+
+    plan = {split: len(first.shards(split)) for split in sorted(first.manifest["splits"])}
+    manifest = {"key": key, "key_parts": parts, "codec": SPARSE_CODEC, "vocab_size": vocab_size,
+                "extras": sorted(FUSED_EXTRAS), "method": method, "temperature": temperature,
+                "splits": fill_store(out, key, plan, build)}
+    write_manifest(out, manifest)
+    return manifest
+
+
+def fusion_stats(stores: Sequence[SparseStore], names: Sequence[str], corpus_dir: Path | str, split: str,
+                 method: FuseMethod) -> dict:
+    """Per domain (and `all`), for each source: the share of sequences it wins (smallest sequence CE), of positions
+    it wins (smallest per-token CE), and its mean weight under `method`; from the stored CE columns only."""
+    domains = pl.read_parquet(split_path(corpus_dir, split), columns=["domain"])["domain"].to_list()
+    totals: dict[str, np.ndarray] = {}  # domain -> [3, S]: sequence wins, token wins, weight sums; plus counts
+    counts: dict[str, np.ndarray] = {}  # domain -> [sequences, positions]
+    readers = [s.record_batches(split, batch_sequences=1024, columns=["sequence", "ce_codes"]) for s in stores]
+    for batches in zip(*readers, strict=True):
+        per_source = [list_rows(batch, ["ce_codes"]) for batch in batches]
+        for row, sequence in enumerate(batches[0].column("sequence").to_pylist()):
+            ce = np.stack([dequantize_ce(rows[row]["ce_codes"]) for rows in per_source])
+            sequence_winner = ce.mean(axis=1).argmin()
+            token_wins = np.bincount(ce.argmin(axis=0), minlength=len(stores))
+            weights = source_weights(ce, method).sum(axis=1)
+            for domain in (domains[sequence], "all"):
+                tally = totals.setdefault(domain, np.zeros((3, len(stores))))
+                tally[0, sequence_winner] += 1
+                tally[1] += token_wins
+                tally[2] += weights
+                counts[domain] = counts.get(domain, np.zeros(2)) + (1, ce.shape[1])
+    return {domain: {name: {"sequence_wins": tally[0, s] / counts[domain][0],
+                            "token_wins": tally[1, s] / counts[domain][1],
+                            "mean_weight": tally[2, s] / counts[domain][1]} for s, name in enumerate(names)}
+            for domain, tally in sorted(totals.items())}

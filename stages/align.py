@@ -1,0 +1,68 @@
+"""DVC stage align@<teacher>: the teacher's stored top-k moved onto the target's tokens and vocabulary.
+
+Reads data/logits/<teacher> and data/logits/<target> and both tokenizers; writes data/aligned/<teacher> (a
+sparse store, DVC `persist`: a killed run resumes) and metrics/align/<teacher>.json: the share of the teacher's
+vocabulary matched exactly or by minimum edit distance, and per domain the share of target positions that took
+the teacher's distribution (EXACT bytes, or MAPPED through the vocabulary map) or fell back to a one-hot.
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+
+from fusesoup.align.align_store import Alignment, align_store, position_stats, vocab_stats
+from fusesoup.align.token_bytes import token_bytes
+from fusesoup.align.vocab_map import map_vocab
+from fusesoup.cli import StageError, run_stage
+from fusesoup.logits.sparse_store import ALIGNED_EXTRAS, SparseStore
+from fusesoup.logits.store import LogitStore, write_manifest
+from fusesoup.models import load_tokenizer
+from fusesoup.params import load_params
+from fusesoup.storage import write_json
+
+
+def padded_map(teacher_bytes: list[bytes], target_bytes: list[bytes], vocab_size: int, method: str) -> np.ndarray:
+    """map_vocab over the tokenizer's ids, -1 for the model's extra (padding) ids up to its vocab_size."""
+    mapping = np.full(vocab_size, -1, np.int64)
+    known = map_vocab(teacher_bytes, target_bytes, method)[:vocab_size]
+    mapping[: len(known)] = known
+    return mapping
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m stages.align", description=__doc__)
+    parser.add_argument("teacher", help="the model: one of params.yaml's sources")
+    parser.add_argument("--params", default="params.yaml", help="the params file (default: params.yaml)")
+    parser.add_argument("--corpus", default="data/corpus", help="the corpus directory (default: data/corpus)")
+    parser.add_argument("--models", default="data/models", help="where bootstrap models live (default: data/models)")
+    parser.add_argument("--logits", default="data/logits", help="the logit stores (default: data/logits)")
+    parser.add_argument("--out", help="the aligned store (default: data/aligned/<teacher>)")
+    parser.add_argument("--metrics", help="metrics JSON (default: metrics/align/<teacher>.json)")
+    args = parser.parse_args(argv)
+    params = load_params(args.params)
+    teacher, target = args.teacher, params.target
+    if teacher not in params.sources:
+        raise StageError(f"{args.params}: {teacher!r} is not in sources {params.sources}")
+    out = Path(args.out or f"data/aligned/{teacher}")
+    teacher_store, target_store = LogitStore(Path(args.logits) / teacher), LogitStore(Path(args.logits) / target)
+
+    teacher_bytes = token_bytes(load_tokenizer(teacher, params, args.models))
+    target_bytes = token_bytes(load_tokenizer(target, params, args.models))
+    vocab_map = padded_map(teacher_bytes, target_bytes, teacher_store.vocab_size, params.align.vocab)
+    setup = Alignment(teacher_bytes, target_bytes, vocab_map, params.align.method, target_store.vocab_size)
+    manifest = align_store(teacher_store, target_store, args.corpus, out, setup, params.align.model_dump())
+
+    store = SparseStore(out, ALIGNED_EXTRAS)
+    metrics = {**params.align.model_dump(), "vocab_map": vocab_stats(teacher_bytes, target_bytes, vocab_map),
+               "positions": {split: position_stats(store, args.corpus, split) for split in manifest["splits"]}}
+    write_manifest(out, {**manifest, "stats": metrics})  # the fuse stage gathers these into metrics/alignment.json
+    write_json(args.metrics or f"metrics/align/{teacher}.json", metrics)
+    shares = metrics["positions"][sorted(manifest["splits"])[0]]["all"]
+    print(f"{out}: complete; {shares['exact']:.1%} exact, {shares['mapped']:.1%} mapped, "
+          f"{shares['fallback']:.1%} one-hot of {shares['positions']} positions")
+
+
+if __name__ == "__main__":
+    run_stage(main)

@@ -1,0 +1,63 @@
+"""Fusion of aligned distributions: MinCE / AvgCE per sequence and per token, temperature, and the weights."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from fusesoup.fusion import SourceRows, fuse_sequence, source_weights
+from fusesoup.logits.sparse import SparseRows, merge_entries, one_hot_rows
+from fusesoup.logits.sparse_store import MIXED
+
+VOCAB = 8
+
+
+def rows(*distributions: dict[int, float]) -> SparseRows:
+    entries = [(i, token, p) for i, d in enumerate(distributions) for token, p in d.items()]
+    r, t, p = map(np.array, zip(*entries))
+    return merge_entries(r, t, p, len(distributions), VOCAB)
+
+
+def dense(fused: SparseRows) -> np.ndarray:
+    out = np.zeros((len(fused.offsets) - 1, VOCAB))
+    np.add.at(out, (fused.rows_of_entries(), fused.ids), np.exp(fused.logprobs.astype(np.float64)))
+    return out
+
+
+@pytest.fixture
+def sources() -> list[SourceRows]:
+    a = SourceRows(rows({1: 0.5, 2: 0.5}, {3: 1.0}), np.array([1.0, 3.0], np.float32))  # mean CE 2.0
+    b = SourceRows(rows({1: 1.0}, {4: 0.75, 3: 0.25}), np.array([2.0, 1.5], np.float32))  # mean CE 1.75
+    return [a, b]
+
+
+def test_min_ce_takes_the_source_with_the_smallest_sequence_ce(sources):
+    fused = fuse_sequence(sources, "min_ce", 1.0, VOCAB)
+    np.testing.assert_allclose(dense(fused.rows), dense(sources[1].rows), atol=1e-6)
+    assert fused.source.tolist() == [1, 1]
+
+
+def test_min_ce_token_chooses_per_position(sources):
+    fused = fuse_sequence(sources, "min_ce_token", 1.0, VOCAB)
+    assert fused.source.tolist() == [0, 1]  # CE 1.0 < 2.0 at position 0; 1.5 < 3.0 at position 1
+    np.testing.assert_allclose(dense(fused.rows)[0], dense(sources[0].rows)[0], atol=1e-6)
+    np.testing.assert_allclose(dense(fused.rows)[1], dense(sources[1].rows)[1], atol=1e-6)
+
+
+def test_avg_ce_weights_are_a_softmax_of_exp_minus_ce(sources):
+    fused = fuse_sequence(sources, "avg_ce", 1.0, VOCAB)
+    r = np.exp(-np.array([2.0, 1.75]))
+    w = np.exp(r) / np.exp(r).sum()
+    expected = w[0] * dense(sources[0].rows) + w[1] * dense(sources[1].rows)
+    np.testing.assert_allclose(dense(fused.rows), expected, atol=1e-6)
+    assert fused.source.tolist() == [MIXED, MIXED]
+    np.testing.assert_allclose(fused.weights[:, 0], w)
+    token = source_weights(np.array([[1.0, 3.0], [2.0, 1.5]]), "avg_ce_token")
+    np.testing.assert_allclose(token[:, 1], np.exp(np.exp(-np.array([3.0, 1.5]))) / np.exp(np.exp(-np.array([3.0, 1.5]))).sum())
+
+
+def test_ties_go_to_the_first_source_and_temperature_flattens(sources):
+    tied = [SourceRows(one_hot_rows(np.array([2])), np.array([1.0])), SourceRows(one_hot_rows(np.array([5])), np.array([1.0]))]
+    assert fuse_sequence(tied, "min_ce", 1.0, VOCAB).rows.ids.tolist() == [2]
+    hot = fuse_sequence(sources, "min_ce", 2.0, VOCAB)
+    p = np.sqrt([0.75, 0.25]) / np.sqrt([0.75, 0.25]).sum()
+    np.testing.assert_allclose(dense(hot.rows)[1, [4, 3]], p, atol=1e-6)
