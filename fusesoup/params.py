@@ -184,6 +184,15 @@ class Fuse(Strict):
     temperature: PositiveFloat = 1.0  # each source's softmax(logprob / T) before choosing or averaging
 
 
+class ContinuedTraining(TrainSpec):
+    """train@clm and train@fused (stages/train.py): same budget and schedule; only the loss differs."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+    lam: Annotated[float, Field(ge=0, le=1, alias="lambda")] = 0.9  # weight of CLM in train@fused (FuseLLM: 0.9)
+    fusion_loss: Literal["ce", "kl"] = "ce"  # soft-label cross-entropy or KL against the fused distribution
+    checkpoint_every: PositiveInt = 50  # steps between atomic checkpoints (resume point of a killed run)
+
+
 class Schedule(Strict):
     cron: str = "0 3 * * *"
     timezone: str = "UTC"
@@ -214,6 +223,7 @@ class Params(Strict):
     extract: Extract = Extract()
     align: Align = Align()
     fuse: Fuse = Fuse()
+    train: ContinuedTraining = ContinuedTraining(steps=150, batch_tokens=4096, lr=1e-3, warmup_steps=10)
     flow: Flow = Flow()
 
     @model_validator(mode="after")

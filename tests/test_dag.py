@@ -37,7 +37,7 @@ def bootstrap_names(repo: Path) -> list[str]:
 def stage_names(repo: Path) -> list[str]:
     params = load_params(repo / "params.yaml")
     return ["prepare_corpus", *(f"bootstrap@{m}" for m in params.bootstrap), *(f"extract@{m}" for m in params.sources),
-            *(f"align@{m}" for m in params.sources), "fuse"]
+            *(f"align@{m}" for m in params.sources), "fuse", "train@clm", "train@fused"]
 
 
 def commit_all(repo: Path) -> None:
@@ -111,6 +111,25 @@ def test_alignment_and_fusion_outputs(built):
             assert item.rows.ids.tolist() == sources[winner].rows.ids.tolist()
             totals = np.bincount(item.rows.rows_of_entries(), weights=np.exp(item.rows.logprobs.astype(np.float64)))
             np.testing.assert_allclose(totals, 1.0, rtol=1e-5)
+
+
+def test_continued_training_outputs(built):
+    clm_curve = (built / "plots/train/clm.csv").read_text().splitlines()
+    fused_curve = (built / "plots/train/fused.csv").read_text().splitlines()
+    assert clm_curve[0] == fused_curve[0] == "step,loss,clm,fusion,lr,tokens"
+    steps = load_params(built / "params.yaml").train.steps
+    assert len(clm_curve) == len(fused_curve) == steps + 1
+    # same tokens in the same order; the fusion term only in train@fused
+    assert [row.split(",")[5] for row in clm_curve[1:]] == [row.split(",")[5] for row in fused_curve[1:]]
+    assert all(row.split(",")[3] == "" for row in clm_curve[1:]) and float(fused_curve[1].split(",")[3]) > 0
+    for variant in ("clm", "fused"):
+        model_dir = built / "data/models" / f"target-{variant}"
+        assert (model_dir / "model.safetensors").is_file() and (model_dir / "tokenizer.json").is_file()
+        metrics = json.loads((built / "metrics/train" / f"{variant}.json").read_text())
+        for split in ("valid", "test"):
+            assert set(metrics[split]) == {"code", "prose", "all"}
+            assert all(0 < m["bpb"] < 16 for m in metrics[split].values())
+    assert not (built / "data/checkpoints/clm").exists()  # removed once the model is saved
 
 
 def test_second_repro_is_a_no_op(built):
@@ -188,7 +207,7 @@ def test_extraction_reruns_for_k_and_for_a_new_teacher_only(built, tmp_path):
     out = dvc(repo, "repro").stdout
     # prepare_corpus reads `models` (for token limits) so it reruns, but its output is unchanged
     assert ran_stages(out) == {"prepare_corpus", "bootstrap@code-neox-2", "extract@code-neox-2", "align@code-neox-2",
-                               "fuse"}
+                               "fuse", "train@fused"}
     assert LogitStore(repo / "data/logits/code-neox-2").k == 10
 
 
@@ -197,9 +216,9 @@ def test_an_experiment_on_one_teacher_reuses_the_other_stores(built, tmp_path):
     shutil.copytree(built, repo, symlinks=True)
     commit_all(repo)
     out = dvc(repo, "exp", "run", "-S", "bootstrap.prose-gpt2.train.lr=0.002").stdout
-    assert ran_stages(out) == {"bootstrap@prose-gpt2", "extract@prose-gpt2", "align@prose-gpt2", "fuse"}
+    assert ran_stages(out) == {"bootstrap@prose-gpt2", "extract@prose-gpt2", "align@prose-gpt2", "fuse", "train@fused"}
     for name in ("target-base", "code-neox"):
         assert f"Stage 'extract@{name}' didn't change, skipping" in out
     out = dvc(repo, "exp", "run", "-S", "fuse.method=avg_ce").stdout  # downstream of extraction: no extract reruns
-    assert ran_stages(out) == {"fuse"}
+    assert ran_stages(out) == {"fuse", "train@fused"}  # train@clm reads the target's own tokens: skipped
     assert json.loads((repo / "metrics/fusion.json").read_text())["method"] == "avg_ce"

@@ -1,0 +1,159 @@
+"""Continued training of the target on lambda * CLM + (1 - lambda) * fusion (FuseLLM section 3.3), nanoGPT style.
+
+`plan_steps` fixes which sequences each step sees from the seed and the sequence lengths alone, so train@clm and
+train@fused see the same tokens in the same order. Data parallel (a torch.distributed process group, as
+`accelerate launch` or torchrun set up): rank r takes every world-th sequence of each step's batch, divides its loss
+sums by the global batch's position count and the gradients are summed, so every rank applies the gradient of
+the whole batch: the same trajectory as one process, up to float summation order. Every `checkpoint_every` steps the model (safetensors), the
+optimizer, the RNG and the log are swapped into the checkpoint directory atomically; a run started again with the
+same key resumes after the last checkpoint and ends with the same weights as a run that was never stopped.
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import NamedTuple, Sequence
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from fusesoup.bootstrap import BETAS, GRAD_CLIP, TrainingError, lr_at
+from fusesoup.logits.sparse import SparseRows
+from fusesoup.params import TrainSpec
+from fusesoup.storage import atomic_dir, read_json
+from fusesoup.train.loss import FusionLoss, clm_loss, fusion_loss, pad_targets
+
+
+class TrainSequence(NamedTuple):
+    input_ids: np.ndarray  # [n] the target's tokens, no BOS
+    targets: SparseRows | None  # n fused rows (row i: the distribution over token i), None for CLM-only training
+
+
+def plan_steps(lengths: Sequence[int], batch_tokens: int, steps: int, seed: int) -> list[list[int]]:
+    """Sequence indices for each step: a seeded permutation (a new one each epoch), cut into batches of at least
+    batch_tokens tokens."""
+    rng = np.random.default_rng(seed)
+    plan, batch, tokens, order = [], [], 0, []
+    while len(plan) < steps:
+        if not order:
+            order = rng.permutation(len(lengths)).tolist()
+        index = order.pop()
+        batch.append(index)
+        tokens += lengths[index]
+        if tokens >= batch_tokens:
+            plan.append(batch)
+            batch, tokens = [], 0
+    return plan
+
+
+def make_batch(sequences: Sequence[TrainSequence], bos: int, pad: int):
+    """(input_ids [B, W+1] = BOS + tokens, labels [B, W], mask [B, W], fused targets or None); right-padded."""
+    width = max(len(s.input_ids) for s in sequences)
+    input_ids = torch.full((len(sequences), width + 1), pad, dtype=torch.long)
+    labels = torch.zeros((len(sequences), width), dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, sequence in enumerate(sequences):
+        n = len(sequence.input_ids)
+        input_ids[row, 0] = bos
+        input_ids[row, 1 : n + 1] = labels[row, :n] = torch.from_numpy(sequence.input_ids.astype(np.int64))
+        mask[row, :n] = 1
+    fused = None if sequences[0].targets is None else pad_targets([s.targets for s in sequences], width)
+    return input_ids, labels, mask, fused
+
+
+def save_checkpoint(directory: Path, key: str, model, optimizer, step: int, log: list[dict]) -> None:
+    if dist.is_initialized():
+        dist.barrier()
+        if dist.get_rank() != 0:
+            dist.barrier()  # wait until rank 0 has swapped the checkpoint in
+            return
+    with atomic_dir(directory) as tmp:
+        save_file({name: t.detach().contiguous() for name, t in model.state_dict().items()}, tmp / "model.safetensors")
+        torch.save({"optimizer": optimizer.state_dict(), "rng": torch.get_rng_state()}, tmp / "optimizer.pt")
+        (tmp / "state.json").write_text(json.dumps({"key": key, "step": step, "log": log}))
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def load_checkpoint(directory: Path, key: str, model, optimizer) -> tuple[int, list[dict]]:
+    """(next step, log so far) from a checkpoint made under `key`; (0, []) if there is none or it is another run's."""
+    if not (directory / "state.json").is_file():
+        return 0, []
+    state = read_json(directory / "state.json")
+    if state.get("key") != key:
+        return 0, []
+    model.load_state_dict(load_file(directory / "model.safetensors"))
+    saved = torch.load(directory / "optimizer.pt", weights_only=True)
+    optimizer.load_state_dict(saved["optimizer"])
+    torch.set_rng_state(saved["rng"])
+    return state["step"], state["log"]
+
+
+def train_target(model, sequences: Sequence[TrainSequence], spec: TrainSpec, lam: float, kind: FusionLoss,
+                 seed: int, checkpoints: Path, key: str, checkpoint_every: int, progress: bool = True) -> list[dict]:
+    """Train `model` in place; returns one log row per step (total, clm and fusion loss, lr, tokens)."""
+    config = model.config
+    bos = config.bos_token_id if config.bos_token_id is not None else config.eos_token_id
+    pad = config.pad_token_id if config.pad_token_id is not None else bos
+    device = next(model.parameters()).device
+    plan = plan_steps([len(s.input_ids) for s in sequences], spec.batch_tokens, spec.steps, seed)
+    torch.manual_seed(seed)
+    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": spec.weight_decay},
+                                   {"params": no_decay, "weight_decay": 0.0}], lr=spec.lr, betas=BETAS)
+    start, log = load_checkpoint(checkpoints, key, model, optimizer)
+    model.train()
+    seen = log[-1]["tokens"] if log else 0
+    started = time.perf_counter()
+    bar = tqdm(range(start, spec.steps), desc="train", unit="step", disable=None if progress else True,
+               dynamic_ncols=True, initial=start, total=spec.steps)
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    for step in bar:
+        batch = [sequences[i] for i in plan[step]]
+        positions = float(sum(len(s.input_ids) for s in batch))  # of the global batch
+        mine = batch[rank::world]
+        input_ids, labels, mask, fused = make_batch(mine or batch[:1], bos, pad)
+        attention = torch.cat([torch.ones_like(mask[:, :1]), mask], dim=1)  # BOS + the real tokens
+        if not mine:
+            mask = torch.zeros_like(mask)  # a rank left without a sequence this step adds nothing
+        lr = lr_at(step, spec)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            logits = model(input_ids=input_ids.to(device), attention_mask=attention.to(device)).logits
+        logits = logits[:, :-1]  # [B, W, V]: position t predicts token t of the sequence (input t + 1)
+        clm = clm_loss(logits, labels.to(device), mask.to(device), positions)  # the losses upcast to float32
+        fusion = None
+        if fused is not None and lam < 1:
+            fusion = fusion_loss(logits, fused._replace(ids=fused.ids.to(device), probs=fused.probs.to(device)),
+                                 mask.to(device), kind, positions)
+        loss = clm if fusion is None else lam * clm + (1 - lam) * fusion
+        terms = torch.stack([loss.detach(), clm.detach(), fusion.detach() if fusion is not None else clm.detach()])
+        if world > 1:
+            dist.all_reduce(terms)  # each rank holds its share of the global means
+        if not torch.isfinite(terms[0]):
+            raise TrainingError(f"loss is {terms[0].item()} at step {step} (clm {terms[1].item()}, fusion "
+                                f"{None if fusion is None else terms[2].item()}, lr {lr:.3g}); nothing was saved")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if world > 1:
+            for parameter in model.parameters():
+                if parameter.grad is not None:
+                    dist.all_reduce(parameter.grad)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP)
+        optimizer.step()
+
+        seen += int(positions)
+        log.append({"step": step, "loss": terms[0].item(), "clm": terms[1].item(),
+                    "fusion": "" if fusion is None else terms[2].item(), "lr": lr, "tokens": seen})
+        bar.set_postfix(loss=f"{terms[0].item():.3f}", tok_s=f"{seen / (time.perf_counter() - started):.0f}", refresh=False)
+        if (step + 1) % checkpoint_every == 0 and step + 1 < spec.steps:
+            save_checkpoint(checkpoints, key, model, optimizer, step + 1, log)
+    bar.close()
+    model.eval()
+    return log

@@ -1,0 +1,61 @@
+"""FuseLLM's objective, L = lambda * L_CLM + (1 - lambda) * L_fuse, with the fusion term on the stored entries only.
+
+The fused targets are sparse (at most a few dozen target ids per position), so the fusion loss gathers the
+student's log-softmax at those ids: a [B, L, E] gather, never a [B, L, V] target tensor (FuseLLM's collator builds
+a dense [B, 2048, 32000] one in a Python loop).
+"""
+from __future__ import annotations
+
+from typing import Literal, NamedTuple
+
+import numpy as np
+import torch
+
+from fusesoup.logits.sparse import SparseRows
+
+FusionLoss = Literal["ce", "kl"]
+
+
+class SparseTargets(NamedTuple):
+    """Fused distributions of a batch, padded to E entries per position."""
+
+    ids: torch.Tensor  # [B, L, E] int64 target ids (0 on padding)
+    probs: torch.Tensor  # [B, L, E] float32 probabilities (0 on padding and on masked positions)
+
+
+def pad_targets(rows: list[SparseRows], width: int) -> SparseTargets:
+    """Per sequence b, its n_b rows -> [B, width, E] tensors; positions beyond n_b have no mass."""
+    entries = max(int(r.counts.max()) for r in rows)
+    ids = np.zeros((len(rows), width, entries), np.int64)
+    probs = np.zeros((len(rows), width, entries), np.float32)
+    for b, r in enumerate(rows):
+        row_of = r.rows_of_entries()
+        slot = np.arange(len(r.ids)) - r.offsets[:-1][row_of]
+        ids[b, row_of, slot] = r.ids
+        probs[b, row_of, slot] = np.exp(r.logprobs)
+    return SparseTargets(torch.from_numpy(ids), torch.from_numpy(probs))
+
+
+def fusion_loss(logits: torch.Tensor, targets: SparseTargets, mask: torch.Tensor, kind: FusionLoss = "ce",
+                positions: float | None = None) -> torch.Tensor:
+    """Mean over masked-in positions of the soft-label cross-entropy -sum_e p_e log q(id_e) (or KL(p || q), which
+    differs by the targets' entropy: same gradient, a loss that reaches 0). logits [B, L, V], mask [B, L].
+    `positions` replaces the local count as the denominator (data parallel: the global batch's count)."""
+    log_q = torch.log_softmax(logits.float(), dim=-1).gather(-1, targets.ids)  # [B, L, E]
+    per_position = -(targets.probs * log_q).sum(-1)
+    if kind == "kl":
+        p = targets.probs
+        per_position = per_position + (p * torch.log(torch.where(p > 0, p, torch.ones_like(p)))).sum(-1)
+    return masked_mean(per_position, mask, positions)
+
+
+def clm_loss(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor,
+             positions: float | None = None) -> torch.Tensor:
+    """Mean next-token cross-entropy over masked-in positions; logits [B, L, V] already aligned with labels [B, L]."""
+    per_position = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), reduction="none")
+    return masked_mean(per_position.view_as(labels), mask, positions)
+
+
+def masked_mean(values: torch.Tensor, mask: torch.Tensor, positions: float | None) -> torch.Tensor:
+    mask = mask.to(values.dtype)
+    return (values * mask).sum() / (mask.sum().clamp(min=1) if positions is None else positions)

@@ -1,0 +1,115 @@
+"""DVC stages train@clm and train@fused: continued training of the target base, CLM only or CLM + fusion.
+
+Both see the same token stream (the target's tokens of the corpus train split, in the order plan_steps fixes
+from the seed) with the same budget and schedule; train@fused adds (1 - lambda) * the fusion loss against
+data/fused. Writes data/models/target-<variant> (safetensors + tokenizer), plots/train/<variant>.csv (loss
+curves) and metrics/train/<variant>.json (valid and test bits per byte). Checkpoints go to
+data/checkpoints/<variant> (not a DVC output, so a killed run keeps them) and are removed once the model is saved.
+Data parallel: `accelerate launch --num_processes N -m stages.train fused` (or torchrun); rank 0 writes the outputs.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import os
+import shutil
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from fusesoup.cli import StageError, run_stage
+from fusesoup.corpus import read_split
+from fusesoup.evaluate import BpbResult, bits_per_byte
+from fusesoup.logits.extract import content_key, directory_fingerprint
+from fusesoup.logits.sparse_store import FUSED_EXTRAS, SparseStore
+from fusesoup.logits.store import LogitStore
+from fusesoup.models import load_model, model_dir
+from fusesoup.params import load_params
+from fusesoup.storage import atomic_dir, atomic_write_bytes, write_json
+from fusesoup.train.loop import TrainSequence, train_target
+
+VARIANTS = ("clm", "fused")
+
+
+def load_sequences(variant: str, fused: Path, target_logits: Path) -> tuple[list[TrainSequence], str]:
+    """The train split's sequences (with fused targets for `fused`) and the key of the store they come from."""
+    if variant == "fused":
+        store = SparseStore(fused, FUSED_EXTRAS)
+        items = [TrainSequence(s.input_ids, s.rows) for batch in store.iter_batches("train", 256) for s in batch]
+    else:
+        store = LogitStore(target_logits)
+        items = [TrainSequence(s.logits.input_ids, None) for batch in store.iter_batches("train", 256) for s in batch]
+    return items, store.manifest["key"]
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m stages.train", description=__doc__)
+    parser.add_argument("variant", choices=VARIANTS, help="clm: CLM loss only; fused: CLM + fusion (params train)")
+    parser.add_argument("--params", default="params.yaml", help="the params file (default: params.yaml)")
+    parser.add_argument("--corpus", default="data/corpus", help="the corpus directory (default: data/corpus)")
+    parser.add_argument("--models", default="data/models", help="where models live (default: data/models)")
+    parser.add_argument("--fused", default="data/fused", help="the fused store (default: data/fused)")
+    parser.add_argument("--logits", default="data/logits", help="the logit stores (default: data/logits)")
+    parser.add_argument("--out", help="the trained model (default: data/models/target-<variant>)")
+    parser.add_argument("--checkpoints", help="checkpoint directory (default: data/checkpoints/<variant>)")
+    parser.add_argument("--metrics", help="metrics JSON (default: metrics/train/<variant>.json)")
+    parser.add_argument("--plots", help="loss curves CSV (default: plots/train/<variant>.csv)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    args = parser.parse_args(argv)
+    variant, params = args.variant, load_params(args.params)
+    spec, target = params.train, params.target
+    if params.runtime.threads:
+        torch.set_num_threads(params.runtime.threads)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():  # set by accelerate launch, torchrun
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+
+    sequences, data_key = load_sequences(variant, Path(args.fused), Path(args.logits) / target)
+    if not sequences:
+        raise StageError(f"no training sequences in the train split for train@{variant}")
+    model, tokenizer = load_model(target, params, args.models)
+    model.float()  # master weights in float32; CUDA runs under bf16 autocast in the loop
+    lam = spec.lam if variant == "fused" else 1.0
+    key = content_key({"variant": variant, "train": spec.model_dump(), "seed": params.seed, "data": data_key,
+                       "base": directory_fingerprint(model_dir(target, params, args.models))})
+    checkpoints = Path(args.checkpoints or f"data/checkpoints/{variant}")
+    started = time.perf_counter()
+    log = train_target(model, sequences, spec, lam, spec.fusion_loss, params.seed, checkpoints, key,
+                       spec.checkpoint_every, progress=not args.no_progress)
+    seconds = time.perf_counter() - started
+    if dist.is_initialized():
+        rank = dist.get_rank()
+        dist.destroy_process_group()
+        if rank:
+            return
+
+    with atomic_dir(args.out or f"data/models/target-{variant}") as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+    shutil.rmtree(checkpoints, ignore_errors=True)
+
+    metrics = {"train": {"steps": len(log), "tokens": log[-1]["tokens"], "final_loss": log[-1]["loss"],
+                         "lambda": lam}}
+    for split in ("valid", "test"):
+        frame = read_split(args.corpus, split)
+        results = {domain: bits_per_byte(model, tokenizer, frame.filter(frame["domain"] == domain)["text"].to_list(),
+                                         spec.batch_tokens)
+                   for domain in sorted(frame["domain"].unique().to_list())}
+        results["all"] = BpbResult.total(list(results.values()))
+        metrics[split] = {domain: {"bpb": r.bpb} for domain, r in results.items()}
+    write_json(args.metrics or f"metrics/train/{variant}.json", metrics)
+    table = io.StringIO()
+    writer = csv.DictWriter(table, fieldnames=["step", "loss", "clm", "fusion", "lr", "tokens"], lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(log)
+    atomic_write_bytes(args.plots or f"plots/train/{variant}.csv", table.getvalue().encode())
+    print(f"train@{variant}: {len(log)} steps in {seconds:.0f} s, final loss {log[-1]['loss']:.3f}; valid bpb "
+          + ", ".join(f"{d} {m['bpb']:.3f}" for d, m in metrics["valid"].items()), flush=True)
+
+
+if __name__ == "__main__":
+    run_stage(main)

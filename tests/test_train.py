@@ -1,0 +1,138 @@
+"""Continued training: the step plan, checkpoint/resume to identical weights, and a clear stop on a bad loss."""
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from fusesoup.bootstrap import TrainingError, build_model
+from fusesoup.logits.sparse import merge_entries
+from fusesoup.params import ContinuedTraining, ModelSpec
+from fusesoup.train.loop import TrainSequence, plan_steps, train_target
+
+VOCAB = 64
+SPEC = ContinuedTraining(steps=6, batch_tokens=48, lr=3e-3, warmup_steps=1, checkpoint_every=2)
+
+
+class SpecialIds(SimpleNamespace):
+    """What build_model reads of a tokenizer: its special ids and its length."""
+
+    def __len__(self) -> int:
+        return VOCAB
+
+
+def tiny_model():
+    tokenizer = SpecialIds(bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    spec = ModelSpec(hidden_size=16, layers=1, heads=2, intermediate_size=32, context=64)
+    return build_model("llama", spec, tokenizer, seed=0)
+
+
+def sequences(with_targets: bool, n: int = 12) -> list[TrainSequence]:
+    rng, target_rng = np.random.default_rng(3), np.random.default_rng(4)
+    out = []
+    for length in rng.integers(5, 20, n):
+        ids = rng.integers(3, VOCAB, length)
+        rows = None
+        if with_targets:
+            entries = np.repeat(np.arange(length), 3)
+            rows = merge_entries(entries, target_rng.integers(3, VOCAB, 3 * length), target_rng.random(3 * length),
+                                 length, VOCAB)
+        out.append(TrainSequence(ids, rows))
+    return out
+
+
+class Killed(Exception):
+    pass
+
+
+class KilledAfter(list):
+    """The training data, which kills the run when `limit` sequences have been read."""
+
+    def __init__(self, items, limit):
+        super().__init__(items)
+        self.left = limit
+
+    def __getitem__(self, index):
+        self.left -= 1
+        if self.left < 0:
+            raise Killed
+        return super().__getitem__(index)
+
+
+def test_plan_is_fixed_by_seed_and_fills_the_token_budget():
+    lengths = [5, 9, 3, 12, 7, 4]
+    plan = plan_steps(lengths, batch_tokens=10, steps=8, seed=0)
+    assert plan == plan_steps(lengths, batch_tokens=10, steps=8, seed=0) != plan_steps(lengths, 10, 8, seed=1)
+    assert len(plan) == 8 and all(sum(lengths[i] for i in batch) >= 10 for batch in plan)
+
+
+def test_killed_run_resumes_to_the_same_weights(tmp_path):
+    data = sequences(with_targets=True)
+    straight = tiny_model()
+    log = train_target(straight, data, SPEC, 0.9, "ce", 0, tmp_path / "a", "key", SPEC.checkpoint_every, False)
+    assert [row["step"] for row in log] == list(range(6)) and all(row["fusion"] != "" for row in log)
+
+    resumed = tiny_model()
+    plan = plan_steps([len(s.input_ids) for s in data], SPEC.batch_tokens, SPEC.steps, 0)
+    with pytest.raises(Killed):  # dies inside step 4, after the checkpoint at step 4
+        train_target(resumed, KilledAfter(data, sum(map(len, plan[:4])) + 1), SPEC, 0.9, "ce", 0, tmp_path / "b",
+                     "key", SPEC.checkpoint_every, False)
+    assert (tmp_path / "b/state.json").is_file()
+    resumed = tiny_model()
+    log_resumed = train_target(resumed, data, SPEC, 0.9, "ce", 0, tmp_path / "b", "key", SPEC.checkpoint_every, False)
+    assert [row["loss"] for row in log_resumed] == [row["loss"] for row in log]
+    for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), name
+    # a checkpoint of another run (another key) is not resumed from
+    other = tiny_model()
+    assert len(train_target(other, data, SPEC, 0.9, "ce", 0, tmp_path / "b", "other", 2, False)) == 6
+
+
+def test_clm_and_fused_see_the_same_tokens_and_differ_only_by_the_fusion_term(tmp_path):
+    fused, clm = sequences(with_targets=True), sequences(with_targets=False)
+    fused_log = train_target(tiny_model(), fused, SPEC, 1.0, "ce", 0, tmp_path / "f", "k", 100, False)
+    clm_log = train_target(tiny_model(), clm, SPEC, 1.0, "ce", 0, tmp_path / "c", "k", 100, False)
+    assert [r["tokens"] for r in fused_log] == [r["tokens"] for r in clm_log]
+    assert [r["loss"] for r in fused_log] == [r["loss"] for r in clm_log]  # lambda = 1: the fusion term is off
+
+
+def test_a_non_finite_loss_stops_with_the_step_and_saves_nothing(tmp_path):
+    data = sequences(with_targets=True)
+    bad = data[0].targets._replace(logprobs=np.full_like(data[0].targets.logprobs, np.nan))
+    data = [TrainSequence(s.input_ids, bad if i == 0 else s.targets) for i, s in enumerate(data)]
+    plan = plan_steps([len(s.input_ids) for s in data], SPEC.batch_tokens, SPEC.steps, 0)
+    first_bad = next(step for step, batch in enumerate(plan) if 0 in batch)
+    with pytest.raises(TrainingError, match=f"loss is nan at step {first_bad} "):
+        train_target(tiny_model(), data, SPEC, 0.9, "ce", 0, tmp_path / "n", "k", 100, False)
+    assert not (tmp_path / "n").exists()
+
+
+def _rank(rank: int, world: int, init: str, out: str) -> None:
+    import torch.distributed as dist
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    try:
+        model = tiny_model()
+        log = train_target(model, sequences(with_targets=True), SPEC, 0.9, "ce", 0, Path(out) / "ckpt", "k", 2, False)
+        if rank == 0:
+            torch.save({"log": log, "weights": model.state_dict()}, Path(out) / "result.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_processes_follow_the_single_process_trajectory(tmp_path):
+    """2 CPU processes (gloo), each half of every global batch, against 1 process on the same global batches.
+    Tolerance: 1e-5 relative on the losses and 1e-4 absolute on the weights (float summation order differs)."""
+    torch.set_num_threads(1)
+    single = tiny_model()
+    log = train_target(single, sequences(with_targets=True), SPEC, 0.9, "ce", 0, tmp_path / "one", "k", 2, False)
+    torch.multiprocessing.spawn(_rank, args=(2, f"file://{tmp_path / 'rendezvous'}", str(tmp_path)), nprocs=2)
+    result = torch.load(tmp_path / "result.pt", weights_only=True)
+    assert [r["tokens"] for r in result["log"]] == [r["tokens"] for r in log]
+    np.testing.assert_allclose([r["loss"] for r in result["log"]], [r["loss"] for r in log], rtol=1e-5)
+    np.testing.assert_allclose([r["fusion"] for r in result["log"]], [r["fusion"] for r in log], rtol=1e-5)
+    for name, weight in single.state_dict().items():
+        torch.testing.assert_close(result["weights"][name], weight, atol=1e-4, rtol=0)

@@ -1,0 +1,41 @@
+"""The sparse fusion loss against a dense reference, and the CLM term."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from fusesoup.logits.sparse import merge_entries
+from fusesoup.train.loss import clm_loss, fusion_loss, pad_targets
+
+
+def test_sparse_fusion_loss_equals_the_dense_soft_label_cross_entropy():
+    torch.manual_seed(0)
+    vocab, width = 11, 4
+    first = merge_entries(np.array([0, 0, 1, 2, 2, 2]), np.array([3, 4, 5, 1, 2, 3]),
+                          np.array([0.6, 0.4, 1.0, 0.2, 0.3, 0.5]), 3, vocab)
+    second = merge_entries(np.array([0, 1, 1, 2, 3]), np.array([7, 8, 9, 10, 0]), np.array([1.0, 0.5, 0.5, 1.0, 1.0]),
+                           4, vocab)
+    targets = pad_targets([first, second], width)
+    assert targets.ids.shape == (2, width, 3)
+    logits = torch.randn(2, width, vocab, requires_grad=True)
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 1]])
+    dense = torch.zeros(2, width, vocab)
+    for b, rows in enumerate([first, second]):
+        for entry, row in enumerate(rows.rows_of_entries()):
+            dense[b, row, rows.ids[entry]] = float(np.exp(rows.logprobs[entry]))
+    log_q = torch.log_softmax(logits, -1)
+    expected = (-(dense * log_q).sum(-1) * mask).sum() / mask.sum()
+    torch.testing.assert_close(fusion_loss(logits, targets, mask), expected)
+    entropy = -(dense * torch.log(dense.clamp(min=1e-30))).sum(-1)
+    torch.testing.assert_close(fusion_loss(logits, targets, mask, "kl"), expected - (entropy * mask).sum() / mask.sum())
+    # a student equal to the targets has zero KL
+    perfect = torch.log(dense.clamp(min=1e-12))
+    assert fusion_loss(perfect, targets, mask, "kl").abs() < 1e-5
+
+
+def test_clm_loss_is_the_masked_mean_cross_entropy():
+    torch.manual_seed(1)
+    logits, labels = torch.randn(2, 3, 5), torch.tensor([[1, 2, 3], [4, 0, 0]])
+    mask = torch.tensor([[1, 1, 1], [1, 0, 0]])
+    each = torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="none")
+    torch.testing.assert_close(clm_loss(logits, labels, mask), each[mask.flatten().bool()].mean())
