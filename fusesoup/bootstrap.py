@@ -74,6 +74,14 @@ def lr_at(step: int, spec: TrainSpec) -> float:
     return floor + 0.5 * (1 + math.cos(math.pi * progress)) * (spec.lr - floor)
 
 
+def make_optimizer(model: PreTrainedModel, spec: TrainSpec) -> torch.optim.AdamW:
+    """AdamW(BETAS) at spec.lr, weight decay on matrices only (not on biases and norm gains)."""
+    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+    return torch.optim.AdamW([{"params": decay, "weight_decay": spec.weight_decay},
+                              {"params": no_decay, "weight_decay": 0.0}], lr=spec.lr, betas=BETAS)
+
+
 def train_causal_lm(model: PreTrainedModel, sequences_by_domain: dict[str, list[list[int]]],
                     weights: dict[str, float], spec: TrainSpec, seed: int, progress: bool = True) -> list[dict]:
     """Train `model` in place on documents (token ids without specials); returns one log dict per step.
@@ -101,10 +109,7 @@ def train_causal_lm(model: PreTrainedModel, sequences_by_domain: dict[str, list[
 
     rng = np.random.default_rng(seed)
     torch.manual_seed(seed)
-    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": spec.weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}], lr=spec.lr, betas=BETAS)
+    optimizer = make_optimizer(model, spec)
     model.train()
     log: list[dict] = []
     seen_tokens, started = 0, time.perf_counter()

@@ -68,7 +68,5 @@ def fuse_sequence(sources: Sequence[SourceRows], method: FuseMethod, temperature
     ce = np.stack([source.ce for source in sources])
     weights = source_weights(ce, method)
     scaled = [with_temperature(source.rows, temperature) for source in sources]
-    if method.startswith("min_ce"):
-        winner = weights.argmax(axis=0)
-        return Fused(mix(scaled, weights, vocab_size), winner.astype(np.uint8), weights)
-    return Fused(mix(scaled, weights, vocab_size), np.full(ce.shape[1], MIXED, np.uint8), weights)
+    chosen = weights.argmax(axis=0) if method.startswith("min_ce") else np.full(ce.shape[1], MIXED)
+    return Fused(mix(scaled, weights, vocab_size), chosen.astype(np.uint8), weights)

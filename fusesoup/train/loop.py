@@ -21,7 +21,8 @@ import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from fusesoup.bootstrap import BETAS, GRAD_CLIP, TrainingError, lr_at
+from fusesoup.bootstrap import GRAD_CLIP, TrainingError, lr_at, make_optimizer
+from fusesoup.evaluate import pad_batch
 from fusesoup.logits.sparse import SparseRows
 from fusesoup.params import TrainSpec
 from fusesoup.storage import atomic_dir, read_json
@@ -51,18 +52,12 @@ def plan_steps(lengths: Sequence[int], batch_tokens: int, steps: int, seed: int)
 
 
 def make_batch(sequences: Sequence[TrainSequence], bos: int, pad: int):
-    """(input_ids [B, W+1] = BOS + tokens, labels [B, W], mask [B, W], fused targets or None); right-padded."""
-    width = max(len(s.input_ids) for s in sequences)
-    input_ids = torch.full((len(sequences), width + 1), pad, dtype=torch.long)
-    labels = torch.zeros((len(sequences), width), dtype=torch.long)
-    mask = torch.zeros((len(sequences), width), dtype=torch.long)
-    for row, sequence in enumerate(sequences):
-        n = len(sequence.input_ids)
-        input_ids[row, 0] = bos
-        input_ids[row, 1 : n + 1] = labels[row, :n] = torch.from_numpy(sequence.input_ids.astype(np.int64))
-        mask[row, :n] = 1
+    """(input_ids [B, W+1] = BOS + tokens, attention [B, W+1], labels [B, W], mask [B, W], fused targets or None),
+    right-padded: labels and mask are input_ids and attention shifted by the BOS."""
+    input_ids, attention = pad_batch([[bos, *s.input_ids.tolist()] for s in sequences], pad)
+    width = input_ids.shape[1] - 1
     fused = None if sequences[0].targets is None else pad_targets([s.targets for s in sequences], width)
-    return input_ids, labels, mask, fused
+    return input_ids, attention, input_ids[:, 1:], attention[:, 1:], fused
 
 
 def save_checkpoint(directory: Path, key: str, model, optimizer, step: int, log: list[dict]) -> None:
@@ -102,10 +97,7 @@ def train_target(model, sequences: Sequence[TrainSequence], spec: TrainSpec, lam
     device = next(model.parameters()).device
     plan = plan_steps([len(s.input_ids) for s in sequences], spec.batch_tokens, spec.steps, seed)
     torch.manual_seed(seed)
-    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": spec.weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}], lr=spec.lr, betas=BETAS)
+    optimizer = make_optimizer(model, spec)
     start, log = load_checkpoint(checkpoints, key, model, optimizer)
     model.train()
     seen = log[-1]["tokens"] if log else 0
@@ -117,8 +109,7 @@ def train_target(model, sequences: Sequence[TrainSequence], spec: TrainSpec, lam
         batch = [sequences[i] for i in plan[step]]
         positions = float(sum(len(s.input_ids) for s in batch))  # of the global batch
         mine = batch[rank::world]
-        input_ids, labels, mask, fused = make_batch(mine or batch[:1], bos, pad)
-        attention = torch.cat([torch.ones_like(mask[:, :1]), mask], dim=1)  # BOS + the real tokens
+        input_ids, attention, labels, mask, fused = make_batch(mine or batch[:1], bos, pad)
         if not mine:
             mask = torch.zeros_like(mask)  # a rank left without a sequence this step adds nothing
         lr = lr_at(step, spec)
