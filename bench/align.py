@@ -70,6 +70,8 @@ def block_pairs(source: list[bytes], target: list[bytes], count: int) -> list[tu
 
 
 def best_seconds(run, repeats: int) -> float:
+    """Best of `repeats` timed calls, after one untimed call (numba's compiled kernels load on first use)."""
+    run()
     timings = []
     for _ in range(repeats):
         started = time.perf_counter()

@@ -8,7 +8,9 @@ import random
 
 import pytest
 
-from fusesoup.align.token_alignment import byte_ends, dtw_align, offset_align
+import numpy as np
+
+from fusesoup.align.token_alignment import _warping_path, byte_ends, dtw_align, offset_align
 from fusesoup.align.token_bytes import text_token_bytes, token_bytes
 from fusesoup.tokenizer_families import FAMILIES, train_tokenizer
 from tests.test_align_vocab import reference_edit_distance
@@ -17,11 +19,11 @@ from tests.test_tokenizer_families import sample_texts
 TEXT = sample_texts()[0][:1500] + "\n中文 👍 naïve\tcafé\n"
 
 
-def reference_dtw(source: list[bytes], target: list[bytes]) -> list[tuple[int, int]]:
+def reference_dtw(source: list, target: list, distance=reference_edit_distance) -> list[tuple[int, int]]:
     """FuseLLM's DTW in plain Python, O(N * M): acc[i][j] = cost + min of the three predecessors (1-based, with an
     infinite border), then the path traced back from the end to the predecessor with the smallest acc, the first of
-    (diagonal, (i-1, j), (i, j-1)) on ties. The edit distance of a token pair is computed once (a cache)."""
-    cost = functools.cache(reference_edit_distance)
+    (diagonal, (i-1, j), (i, j-1)) on ties. The `distance` of a token pair is computed once (a cache)."""
+    cost = functools.cache(distance)
     n, m = len(source), len(target)
     acc = [[math.inf] * (m + 1) for _ in range(n + 1)]
     acc[0][0] = 0
@@ -65,6 +67,17 @@ def test_dtw_equals_the_reference_on_real_tokenizations(source_kind, target_kind
     source, target = tokenized[source_kind], tokenized[target_kind]
     assert len(source) > 300 and len(target) > 300
     assert dtw_align(source, target) == reference_dtw(source, target)
+
+
+def test_dtw_kernel_gives_one_path_in_int32_and_int64():
+    """dtw_align runs the compiled kernel in int32 unless a path could overflow it; both widths trace one path."""
+    rng = np.random.default_rng(0)
+    cost_rows = rng.integers(0, 4, size=(5, 300))
+    row_ids = rng.integers(0, 5, size=200)
+    wide = _warping_path(cost_rows.astype(np.int64), row_ids)
+    assert wide.tolist() == _warping_path(cost_rows.astype(np.int32), row_ids).tolist()
+    expected = reference_dtw(row_ids.tolist(), list(range(300)), lambda row, column: int(cost_rows[row, column]))
+    assert list(map(tuple, wide.tolist())) == expected
 
 
 def test_dtw_tie_order_and_edges():
