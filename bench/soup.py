@@ -1,0 +1,210 @@
+"""Benchmark of the streaming soup (`write_linear_merge`) against an in-memory merge and mergekit; prints JSON.
+
+Two random Llama-shaped checkpoints (default: TinyLlama's 1.1B shape in fp16) are written shard by shard, as
+save_pretrained shards them, into a temp dir; then each method merges them 0.5/0.5 in a fresh child process:
+- ours: plan_linear + write_linear_merge (inside atomic_dir, default 2 GiB shards);
+- naive: safetensors.torch.load_file of every file of both models, the weighted sum per tensor, one save_file;
+- mergekit: `mergekit-yaml` (from PATH or --mergekit) on the config mergekit_config exports, on the CPU.
+Reported per method: wall seconds of the child and its peak RSS (wait4's ru_maxrss), with the startup floor
+(interpreter + imports) measured apart; ratios ours/naive and ours/mergekit; and whether the outputs are
+identical tensor by tensor. The inputs sit in the page cache (just written) and dirty pages are synced before
+each child, so the methods compete on equal terms; the load average says whether other work shared the CPUs.
+
+    python bench/soup.py [--hidden 2048 --intermediate 5632 --layers 22 --vocab 32000] [--mergekit PATH] [--dir D]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import yaml
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from fusesoup.soup.merge import (INDEX_NAME, check_ingredients, plan_linear, tensor_index,  # noqa: E402
+                                 write_linear_merge)
+from fusesoup.soup.mergekit import mergekit_config  # noqa: E402
+from fusesoup.storage import atomic_dir  # noqa: E402
+
+HALF = (0.5, 0.5)
+
+
+def llama_shapes(args) -> list[tuple[str, tuple[int, ...]]]:
+    """HF Llama tensor names and shapes, untied head, in save order."""
+    hidden, inner, kv = args.hidden, args.intermediate, args.kv_heads * (args.hidden // args.heads)
+    layer = [("input_layernorm.weight", (hidden,)), ("self_attn.q_proj.weight", (hidden, hidden)),
+             ("self_attn.k_proj.weight", (kv, hidden)), ("self_attn.v_proj.weight", (kv, hidden)),
+             ("self_attn.o_proj.weight", (hidden, hidden)), ("post_attention_layernorm.weight", (hidden,)),
+             ("mlp.gate_proj.weight", (inner, hidden)), ("mlp.up_proj.weight", (inner, hidden)),
+             ("mlp.down_proj.weight", (hidden, inner))]
+    return ([("model.embed_tokens.weight", (args.vocab, hidden))]
+            + [(f"model.layers.{i}.{name}", shape) for i in range(args.layers) for name, shape in layer]
+            + [("model.norm.weight", (hidden,)), ("lm_head.weight", (args.vocab, hidden))])
+
+
+def write_random_model(directory: Path, args, seed: int) -> None:
+    """A sharded save_pretrained-style checkpoint of N(0, 0.02) tensors; one shard in memory at a time."""
+    from transformers import LlamaConfig  # here, not at the top: the measured children need not import it
+
+    dtype = getattr(torch, args.dtype)
+    directory.mkdir(parents=True)
+    LlamaConfig(hidden_size=args.hidden, intermediate_size=args.intermediate, num_hidden_layers=args.layers,
+                num_attention_heads=args.heads, num_key_value_heads=args.kv_heads, vocab_size=args.vocab,
+                tie_word_embeddings=False, dtype=args.dtype,
+                architectures=["LlamaForCausalLM"]).save_pretrained(directory)
+    shards, size, limit = [[]], 0, args.in_shard_mb * 1e6
+    for name, shape in llama_shapes(args):
+        nbytes = math.prod(shape) * dtype.itemsize
+        if shards[-1] and size + nbytes > limit:
+            shards.append([])
+            size = 0
+        shards[-1].append((name, shape))
+        size += nbytes
+    generator, weight_map = torch.Generator().manual_seed(seed), {}
+    for number, shard in enumerate(shards, 1):
+        file = f"model-{number:05d}-of-{len(shards):05d}.safetensors"
+        save_file({name: (torch.randn(shape, generator=generator) * 0.02).to(dtype) for name, shape in shard},
+                  directory / file, metadata={"format": "pt"})
+        weight_map.update({name: file for name, _ in shard})
+    (directory / INDEX_NAME).write_text(json.dumps({"metadata": {}, "weight_map": weight_map}, indent=2))
+
+
+def child(method: str, work: Path) -> None:
+    """Run one method in this (fresh) process; print its merge seconds, imports excluded, as the last line."""
+    if method == "idle":  # the startup floor: interpreter and imports only
+        return
+    dirs, started = [work / "a", work / "b"], time.perf_counter()
+    if method == "ours":
+        with atomic_dir(work / "out-ours") as tmp:
+            write_linear_merge(plan_linear(dirs, lambda _: HALF), dirs, tmp)
+    elif method == "naive":
+        models = [{} for _ in dirs]
+        for model, directory in zip(models, dirs):
+            for file in sorted(directory.glob("*.safetensors")):
+                model.update(load_file(file))
+        merged = {name: (HALF[0] * models[0][name].float() + HALF[1] * models[1][name].float()).to(tensor.dtype)
+                  for name, tensor in models[0].items()}
+        (work / "out-naive").mkdir()
+        save_file(merged, work / "out-naive" / "model.safetensors", metadata={"format": "pt"})
+    print(json.dumps({"merge_seconds": time.perf_counter() - started}))
+
+
+# Forks and execs the command from a bare interpreter (about 10 MB): Linux carries the forking process's peak RSS
+# into the child's ru_maxrss, so the bench process itself must not fork the measured command.
+LAUNCHER = """import json, os, sys, time
+started = time.perf_counter()
+pid = os.fork()
+if pid == 0:
+    os.execvp(sys.argv[2], sys.argv[2:])
+_, status, usage = os.wait4(pid, 0)
+with open(sys.argv[1], "w") as out:
+    json.dump({"status": os.waitstatus_to_exitcode(status), "seconds": time.perf_counter() - started,
+               "maxrss_kb": usage.ru_maxrss}, out)
+"""
+
+
+def measured(command: list[str], log: Path) -> dict:
+    """Wall seconds and peak RSS (MB) of `command` run as a child process, its output in `log`."""
+    os.sync()  # the previous child's dirty pages must not be flushed on this one's time
+    report = log.with_suffix(".json")
+    with open(log, "wb") as out:
+        subprocess.run([sys.executable, "-S", "-c", LAUNCHER, str(report), *command], stdout=out,
+                       stderr=subprocess.STDOUT, check=True)
+    launched = json.loads(report.read_text())
+    if launched["status"] != 0:
+        raise SystemExit(f"{' '.join(command)} failed:\n{log.read_text()[-3000:]}")
+    result = {"seconds": round(launched["seconds"], 2), "peak_rss_mb": round(launched["maxrss_kb"] / 1024, 1)}
+    last = log.read_text().strip().splitlines()[-1:]
+    if last and last[0].startswith("{"):
+        result["merge_seconds"] = round(json.loads(last[0])["merge_seconds"], 2)
+    return result
+
+
+def compare(first: Path, second: Path) -> dict:
+    """How many tensors are bit-identical, and the largest absolute difference, reading one tensor at a time."""
+    left, right = tensor_index(first), tensor_index(second)
+    if set(left) != set(right):
+        return {"same_names": False, "only_in_one": sorted(set(left) ^ set(right))[:5]}
+    identical, largest = 0, 0.0
+    for name in left:
+        with safe_open(left[name][0], framework="pt") as a, safe_open(right[name][0], framework="pt") as b:
+            x, y = a.get_tensor(name), b.get_tensor(name)
+            identical += torch.equal(x, y)
+            largest = max(largest, (x.float() - y.float()).abs().max().item())
+    return {"identical_tensors": identical, "tensors": len(left), "max_abs_diff": largest}
+
+
+def ratio(ours: dict, other: dict) -> dict:
+    return {"time": round(ours["seconds"] / other["seconds"], 3),
+            "memory": round(ours["peak_rss_mb"] / other["peak_rss_mb"], 3)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--hidden", type=int, default=2048)
+    parser.add_argument("--intermediate", type=int, default=5632)
+    parser.add_argument("--layers", type=int, default=22)
+    parser.add_argument("--heads", type=int, default=32)
+    parser.add_argument("--kv-heads", type=int, default=4)
+    parser.add_argument("--vocab", type=int, default=32000)
+    parser.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"])
+    parser.add_argument("--in-shard-mb", type=float, default=1000, help="input shard size (MB), as save_pretrained")
+    parser.add_argument("--mergekit", default=shutil.which("mergekit-yaml"), help="path of mergekit-yaml")
+    parser.add_argument("--dir", default=None, help="where the temp dir goes (default: the system's)")
+    parser.add_argument("--child", choices=["ours", "naive", "idle"], help=argparse.SUPPRESS)
+    parser.add_argument("--work", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        return child(args.child, Path(args.work))
+    loadavg_before = os.getloadavg()
+    with tempfile.TemporaryDirectory(dir=args.dir, prefix="soup-bench-") as scratch:
+        work = Path(scratch)
+        for name, seed in (("a", 1), ("b", 2)):
+            write_random_model(work / name, args, seed)
+        specs = check_ingredients([work / "a", work / "b"])
+        me = [sys.executable, __file__, "--work", str(work), "--child"]
+        startup = {"ours": measured(me + ["idle"], work / "idle.log")}
+        methods = {"ours": measured(me + ["ours"], work / "ours.log"),
+                   "naive": measured(me + ["naive"], work / "naive.log")}
+        outputs = {"ours": work / "out-ours", "naive": work / "out-naive"}
+        if args.mergekit and Path(args.mergekit).exists():
+            config = mergekit_config([str(work / "a"), str(work / "b")], lambda _: HALF, list(specs), args.layers,
+                                     dtype=next(iter(specs.values()))[1])
+            (work / "mergekit.yml").write_text(yaml.safe_dump(config, sort_keys=False))
+            startup["mergekit"] = measured([args.mergekit, "--help"], work / "mergekit-help.log")
+            methods["mergekit"] = measured([args.mergekit, str(work / "mergekit.yml"), str(work / "out-mergekit"),
+                                            "--no-cuda", "--no-copy-tokenizer", "--no-write-model-card", "--quiet"],
+                                           work / "mergekit.log")
+            outputs["mergekit"] = work / "out-mergekit"
+        else:
+            methods["mergekit"] = "not installed"
+        identical = {f"ours~{other}": compare(outputs["ours"], outputs[other]) for other in outputs if other != "ours"}
+    print(json.dumps({
+        "shape": {key: getattr(args, key) for key in ("hidden", "intermediate", "layers", "heads", "kv_heads",
+                                                       "vocab", "dtype")},
+        "parameters": sum(math.prod(shape) for shape, _ in specs.values()),
+        "gb_per_model": round(sum(math.prod(shape) for shape, _ in specs.values())
+                              * getattr(torch, args.dtype).itemsize / 1e9, 3),
+        "methods": methods, "startup": startup,
+        "ratios": {f"ours/{other}": ratio(methods["ours"], methods[other])
+                   for other in ("naive", "mergekit") if isinstance(methods[other], dict)},
+        "identical": identical,
+        "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+        "loadavg_before_after": [round(loadavg_before[0], 2), round(os.getloadavg()[0], 2)],
+    }, indent=2))
+
+
+if __name__ == "__main__":
+    main()

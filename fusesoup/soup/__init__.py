@@ -1,0 +1,1 @@
+"""Weight souping (SoupLM): streaming weighted merges of same-architecture checkpoints and their mergekit replay."""
