@@ -20,12 +20,19 @@ class BpbResult(NamedTuple):
     tokens: int  # scored tokens (the text's tokens; BOS is context, not scored)
     bytes: int  # UTF-8 bytes of the texts
     bpb: float  # nll_nats / ln 2 / bytes
+    correct: int = 0  # scored tokens that were the model's most likely next token
+
+    @property
+    def accuracy(self) -> float:
+        """Next-token accuracy: only comparable between models that share a tokenizer."""
+        return self.correct / self.tokens if self.tokens else math.nan
 
     @staticmethod
     def total(results: Sequence["BpbResult"]) -> "BpbResult":
         """The result over the union of the texts of several results (e.g. every domain -> `all`)."""
         nll, tokens, size = sum(r.nll_nats for r in results), sum(r.tokens for r in results), sum(r.bytes for r in results)
-        return BpbResult(nll, tokens, size, nll / math.log(2) / size if size else math.nan)
+        return BpbResult(nll, tokens, size, nll / math.log(2) / size if size else math.nan,
+                         sum(r.correct for r in results))
 
 
 class ContextError(StageError):
@@ -67,17 +74,23 @@ def pad_batch(sequences: Sequence[Sequence[int]], pad: int) -> tuple[torch.Tenso
     return input_ids, mask
 
 
+def encode_texts(tokenizer, texts: Sequence[str]) -> list[list[int]]:
+    """Each text as [BOS] + its tokens (no other special tokens): the sequences every score is computed on."""
+    bos = bos_token_id(tokenizer)
+    return [[bos] + list(ids) for ids in tokenizer(list(texts), add_special_tokens=False)["input_ids"]]
+
+
 def bits_per_byte(model, tokenizer, texts: Sequence[str], batch_tokens: int) -> BpbResult:
-    """Summed NLL of `texts` under `model`, in nats and in bits per UTF-8 byte (see the module docstring)."""
+    """Summed NLL of `texts` under `model`, in nats and in bits per UTF-8 byte (see the module docstring), and how
+    many next tokens were the model's argmax."""
     if batch_tokens <= 0:
         raise ValueError(f"batch_tokens must be positive, got {batch_tokens}")
     texts = list(texts)
     size = sum(len(text.encode("utf-8")) for text in texts)
     if not texts:
         return BpbResult(0.0, 0, 0, math.nan)
-    bos = bos_token_id(tokenizer)
-    encoded = tokenizer(texts, add_special_tokens=False)["input_ids"]
-    sequences = [[bos] + list(ids) for ids in encoded]
+    sequences = encode_texts(tokenizer, texts)
+    bos = sequences[0][0]
     context = context_length(model.config)
     longest = max(range(len(sequences)), key=lambda i: len(sequences[i]))
     if len(sequences[longest]) > context:
@@ -88,7 +101,7 @@ def bits_per_byte(model, tokenizer, texts: Sequence[str], batch_tokens: int) -> 
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
-    nll = torch.zeros((), dtype=torch.float64)
+    nll, correct = torch.zeros((), dtype=torch.float64), 0
     try:
         with torch.inference_mode():
             for batch in plan_batches([len(s) for s in sequences], batch_tokens):
@@ -99,8 +112,18 @@ def bits_per_byte(model, tokenizer, texts: Sequence[str], batch_tokens: int) -> 
                 loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
                                        ignore_index=-100, reduction="sum")
                 nll += loss.double().cpu()
+                correct += int(((logits.argmax(-1) == targets) & (targets >= 0)).sum())
     finally:
         model.train(was_training)
     tokens = sum(len(s) - 1 for s in sequences)
     nll_nats = float(nll)
-    return BpbResult(nll_nats, tokens, size, nll_nats / math.log(2) / size if size else math.nan)
+    return BpbResult(nll_nats, tokens, size, nll_nats / math.log(2) / size if size else math.nan, correct)
+
+
+def score_by_domain(model, tokenizer, frame, batch_tokens: int) -> dict[str, BpbResult]:
+    """Scores of a corpus split frame (doc_id, domain, text) per domain, in domain order, plus `all`."""
+    results = {domain: bits_per_byte(model, tokenizer, frame.filter(frame["domain"] == domain)["text"].to_list(),
+                                     batch_tokens)
+               for domain in sorted(frame["domain"].unique().to_list())}
+    results["all"] = BpbResult.total(list(results.values()))
+    return results

@@ -13,7 +13,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTra
 
 from fusesoup.cli import StageError
 from fusesoup.corpus import TokenLimit
-from fusesoup.params import BootstrapRef, HubRef, Params, PathRef, Runtime
+from fusesoup.params import BootstrapRef, HubRef, ModelRef, Params, PathRef, Runtime
 
 DEFAULT_MODELS_DIR = "data/models"
 
@@ -28,14 +28,36 @@ class ModelError(StageError):
     """A model or tokenizer cannot be loaded or does not fit its use; the message names the model."""
 
 
+def model_reference(name: str, params: Params, data_dir: Path | str = DEFAULT_MODELS_DIR) -> ModelRef:
+    """`name`'s entry under params `models`, or, for a model the pipeline made (target-clm, a soup), its directory
+    `<data_dir>/<name>` as a local path (remote code off)."""
+    if name in params.models:
+        return params.models[name]
+    if (Path(data_dir) / name).is_dir():
+        return PathRef(source="path", path=str(Path(data_dir) / name))
+    raise ModelError(f"model {name!r} is neither defined under 'models' in the params (defined: "
+                     f"{sorted(params.models)}) nor a pipeline output at {Path(data_dir) / name}")
+
+
 def model_dir(name: str, params: Params, data_dir: Path | str = DEFAULT_MODELS_DIR) -> str:
-    """Where `name` loads from: `<data_dir>/<name>` for a bootstrap model, its path, or its hub id."""
-    ref = params.model_ref(name)
+    """Where `name` loads from: `<data_dir>/<name>` for a bootstrap or pipeline model, its path, or its hub id."""
+    ref = model_reference(name, params, data_dir)
     if isinstance(ref, BootstrapRef):
         return str(Path(data_dir) / name)
     if isinstance(ref, PathRef):
         return ref.path
     return ref.id
+
+
+def local_dir(name: str, params: Params, data_dir: Path | str = DEFAULT_MODELS_DIR) -> Path:
+    """A directory holding `name`'s files: its local directory, or for a hub model the local snapshot of its
+    safetensors weights, config and tokenizer files (downloaded once into the Hugging Face cache)."""
+    ref = model_reference(name, params, data_dir)
+    if isinstance(ref, HubRef):
+        from huggingface_hub import snapshot_download
+        return Path(snapshot_download(ref.id, revision=ref.revision,
+                                      allow_patterns=["*.safetensors", "*.json", "*.model", "*.txt"]))
+    return Path(_source(name, params, data_dir)[0])
 
 
 def resolve_device_dtype(runtime: Runtime) -> tuple[torch.device, torch.dtype]:
@@ -55,7 +77,7 @@ def resolve_device_dtype(runtime: Runtime) -> tuple[torch.device, torch.dtype]:
 
 def _source(name: str, params: Params, data_dir: Path | str) -> tuple[str, dict]:
     """(location, from_pretrained kwargs shared by tokenizer, config and model), after checking local paths."""
-    ref = params.model_ref(name)
+    ref = model_reference(name, params, data_dir)
     location = model_dir(name, params, data_dir)
     if isinstance(ref, HubRef):
         return location, {"revision": ref.revision, "trust_remote_code": ref.trust_remote_code}
@@ -107,7 +129,7 @@ def _check_safetensors(name: str, location: str) -> None:
 def load_model(name: str, params: Params, data_dir: Path | str = DEFAULT_MODELS_DIR) -> tuple[PreTrainedModel, object]:
     """(model, tokenizer) for `name`: safetensors weights in runtime's dtype, on runtime's device, in eval mode."""
     location, kwargs = _source(name, params, data_dir)
-    if not isinstance(params.model_ref(name), HubRef):
+    if not isinstance(model_reference(name, params, data_dir), HubRef):
         _check_safetensors(name, location)
     tokenizer = load_tokenizer(name, params, data_dir)
     device, dtype = resolve_device_dtype(params.runtime)

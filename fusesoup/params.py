@@ -173,7 +173,7 @@ class Extract(Strict):
 class Align(Strict):
     """Cross-tokenizer alignment (stages/align.py): every key is part of the aligned store's key."""
 
-    vocab: Literal["exact", "min_ed"] = "min_ed"  # teacher id -> target id: same bytes only, or nearest bytes too
+    vocab: Literal["exact", "min_ed", "prefix"] = "min_ed"  # teacher id -> target id: same bytes, else nearest or prefix
     method: Literal["offsets", "dtw"] = "offsets"  # shared byte offsets (exact), or FuseLLM's DTW on token bytes
 
 
@@ -191,6 +191,48 @@ class ContinuedTraining(TrainSpec):
     lam: Annotated[float, Field(ge=0, le=1, alias="lambda")] = 0.9  # weight of CLM in train@fused (FuseLLM: 0.9)
     fusion_loss: Literal["ce", "kl"] = "ce"  # soft-label cross-entropy or KL against the fused distribution
     checkpoint_every: PositiveInt = 50  # steps between atomic checkpoints (resume point of a killed run)
+
+
+TRAINED_MODELS = ("target-clm", "target-fused")  # what train@clm and train@fused write to data/models/
+
+
+class Probe(Strict):
+    """The interpolation probe: the metric at evenly spaced points of the straight line between two ingredients."""
+
+    between: Annotated[list[ModelName], Field(min_length=2, max_length=2)] = ["target-clm", "target-fused"]
+    points: Annotated[int, Field(ge=2)] = 11
+
+
+class Soup(Strict):
+    """Soups of the target's variants (stages/soup.py): which ingredients, which strategies, how alphas are learned."""
+
+    ingredients: list[ModelName] = []  # models of one architecture; empty = [target, target-clm, target-fused]
+    strategies: Annotated[list[Literal["vanilla", "greedy", "learned", "regularized"]], Field(min_length=1)] = [
+        "vanilla", "greedy", "learned", "regularized"]
+    granularity: Literal["model", "layer", "module"] = "module"  # one alpha vector per model, layer or mapping
+    l1: Annotated[list[PositiveFloat], Field(min_length=1)] = [1e-4, 1e-3]  # regularized: lambda * sum |alpha - 1/N|
+    steps: PositiveInt = 60  # optimizer steps on the valid split per learned soup
+    lr: PositiveFloat = 0.05  # Adam on the alpha logits
+    batch_tokens: PositiveInt = 4096  # padded tokens per batch, for learning and for scoring
+    probe: Probe = Probe()
+
+    @model_validator(mode="after")
+    def _distinct(self) -> "Soup":
+        for key, names in (("ingredients", self.ingredients), ("probe.between", self.probe.between)):
+            if len(set(names)) != len(names):
+                raise _KeyProblem(f"soup.{key}", f"lists a model twice: {names}")
+        return self
+
+    def soup_names(self) -> list[str]:
+        """The models this block makes, in order: soup-<strategy>, and soup-l1-<lambda> per regularized lambda."""
+        names = [f"soup-{s}" for s in self.strategies if s != "regularized"]
+        return names + ([f"soup-l1-{lam:g}" for lam in self.l1] if "regularized" in self.strategies else [])
+
+
+class Evaluate(Strict):
+    """The evaluate stage: every model on the test split, per domain and overall."""
+
+    batch_tokens: PositiveInt = 8192  # padded tokens per forward pass
 
 
 class Schedule(Strict):
@@ -224,6 +266,8 @@ class Params(Strict):
     align: Align = Align()
     fuse: Fuse = Fuse()
     train: ContinuedTraining = ContinuedTraining(steps=150, batch_tokens=4096, lr=1e-3, warmup_steps=10)
+    soup: Soup = Soup()
+    evaluate: Evaluate = Evaluate()
     flow: Flow = Flow()
 
     @model_validator(mode="after")
@@ -233,6 +277,16 @@ class Params(Strict):
                 raise _KeyProblem(key, f"model {name!r} is not defined under 'models' (defined: {sorted(self.models)})")
         if self.target not in self.sources:
             raise _KeyProblem("sources", f"must include the target {self.target!r}: its own logits are fused too")
+        trained, ingredients = set(TRAINED_MODELS), self.soup_ingredients()
+        if len(ingredients) < 2:
+            raise _KeyProblem("soup.ingredients", f"a soup needs at least 2 ingredients, got {ingredients}")
+        for i, name in enumerate(ingredients):
+            if name not in self.models and name not in trained:
+                raise _KeyProblem(f"soup.ingredients.{i}", f"model {name!r} is neither defined under 'models' nor "
+                                  f"one the pipeline trains ({', '.join(TRAINED_MODELS)})")
+        for i, name in enumerate(self.soup.probe.between):
+            if name not in ingredients:
+                raise _KeyProblem(f"soup.probe.between.{i}", f"{name!r} is not one of soup.ingredients")
         for name, ref in self.models.items():
             if ref.source == "bootstrap" and name not in self.bootstrap:
                 raise _KeyProblem(f"models.{name}", f"source is 'bootstrap' but there is no bootstrap.{name} entry")
@@ -257,6 +311,10 @@ class Params(Strict):
     def corpus_domains(self) -> set[str]:
         """Domains fixed by the corpus sources (sources with `domain_field` may add more at run time)."""
         return {s.domain for s in self.corpus.sources if s.domain is not None}
+
+    def soup_ingredients(self) -> list[str]:
+        """soup.ingredients, or by default the target base and its two continued-training variants."""
+        return list(self.soup.ingredients) or [self.target, *TRAINED_MODELS]
 
     def model_ref(self, name: str) -> ModelRef:
         if name not in self.models:

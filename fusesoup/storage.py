@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import contextlib
+import csv
 import hashlib
+import io
 import json
 import os
 import shutil
@@ -58,6 +60,15 @@ def atomic_write_bytes(path: Path | str, data: bytes) -> None:
 def write_json(path: Path | str, obj: Any) -> None:
     """Atomically write `obj` as indented, key-sorted JSON (stable bytes for DVC hashes)."""
     atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False) + "\n").encode())
+
+
+def write_csv(path: Path | str, rows: list[dict], fieldnames: list[str]) -> None:
+    """`rows` as a CSV table with a header line (`\n` line ends), written atomically (DVC plots read these)."""
+    table = io.StringIO()
+    writer = csv.DictWriter(table, fieldnames=fieldnames, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_bytes(path, table.getvalue().encode())
 
 
 def read_json(path: Path | str) -> Any:

@@ -6,8 +6,6 @@ overall, training summary) and the loss curve as CSV for `dvc plots`.
 from __future__ import annotations
 
 import argparse
-import csv
-import io
 import time
 
 import torch
@@ -18,7 +16,7 @@ from fusesoup.corpus import read_split
 from fusesoup.evaluate import BpbResult, bits_per_byte
 from fusesoup.models import resolve_device_dtype
 from fusesoup.params import load_params
-from fusesoup.storage import atomic_dir, atomic_write_bytes, write_json
+from fusesoup.storage import atomic_dir, write_csv, write_json
 from fusesoup.tokenizer_families import train_tokenizer
 
 
@@ -76,11 +74,7 @@ def main(argv: list[str] | None = None) -> None:
         "domains": {d: {"bpb": r.bpb, "tokens": r.tokens, "bytes": r.bytes} for d, r in results.items()},
         "train": {"steps": len(log), "final_loss": log[-1]["loss"], "tokens": log[-1]["tokens"]},
     })
-    table = io.StringIO()
-    writer = csv.DictWriter(table, fieldnames=["step", "loss", "lr", "tokens"], lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(log)
-    atomic_write_bytes(plots_path, table.getvalue().encode())
+    write_csv(plots_path, log, ["step", "loss", "lr", "tokens"])
     print(f"{name}: trained {len(log)} steps in {seconds:.0f} s, final loss {log[-1]['loss']:.3f}; valid bpb "
           + ", ".join(f"{d} {r.bpb:.3f}" for d, r in results.items()), flush=True)
 

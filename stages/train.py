@@ -10,8 +10,6 @@ Data parallel: `accelerate launch --num_processes N -m stages.train fused` (or t
 from __future__ import annotations
 
 import argparse
-import csv
-import io
 import os
 import shutil
 import time
@@ -22,13 +20,13 @@ import torch.distributed as dist
 
 from fusesoup.cli import StageError, run_stage
 from fusesoup.corpus import read_split
-from fusesoup.evaluate import BpbResult, bits_per_byte
+from fusesoup.evaluate import score_by_domain
 from fusesoup.logits.extract import content_key, directory_fingerprint
 from fusesoup.logits.sparse_store import FUSED_EXTRAS, SparseStore
 from fusesoup.logits.store import LogitStore
 from fusesoup.models import load_model, model_dir
 from fusesoup.params import load_params
-from fusesoup.storage import atomic_dir, atomic_write_bytes, write_json
+from fusesoup.storage import atomic_dir, write_csv, write_json
 from fusesoup.train.loop import TrainSequence, train_target
 
 VARIANTS = ("clm", "fused")
@@ -95,18 +93,10 @@ def main(argv: list[str] | None = None) -> None:
     metrics = {"train": {"steps": len(log), "tokens": log[-1]["tokens"], "final_loss": log[-1]["loss"],
                          "lambda": lam}}
     for split in ("valid", "test"):
-        frame = read_split(args.corpus, split)
-        results = {domain: bits_per_byte(model, tokenizer, frame.filter(frame["domain"] == domain)["text"].to_list(),
-                                         spec.batch_tokens)
-                   for domain in sorted(frame["domain"].unique().to_list())}
-        results["all"] = BpbResult.total(list(results.values()))
+        results = score_by_domain(model, tokenizer, read_split(args.corpus, split), spec.batch_tokens)
         metrics[split] = {domain: {"bpb": r.bpb} for domain, r in results.items()}
     write_json(args.metrics or f"metrics/train/{variant}.json", metrics)
-    table = io.StringIO()
-    writer = csv.DictWriter(table, fieldnames=["step", "loss", "clm", "fusion", "lr", "tokens"], lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(log)
-    atomic_write_bytes(args.plots or f"plots/train/{variant}.csv", table.getvalue().encode())
+    write_csv(args.plots or f"plots/train/{variant}.csv", log, ["step", "loss", "clm", "fusion", "lr", "tokens"])
     print(f"train@{variant}: {len(log)} steps in {seconds:.0f} s, final loss {log[-1]['loss']:.3f}; valid bpb "
           + ", ".join(f"{d} {m['bpb']:.3f}" for d, m in metrics["valid"].items()), flush=True)
 

@@ -60,6 +60,9 @@ def test_exact_and_min_ed_on_hand_made_vocabularies():
     # zzzzzzzz is 8 edits from every target, whatever its length. Duplicates: cat -> 1, not 3.
     assert map_vocab(source, target, "min_ed").tolist() == [-1, 2, 1, 1, 2, 1, 1, 1, 4]
     assert map_vocab([b"x"], [b"", b""], "min_ed").tolist() == [-1]  # nothing to map to
+    # prefix: the longest target token the source bytes start with: cut, cast, ca, cxrt -> c; dig, zzzzzzzz -> none
+    assert map_vocab(source, target, "prefix").tolist() == [-1, 2, 1, 7, -1, 7, -1, 7, 7]
+    assert map_vocab([b" selfish", b" shelf"], [b" s", b" self", b" shelf", b" sel"], "prefix").tolist() == [1, 2]
     with pytest.raises(ValueError, match="unknown vocabulary mapping"):
         map_vocab(source, target, "fuzzy")
 

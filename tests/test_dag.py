@@ -37,7 +37,7 @@ def bootstrap_names(repo: Path) -> list[str]:
 def stage_names(repo: Path) -> list[str]:
     params = load_params(repo / "params.yaml")
     return ["prepare_corpus", *(f"bootstrap@{m}" for m in params.bootstrap), *(f"extract@{m}" for m in params.sources),
-            *(f"align@{m}" for m in params.sources), "fuse", "train@clm", "train@fused"]
+            *(f"align@{m}" for m in params.sources), "fuse", "train@clm", "train@fused", "soup", "evaluate"]
 
 
 def commit_all(repo: Path) -> None:
@@ -132,6 +132,43 @@ def test_continued_training_outputs(built):
     assert not (built / "data/checkpoints/clm").exists()  # removed once the model is saved
 
 
+def test_soups_probe_and_evaluation(built):
+    from safetensors.numpy import load_file
+
+    params = load_params(built / "params.yaml")
+    names = params.soup_ingredients()
+    soups = json.loads((built / "metrics/soup.json").read_text())
+    assert set(soups["soups"]) == set(params.soup.soup_names()) and set(soups["ingredients"]) == set(names)
+    # greedy starts from the best ingredient and only takes what improves the valid score
+    assert soups["soups"]["soup-greedy"]["valid_bpb"] <= min(soups["ingredients"].values())
+    ingredients = [load_file(built / "data/models" / name / "model.safetensors") for name in names]
+    vanilla = load_file(built / "data/soups/soup-vanilla/model.safetensors")
+    for tensor in ("model.embed_tokens.weight", "model.layers.0.mlp.down_proj.weight"):
+        np.testing.assert_allclose(vanilla[tensor], sum(w[tensor] for w in ingredients) / len(names), atol=1e-6)
+    learned = json.loads((built / "data/soups/soup-learned/soup.json").read_text())
+    assert learned["ingredients"] == names and "model.layers.0.self_attn.q_proj" in learned["groups"]
+    assert all(abs(sum(alpha) - 1) < 1e-5 for alpha in learned["groups"].values())
+    assert "merge_method: linear" in (built / "data/soups/soup-learned/mergekit.yaml").read_text()
+
+    probe = (built / "plots/interpolation.csv").read_text().splitlines()
+    assert probe[0] == "alpha,model_a,model_b,valid_bpb,test_bpb" and len(probe) == params.soup.probe.points + 1
+    first = probe[1].split(",")
+    assert float(first[0]) == 0 and math.isclose(float(first[3]), soups["ingredients"][first[1]], rel_tol=1e-6)
+
+    evaluation = json.loads((built / "metrics/eval.json").read_text())
+    assert set(evaluation) == {*params.sources, "target-clm", "target-fused", *params.soup.soup_names()}
+    for model, domains in evaluation.items():
+        assert set(domains) == {"code", "prose", "all"}
+        assert ("accuracy" in domains["all"]) == (model not in params.sources or model == params.target), model
+    trained = json.loads((built / "metrics/train/clm.json").read_text())
+    assert math.isclose(evaluation["target-clm"]["all"]["bpb"], trained["test"]["all"]["bpb"], rel_tol=1e-6)
+    report = (built / "reports/report.md").read_text()
+    for model in evaluation:
+        assert f"| {model} |" in report
+    for figure in re.findall(r"\(figures/([^)]+\.png)\)", report):
+        assert (built / "reports/figures" / figure).read_bytes().startswith(b"\x89PNG")
+
+
 def test_second_repro_is_a_no_op(built):
     lock_before = (built / "dvc.lock").read_bytes()
     out = dvc(built, "repro").stdout
@@ -206,8 +243,9 @@ def test_extraction_reruns_for_k_and_for_a_new_teacher_only(built, tmp_path):
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     out = dvc(repo, "repro").stdout
     # prepare_corpus reads `models` (for token limits) so it reruns, but its output is unchanged
-    assert ran_stages(out) == {"prepare_corpus", "bootstrap@code-neox-2", "extract@code-neox-2", "align@code-neox-2",
-                               "fuse", "train@fused"}
+    # soup reruns only if target-fused changed: on the tiny profile the new teacher may win no sequence at all
+    assert ran_stages(out) - {"soup"} == {"prepare_corpus", "bootstrap@code-neox-2", "extract@code-neox-2",
+                                          "align@code-neox-2", "fuse", "train@fused", "evaluate"}
     assert LogitStore(repo / "data/logits/code-neox-2").k == 10
 
 
@@ -216,9 +254,11 @@ def test_an_experiment_on_one_teacher_reuses_the_other_stores(built, tmp_path):
     shutil.copytree(built, repo, symlinks=True)
     commit_all(repo)
     out = dvc(repo, "exp", "run", "-S", "bootstrap.prose-gpt2.train.lr=0.002").stdout
-    assert ran_stages(out) == {"bootstrap@prose-gpt2", "extract@prose-gpt2", "align@prose-gpt2", "fuse", "train@fused"}
+    # soup reruns only if target-fused changed (on the tiny profile the prose teacher may win no sequence)
+    assert ran_stages(out) - {"soup"} == {"bootstrap@prose-gpt2", "extract@prose-gpt2", "align@prose-gpt2", "fuse",
+                                          "train@fused", "evaluate"}
     for name in ("target-base", "code-neox"):
         assert f"Stage 'extract@{name}' didn't change, skipping" in out
     out = dvc(repo, "exp", "run", "-S", "fuse.method=avg_ce").stdout  # downstream of extraction: no extract reruns
-    assert ran_stages(out) == {"fuse", "train@fused"}  # train@clm reads the target's own tokens: skipped
+    assert ran_stages(out) == {"fuse", "train@fused", "soup", "evaluate"}  # train@clm reads the target's own tokens
     assert json.loads((repo / "metrics/fusion.json").read_text())["method"] == "avg_ce"

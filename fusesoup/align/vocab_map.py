@@ -2,8 +2,11 @@
 
 `exact`: the target token with the same bytes. `min_ed` (FuseLLM's): the exact match if there is one, else the
 target token at minimum Levenshtein distance over bytes. Ties go to the smallest target id, which is what FuseLLM's
-brute force gives when it scans the vocabulary in id order and keeps the first minimum. Tokens without bytes
-(special tokens) neither map nor are mapped to: their entry is -1.
+brute force gives when it scans the vocabulary in id order and keeps the first minimum. `prefix` (this project's):
+the exact match, else the longest target token that the source token's bytes start with, i.e. the piece a target
+tokenization of those bytes most likely starts with, so a teacher's probability that the text continues with
+" selfish" goes to the target's " self" and never to a look-alike such as " shelf". Tokens without bytes (special
+tokens) neither map nor are mapped to: their entry is -1.
 
 FuseLLM scans the whole target vocabulary for every source token (64 processes). Here a token is searched by rising
 lower bound instead: the bag distance max(|a|, |b|) - (bytes the two have in common, as multisets) never exceeds the
@@ -20,15 +23,15 @@ import numpy as np
 
 from fusesoup.align.edit_distance import PaddedBytes, pairwise_edit_distances
 
-VocabMethod = Literal["exact", "min_ed"]
+VocabMethod = Literal["exact", "min_ed", "prefix"]
 
 
 def map_vocab(
     source_bytes: Sequence[bytes], target_bytes: Sequence[bytes], method: VocabMethod = "min_ed"
 ) -> np.ndarray:
     """int64 array of len(source_bytes): the target id of each source id, -1 where there is none (see module doc)."""
-    if method not in ("exact", "min_ed"):
-        raise ValueError(f"unknown vocabulary mapping {method!r}; expected 'exact' or 'min_ed'")
+    if method not in ("exact", "min_ed", "prefix"):
+        raise ValueError(f"unknown vocabulary mapping {method!r}; expected 'exact', 'min_ed' or 'prefix'")
     first_id: dict[bytes, int] = {}
     for target_id, token in enumerate(target_bytes):
         if token:
@@ -36,6 +39,12 @@ def map_vocab(
     mapping = np.fromiter((first_id.get(token, -1) for token in source_bytes), np.int64, len(source_bytes))
     unmatched = [source_id for source_id, token in enumerate(source_bytes) if token and mapping[source_id] < 0]
     if method == "exact" or not unmatched or not first_id:
+        return mapping
+    if method == "prefix":
+        for source_id in unmatched:
+            token = source_bytes[source_id]
+            mapping[source_id] = next((first_id[token[:end]] for end in range(len(token) - 1, 0, -1)
+                                       if token[:end] in first_id), -1)
         return mapping
     nearest = NearestTokens(target_bytes)
     for source_id in unmatched:

@@ -1,0 +1,77 @@
+"""DVC stage evaluate: every model on the test split, per domain and overall, and the report.
+
+Models: each source (the teachers and the target base), target-clm, target-fused and each soup. Bits per byte for
+all of them (tokenizer-independent); next-token accuracy for those on the target's tokenizer. Writes
+metrics/eval.json (model -> domain -> metric), plots/eval.csv (one row per model and domain) and reports/
+(report.md with PNG figures: baselines, interpolation probe, training curves, learned alphas).
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import polars as pl
+import torch
+
+from fusesoup.cli import run_stage
+from fusesoup.corpus import read_split
+from fusesoup.evaluate import score_by_domain
+from fusesoup.models import load_model
+from fusesoup.params import TRAINED_MODELS, load_params
+from fusesoup.report import write_report
+from fusesoup.storage import read_json, write_csv, write_json
+
+
+def evaluate_models(locations: dict[str, str], params, corpus: str) -> dict[str, dict[str, dict[str, float]]]:
+    """model -> domain -> {"bpb", and "accuracy" where the model shares the target's tokenizer}, on the test split."""
+    test = read_split(corpus, "test")
+    target_vocab, evaluation = None, {}
+    for name, models_dir in locations.items():
+        model, tokenizer = load_model(name, params, models_dir)
+        if name == params.target:
+            target_vocab = tokenizer.get_vocab()
+        comparable = tokenizer.get_vocab() == target_vocab
+        scores = score_by_domain(model, tokenizer, test, params.evaluate.batch_tokens)
+        evaluation[name] = {domain: {"bpb": r.bpb, **({"accuracy": r.accuracy} if comparable else {})}
+                            for domain, r in scores.items()}
+        print(f"evaluate: {name}: test bpb " + ", ".join(f"{d} {m['bpb']:.3f}" for d, m in evaluation[name].items()),
+              flush=True)
+    return evaluation
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m stages.evaluate", description=__doc__)
+    parser.add_argument("--params", default="params.yaml", help="the params file (default: params.yaml)")
+    parser.add_argument("--corpus", default="data/corpus", help="the corpus directory (default: data/corpus)")
+    parser.add_argument("--models", default="data/models", help="where models live (default: data/models)")
+    parser.add_argument("--soups", default="data/soups", help="where the soups live (default: data/soups)")
+    parser.add_argument("--plots", default="plots", help="plots directory: reads train/ and interpolation.csv, "
+                                                         "writes eval.csv (default: plots)")
+    parser.add_argument("--metrics", default="metrics/eval.json", help="(default: metrics/eval.json)")
+    parser.add_argument("--report", default="reports", help="the report directory (default: reports)")
+    args = parser.parse_args(argv)
+    params = load_params(args.params)
+    if params.runtime.threads:
+        torch.set_num_threads(params.runtime.threads)
+    target_first = [params.target] + [name for name in params.sources if name != params.target]
+    locations = {name: args.models for name in [*target_first, *TRAINED_MODELS]}
+    locations.update({soup: args.soups for soup in params.soup.soup_names()})
+    evaluation = evaluate_models(locations, params, args.corpus)
+    write_json(args.metrics, evaluation)
+    rows = [{"model": model, "domain": domain, "bpb": m["bpb"], "accuracy": m.get("accuracy", "")}
+            for model, domains in evaluation.items() for domain, m in domains.items()]
+    write_csv(Path(args.plots) / "eval.csv", rows, ["model", "domain", "bpb", "accuracy"])
+
+    plots = Path(args.plots)
+    training = {variant: pl.read_csv(plots / "train" / f"{variant}.csv") for variant in ("clm", "fused")}
+    alphas = {}
+    for soup in params.soup.soup_names():
+        recipe = read_json(Path(args.soups) / soup / "soup.json")
+        if recipe["granularity"] != "model" or "l1" in recipe:  # the learned ones
+            alphas[soup] = {key: recipe[key] for key in ("ingredients", "granularity", "groups")}
+    report = write_report(Path(args.report), evaluation, pl.read_csv(plots / "interpolation.csv"), training, alphas)
+    print(f"evaluate: {len(evaluation)} models; report at {report}", flush=True)
+
+
+if __name__ == "__main__":
+    run_stage(main)

@@ -1,0 +1,141 @@
+"""DVC stage soup: soups of the target's variants (SoupLM) scored on the valid split, and the interpolation probe.
+
+Ingredients (params soup.ingredients; default the target base, target-clm and target-fused) must share one
+architecture. Strategies: vanilla (uniform), greedy (an ingredient joins only if the valid score improves),
+learned (alpha = softmax(logits) per model / layer / module, learned on the valid split with the ingredients
+frozen) and regularized (learned + lambda * sum |alpha - 1/N| per soup.l1). Each soup is written by a streaming
+merge of the ingredients' safetensors into data/soups/soup-<name>/ (config, tokenizer, soup.json with its alphas
+and a mergekit config that replays it); metrics/soup.json holds every valid score; plots/interpolation.csv the
+valid and test bits per byte along the line between the two soup.probe models.
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+
+from fusesoup.cli import StageError, run_stage
+from fusesoup.corpus import read_split
+from fusesoup.evaluate import bits_per_byte, encode_texts, pad_batch, plan_batches
+from fusesoup.models import load_model, local_dir
+from fusesoup.params import Params, load_params
+from fusesoup.soup.learn import greedy_soup, group_of, learn_alphas, load_weights, mix, stack_ingredients, uniform
+from fusesoup.soup.merge import SoupError, check_ingredients, plan_linear, write_linear_merge
+from fusesoup.soup.mergekit import mergekit_config
+from fusesoup.storage import atomic_dir, write_csv, write_json
+
+
+def recipes(params: Params, stacked, names, model, tokenizer, valid: list[str], score) -> dict[str, dict]:
+    """Every soup the params ask for: name -> {"granularity", "groups" (group -> alpha per ingredient), "valid_bpb"}."""
+    spec, count = params.soup, len(names)
+    own = [score(uniform(stacked, [float(i == j) for j in range(count)])) for i in range(count)]
+    soups = {}
+    if "vanilla" in spec.strategies:
+        weights = [1.0 / count] * count
+        soups["soup-vanilla"] = {"granularity": "model", "groups": {"model": weights},
+                                 "valid_bpb": score(uniform(stacked, weights))}
+    if "greedy" in spec.strategies:
+        weights, best = greedy_soup(stacked, own, score)
+        soups["soup-greedy"] = {"granularity": "model", "groups": {"model": weights}, "valid_bpb": best}
+    learned = [("soup-learned", 0.0)] if "learned" in spec.strategies else []
+    learned += [(f"soup-l1-{lam:g}", lam) for lam in spec.l1] if "regularized" in spec.strategies else []
+    if learned:
+        sequences = encode_texts(tokenizer, valid)
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else sequences[0][0]
+        batches = [pad_batch([sequences[i] for i in batch], pad)
+                   for batch in plan_batches([len(s) for s in sequences], spec.batch_tokens)]
+        order = np.random.default_rng(params.seed).permutation(len(batches))
+        batches = [batches[i] for i in order]
+    for name, lam in learned:
+        fit = learn_alphas(model, stacked, batches, spec.granularity, lam, spec.steps, spec.lr)
+        mixed = mix(stacked, {group: torch.tensor(alpha) for group, alpha in fit.alphas.items()}, spec.granularity)
+        soups[name] = {"granularity": spec.granularity, "groups": fit.alphas, "l1": lam, "valid_bpb": score(mixed),
+                       "loss": [row["loss"] for row in fit.log]}
+    return {"ingredients": dict(zip(names, own)), "soups": soups}
+
+
+def probe_rows(params: Params, stacked, names, model, tokenizer, valid: list[str], test: list[str]) -> list[dict]:
+    """Valid and test bits per byte at soup.probe.points evenly spaced points from probe model a to model b."""
+    first, second = (names.index(name) for name in params.soup.probe.between)
+    rows = []
+    for alpha in np.linspace(0.0, 1.0, params.soup.probe.points).tolist():
+        weights = [0.0] * len(names)
+        weights[first], weights[second] = 1.0 - alpha, alpha
+        load_weights(model, uniform(stacked, weights))
+        rows.append({"alpha": alpha, "model_a": names[first], "model_b": names[second],
+                     "valid_bpb": bits_per_byte(model, tokenizer, valid, params.soup.batch_tokens).bpb,
+                     "test_bpb": bits_per_byte(model, tokenizer, test, params.soup.batch_tokens).bpb})
+    return rows
+
+
+def coefficients(recipe: dict):
+    """tensor name -> alpha per ingredient, from a recipe's groups."""
+    def lookup(tensor: str) -> list[float]:
+        group = group_of(tensor, recipe["granularity"])
+        if group not in recipe["groups"]:
+            raise SoupError(f"tensor {tensor!r}: no learned alpha for its group {group!r} (it is not a parameter of "
+                            "the loaded model)")
+        return recipe["groups"][group]
+    return lookup
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m stages.soup", description=__doc__)
+    parser.add_argument("--params", default="params.yaml", help="the params file (default: params.yaml)")
+    parser.add_argument("--corpus", default="data/corpus", help="the corpus directory (default: data/corpus)")
+    parser.add_argument("--models", default="data/models", help="where models live (default: data/models)")
+    parser.add_argument("--out", default="data/soups", help="where the soups go (default: data/soups)")
+    parser.add_argument("--metrics", default="metrics/soup.json", help="valid scores (default: metrics/soup.json)")
+    parser.add_argument("--plots", default="plots/interpolation.csv", help="the probe (default: plots/interpolation.csv)")
+    args = parser.parse_args(argv)
+    params = load_params(args.params)
+    torch.manual_seed(params.seed)
+    if params.runtime.threads:
+        torch.set_num_threads(params.runtime.threads)
+    names = params.soup_ingredients()
+    directories = [local_dir(name, params, args.models) for name in names]
+    dtype = next(iter(check_ingredients(directories).values()))[1]  # shapes, dtypes and names checked first
+    loaded = [load_model(name, params, args.models) for name in names]
+    tokenizer = loaded[0][1]
+    for name, (_, other) in zip(names[1:], loaded[1:]):
+        if other.get_vocab() != tokenizer.get_vocab():
+            raise StageError(f"soup ingredients {names[0]!r} and {name!r} have different tokenizers; a soup mixes "
+                             "weights token by token, so they must share one")
+    models = [model.float() for model, _ in loaded]
+    stacked = stack_ingredients(models, names)
+    model = models[0]  # the working copy: the stacks hold every ingredient's weights
+    valid = read_split(args.corpus, "valid")["text"].to_list()
+    test = read_split(args.corpus, "test")["text"].to_list()
+    score = lambda weights: bits_per_byte(load_weights(model, weights), tokenizer, valid,  # noqa: E731
+                                          params.soup.batch_tokens).bpb
+    scores = recipes(params, stacked, names, model, tokenizer, valid, score)
+    rows = probe_rows(params, stacked, names, model, tokenizer, valid, test)
+
+    num_layers = getattr(model.config, "num_hidden_layers", 0)
+    with atomic_dir(args.out) as tmp:
+        for soup, recipe in scores["soups"].items():
+            directory = Path(tmp) / soup
+            directory.mkdir()
+            plan = plan_linear(directories, coefficients(recipe))
+            write_linear_merge(plan, directories, directory)
+            model.config.save_pretrained(directory)
+            tokenizer.save_pretrained(directory)
+            config = mergekit_config([str(d) for d in directories], coefficients(recipe),
+                                     [step.name for step in plan], num_layers, dtype=dtype)
+            (directory / "mergekit.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+            write_json(directory / "soup.json", {"ingredients": names, **recipe})
+    write_json(args.metrics, {"ingredients": scores["ingredients"],
+                              "soups": {soup: {"valid_bpb": r["valid_bpb"]} for soup, r in scores["soups"].items()}})
+    write_csv(args.plots, rows, list(rows[0]))
+    best = min(scores["soups"].items(), key=lambda item: item[1]["valid_bpb"])
+    print(f"soup: {len(scores['soups'])} soups of {', '.join(names)}; valid bpb " +
+          ", ".join(f"{n} {b:.3f}" for n, b in {**scores["ingredients"],
+                                                 **{s: r["valid_bpb"] for s, r in scores["soups"].items()}}.items())
+          + f"; best soup {best[0]}", flush=True)
+
+
+if __name__ == "__main__":
+    run_stage(main)
