@@ -233,6 +233,11 @@ class Evaluate(Strict):
     """The evaluate stage: every model on the test split, per domain and overall."""
 
     batch_tokens: PositiveInt = 8192  # padded tokens per forward pass
+    # lm-evaluation-harness on the models of the target's tokenizer (metrics/harness.json); no tasks = off
+    harness_tasks: list[str] = []  # lm-eval task, group or tag names
+    harness_include: str | None = None  # a directory of the user's own task YAMLs, relative to the project root
+    harness_limit: PositiveInt | None = None  # examples per task (quick runs); None = all
+    harness_batch_size: PositiveInt = 8  # sequences per forward pass
 
 
 class Schedule(Strict):

@@ -3,7 +3,9 @@
 Models: each source (the teachers and the target base), target-clm, target-fused and each soup. Bits per byte for
 all of them (tokenizer-independent); next-token accuracy for those on the target's tokenizer. Writes
 metrics/eval.json (model -> domain -> metric), plots/eval.csv (one row per model and domain) and reports/
-(report.md with PNG figures: baselines, interpolation probe, training curves, learned alphas).
+(report.md with PNG figures: baselines, interpolation probe, training curves, learned alphas). With
+evaluate.harness_tasks, the models on the target's tokenizer also run lm-evaluation-harness into
+metrics/harness.json (model -> task -> metric); without, that file is `{}` (DVC needs every declared metric).
 """
 from __future__ import annotations
 
@@ -16,7 +18,8 @@ import torch
 from fusesoup.cli import run_stage
 from fusesoup.corpus import read_split
 from fusesoup.evaluate import score_by_domain
-from fusesoup.models import load_model
+from fusesoup.harness import run_harness
+from fusesoup.models import load_model, local_dir, resolve_device_dtype
 from fusesoup.params import TRAINED_MODELS, load_params
 from fusesoup.report import write_report
 from fusesoup.storage import read_json, write_csv, write_json
@@ -39,6 +42,24 @@ def evaluate_models(locations: dict[str, str], params, corpus: str) -> dict[str,
     return evaluation
 
 
+def harness_models(evaluation: dict, locations: dict[str, str], params, params_dir: Path) -> dict:
+    """model -> task -> metric from lm-evaluation-harness for every model with next-token accuracy (those on the
+    target's tokenizer); {} when evaluate.harness_tasks is empty. harness_include is relative to the params file."""
+    settings = params.evaluate
+    if not settings.harness_tasks:
+        return {}
+    include = params_dir / settings.harness_include if settings.harness_include is not None else None
+    device = str(resolve_device_dtype(params.runtime)[0])
+    results = {}
+    for name, domains in evaluation.items():
+        if any("accuracy" in metrics for metrics in domains.values()):
+            results[name] = run_harness(local_dir(name, params, locations[name]), list(settings.harness_tasks),
+                                        include, settings.harness_limit, settings.harness_batch_size, device)
+            print(f"evaluate: {name}: harness " + ", ".join(
+                f"{task} {m['acc']:.3f}" if "acc" in m else task for task, m in results[name].items()), flush=True)
+    return results
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m stages.evaluate", description=__doc__)
     parser.add_argument("--params", default="params.yaml", help="the params file (default: params.yaml)")
@@ -49,6 +70,8 @@ def main(argv: list[str] | None = None) -> None:
                                                          "writes eval.csv (default: plots)")
     parser.add_argument("--metrics", default="metrics/eval.json", help="(default: metrics/eval.json)")
     parser.add_argument("--report", default="reports", help="the report directory (default: reports)")
+    parser.add_argument("--harness", default="metrics/harness.json", help="lm-evaluation-harness results, {} when "
+                                                                          "off (default: metrics/harness.json)")
     args = parser.parse_args(argv)
     params = load_params(args.params)
     if params.runtime.threads:
@@ -61,6 +84,7 @@ def main(argv: list[str] | None = None) -> None:
     rows = [{"model": model, "domain": domain, "bpb": m["bpb"], "accuracy": m.get("accuracy", "")}
             for model, domains in evaluation.items() for domain, m in domains.items()]
     write_csv(Path(args.plots) / "eval.csv", rows, ["model", "domain", "bpb", "accuracy"])
+    write_json(args.harness, harness_models(evaluation, locations, params, Path(args.params).parent))
 
     plots = Path(args.plots)
     training = {variant: pl.read_csv(plots / "train" / f"{variant}.csv") for variant in ("clm", "fused")}
