@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from fusesoup.align.align_store import Alignment, align_store, position_stats, vocab_stats
-from fusesoup.align.token_bytes import token_bytes
+from fusesoup.align.token_bytes import shadowed_fallbacks, token_bytes
 from fusesoup.align.vocab_map import map_vocab
 from fusesoup.cli import StageError, run_stage
 from fusesoup.logits.sparse_store import ALIGNED_EXTRAS, SparseStore
@@ -49,8 +49,13 @@ def main(argv: list[str] | None = None) -> None:
     teacher_store, target_store = LogitStore(Path(args.logits) / teacher), LogitStore(Path(args.logits) / target)
 
     teacher_bytes = token_bytes(load_tokenizer(teacher, params, args.models))
-    target_bytes = token_bytes(load_tokenizer(target, params, args.models))
-    vocab_map = padded_map(teacher_bytes, target_bytes, teacher_store.vocab_size, params.align.vocab)
+    target_tokenizer = load_tokenizer(target, params, args.models)
+    target_bytes = token_bytes(target_tokenizer)
+    # the target never emits a byte-fallback id whose byte is also a regular piece: no teacher id may map there
+    mappable = list(target_bytes)
+    for index in shadowed_fallbacks(target_tokenizer, target_bytes):
+        mappable[index] = b""
+    vocab_map = padded_map(teacher_bytes, mappable, teacher_store.vocab_size, params.align.vocab)
     setup = Alignment(teacher_bytes, target_bytes, vocab_map, params.align.method, target_store.vocab_size)
     manifest = align_store(teacher_store, target_store, args.corpus, out, setup, params.align.model_dump())
 

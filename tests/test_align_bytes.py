@@ -4,7 +4,8 @@ from __future__ import annotations
 import pytest
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
 
-from fusesoup.align.token_bytes import UNICODE_TO_BYTE, text_token_bytes, token_bytes
+from fusesoup.align.token_bytes import UNICODE_TO_BYTE, shadowed_fallbacks, text_token_bytes, token_bytes
+from fusesoup.align.vocab_map import map_vocab
 from fusesoup.tokenizer_families import BYTE_TOKENS, FAMILIES, SPACE, train_tokenizer
 from tests.test_tokenizer_families import CASES, random_strings, sample_texts
 
@@ -138,3 +139,18 @@ def test_a_plain_pipeline_reads_tokens_as_their_text_and_fallback_bytes():
     assert token_bytes(tokenizer) == [b"A", b"\xe4", b"hi", b"h", b"i", b"<0x41"]
     ids = tokenizer.encode("hiA").ids
     assert text_token_bytes(token_bytes(tokenizer), ids, "hiA") == [b"hi", b"A"]
+
+
+def test_byte_fallback_ids_shadowed_by_a_regular_piece_take_no_mass():
+    """A SentencePiece tokenizer with byte fallback holds `,` twice: as a piece and as `<0x2C>`, which it never emits;
+    a teacher's `,` must map to the piece even though the fallback has the smaller id."""
+    tokenizer = train_tokenizer("sentencepiece_bpe", iter(sample_texts()), 800)
+    table = token_bytes(tokenizer)
+    vocab = tokenizer.get_vocab()
+    shadowed = shadowed_fallbacks(tokenizer, table)
+    assert vocab["<0x2C>"] in shadowed and vocab["<0x2C>"] < vocab[","]
+    assert all(table[index] in {table[i] for i in range(len(table)) if i not in shadowed} for index in shadowed)
+    mappable = [b"" if index in shadowed else piece for index, piece in enumerate(table)]
+    # a byte no piece covers keeps its fallback id
+    assert map_vocab([b",", b"\xff"], mappable, "exact").tolist() == [vocab[","], vocab["<0xFF>"]]
+    assert map_vocab([b","], table, "exact").tolist() == [vocab["<0x2C>"]]  # what the first id alone would pick

@@ -7,6 +7,8 @@ logit stores' keys and the alignment settings; finished shards are kept, so a ki
 """
 from __future__ import annotations
 
+import hashlib
+
 from pathlib import Path
 from typing import Literal, NamedTuple
 
@@ -56,10 +58,12 @@ def align_sequence(teacher: SequenceLogits, target: SequenceLogits, text: str, s
 
 def align_store(teacher: LogitStore, target: LogitStore, corpus_dir: Path | str, out: Path | str,
                 setup: Alignment, settings: dict) -> dict:
-    """Write the aligned store `out` (every split the target store has); returns its manifest."""
+    """Write the aligned store `out` (every split the target store has); returns its manifest. Its key covers both
+    stores, the settings and the vocabulary map itself, so a change in how the map is built re-aligns."""
     out = Path(out)
     parts = {"codec": SPARSE_CODEC, "rules": TRANSFER_RULES, "teacher": teacher.manifest["key"],
-             "target": target.manifest["key"], **settings}
+             "target": target.manifest["key"], **settings,
+             "vocab_map": hashlib.sha256(np.ascontiguousarray(setup.vocab_map, np.int64).tobytes()).hexdigest()}
     key = content_key(parts)
     splits = sorted(target.manifest["splits"])
     for split in splits:

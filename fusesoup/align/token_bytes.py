@@ -63,6 +63,21 @@ def token_bytes(tokenizer: PreTrainedTokenizerFast | Tokenizer) -> list[bytes]:
     return table
 
 
+def shadowed_fallbacks(tokenizer: PreTrainedTokenizerFast | Tokenizer, table: list[bytes]) -> list[int]:
+    """Byte-fallback ids `<0xNN>` whose byte is also a regular token of the vocabulary (`table` = token_bytes).
+
+    The tokenizer falls back to bytes only for text no piece covers, so it never emits these ids: a vocabulary map
+    that sent a teacher's `,` to the target's `<0x2C>` instead of its `,` would put the mass on a token the target
+    never predicts (they come first in id order, so "first id with these bytes" picks them).
+    """
+    backend = getattr(tokenizer, "backend_tokenizer", tokenizer)
+    fallbacks = [index for token, index in backend.get_vocab(with_added_tokens=False).items()
+                 if _BYTE_FALLBACK.fullmatch(token) and len(table[index]) == 1]
+    fallback_set = set(fallbacks)
+    regular = {piece for index, piece in enumerate(table) if piece and index not in fallback_set}
+    return sorted(index for index in fallbacks if table[index] in regular)
+
+
 def text_token_bytes(table: list[bytes], ids: list[int], text: str) -> list[bytes]:
     """The bytes of each token of `text` (encoded without special tokens) such that they join to `text` exactly.
 
