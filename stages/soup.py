@@ -61,7 +61,7 @@ def probe_rows(params: Params, stacked, names, model, tokenizer, valid: list[str
     """Valid and test bits per byte at soup.probe.points evenly spaced points from probe model a to model b."""
     first, second = (names.index(name) for name in params.soup.probe.between)
     rows = []
-    for alpha in np.linspace(0.0, 1.0, params.soup.probe.points).tolist():
+    for alpha in np.linspace(0.0, 1.0, params.soup.probe.points).round(6).tolist():
         weights = [0.0] * len(names)
         weights[first], weights[second] = 1.0 - alpha, alpha
         load_weights(model, uniform(stacked, weights))
