@@ -13,7 +13,7 @@ import torch
 from fusesoup.bootstrap import build_model, train_causal_lm
 from fusesoup.cli import StageError, run_stage
 from fusesoup.corpus import read_split
-from fusesoup.evaluate import BpbResult, bits_per_byte
+from fusesoup.evaluate import score_by_domain
 from fusesoup.models import resolve_device_dtype
 from fusesoup.params import load_params
 from fusesoup.storage import atomic_dir, write_csv, write_json
@@ -64,12 +64,7 @@ def main(argv: list[str] | None = None) -> None:
         model.save_pretrained(tmp)  # transformers v5 always writes safetensors
         tokenizer.save_pretrained(tmp)
 
-    valid = read_split(args.corpus, "valid")
-    results = {}
-    for domain in sorted(valid["domain"].unique().to_list()):
-        texts = valid.filter(valid["domain"] == domain)["text"].to_list()
-        results[domain] = bits_per_byte(model, tokenizer, texts, spec.train.batch_tokens)
-    results["all"] = BpbResult.total(list(results.values()))
+    results = score_by_domain(model, tokenizer, read_split(args.corpus, "valid"), spec.train.batch_tokens)
     write_json(metrics_path, {
         "domains": {d: {"bpb": r.bpb, "tokens": r.tokens, "bytes": r.bytes} for d, r in results.items()},
         "train": {"steps": len(log), "final_loss": log[-1]["loss"], "tokens": log[-1]["tokens"]},

@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> None:
     alphas = {}
     for soup in params.soup.soup_names():
         recipe = read_json(Path(args.soups) / soup / "soup.json")
-        if recipe["granularity"] != "model" or "l1" in recipe:  # the learned ones
+        if "l1" in recipe:  # the learned ones (soup-learned has l1 0)
             alphas[soup] = {key: recipe[key] for key in ("ingredients", "granularity", "groups")}
     report = write_report(Path(args.report), evaluation, pl.read_csv(plots / "interpolation.csv"), training, alphas)
     print(f"evaluate: {len(evaluation)} models; report at {report}", flush=True)

@@ -8,7 +8,6 @@ logit stores' keys and the alignment settings; finished shards are kept, so a ki
 from __future__ import annotations
 
 import hashlib
-
 from pathlib import Path
 from typing import Literal, NamedTuple
 
