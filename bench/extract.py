@@ -6,8 +6,8 @@ Per teacher, on the first --sequences rows of the train split:
 - ids_identical: the stored top-k ids equal the exact ones;
 - forward_tok_s, extract_tok_s, time_ratio: the bare forward pass over the same batches vs the whole extraction
   (read corpus, tokenize, forward, top-k, encode, write shards), best of --repeats each (target: ratio <= 1.15);
-- peak_rss_mb at --sequences and 4x --sequences, each in a fresh process (memory must not grow with the corpus;
-  Linux only: read from /proc/self/status).
+- peak_rss_mb at --sequences, 4x --sequences and the whole train split, each in a fresh process (memory must not
+  grow with the corpus; the first few shards warm the allocators up; Linux only: read from /proc/self/status).
 
     python bench/extract.py [--teachers code-neox] [--sequences 512]
 """
@@ -21,12 +21,13 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-import polars as pl
-import torch
-
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+import stages  # noqa: E402,F401  (before torch: the stages' oneDNN setting, see stages/__init__.py)
+import numpy as np  # noqa: E402
+import polars as pl  # noqa: E402
+import torch  # noqa: E402
 
 from fusesoup.corpus import read_split  # noqa: E402
 from fusesoup.evaluate import bos_token_id, pad_batch, plan_batches  # noqa: E402
@@ -92,8 +93,12 @@ def bench_teacher(name: str, params, args, scratch: Path) -> dict:
         "forward_tok_s": positions / min(forward), "extract_tok_s": positions / min(extract),
         "time_ratio": min(extract) / min(forward),
         "peak_rss_mb": {str(n): peak_rss_mb(name, small_corpus(Path(args.corpus), n, scratch / f"{name}-rss-{n}"), args)
-                        for n in (args.sequences, 4 * args.sequences)},
+                        for n in rss_sizes(args.sequences, len(read_split(Path(args.corpus), "train")))},
     }
+
+
+def rss_sizes(sequences: int, train_rows: int) -> list[int]:
+    return sorted({min(sequences, train_rows), min(4 * sequences, train_rows), train_rows})
 
 
 def peak_rss_mb(name: str, corpus: Path, args) -> float:
@@ -122,7 +127,7 @@ def main() -> None:
     parser.add_argument("--corpus", default=str(ROOT / "data/corpus"))
     parser.add_argument("--teachers", nargs="*", help="default: every source in params")
     parser.add_argument("--sequences", type=int, default=512, help="train rows to extract (default: 512)")
-    parser.add_argument("--repeats", type=int, default=2, help="timed runs of each side; the best counts")
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs of each side; the best counts")
     parser.add_argument("--rss-child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     params = load_params(args.params)

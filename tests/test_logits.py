@@ -19,7 +19,7 @@ from fusesoup.corpus import CORPUS_SCHEMA
 from fusesoup.logits.codec import (CE_STEP, LOGPROB_STEP, SequenceLogits, decode, encode, id_dtype,
                                    renormalized_kl)
 from fusesoup.logits.extract import (ExtractionError, extract_sequences, extract_store, key_parts, output_head,
-                                     teacher_outputs)
+                                     teacher_outputs, top_k_rows)
 from fusesoup.logits.store import LogitStore
 from fusesoup.params import Extract
 from fusesoup.storage import StorageError, write_parquet
@@ -76,9 +76,21 @@ def test_id_dtype_is_the_smallest_that_holds_the_vocabulary():
     assert [id_dtype(v) for v in (256, 257, 65536, 65537)] == [np.uint8, np.uint16, np.uint16, np.uint32]
 
 
+@pytest.mark.parametrize("vocab", [1037, 1024, 300])  # a tail after the last block; none; too few blocks for k
+def test_blocked_top_k_equals_torch_topk(vocab):
+    generator = torch.Generator().manual_seed(vocab)
+    values = torch.randn(64, vocab, generator=generator) * 4
+    values[0, -5:] += 50  # the whole top-k of a row in the tail
+    values[1, :3] += 50  # or in the first block
+    values[2, 64:74] += 50  # or filling one block
+    got_values, got_ids = top_k_rows(values, 10, block=64)
+    expected = torch.topk(values, 10, dim=-1)
+    assert torch.equal(got_values, expected.values) and torch.equal(got_ids, expected.indices)
+
+
 @pytest.mark.parametrize("via_head", [True, False])
 def test_teacher_outputs_match_a_full_log_softmax(model, tokenizer, via_head, monkeypatch):
-    monkeypatch.setattr("fusesoup.logits.extract.CHUNK_ROWS", 7)  # several chunks, the last one short
+    monkeypatch.setattr("fusesoup.logits.extract.CHUNK_ELEMENTS", 7 * model.config.vocab_size)  # 7-row chunks, the last short
     ids = torch.tensor([[tokenizer.bos_token_id] + tokenizer.encode(ASCII_TEXTS[3], add_special_tokens=False)])
     head = output_head(model, ids) if via_head else None
     assert (head is not None) == via_head

@@ -56,7 +56,29 @@ def key_parts(model_fingerprint: dict, corpus_dir: Path | str, spec: Extract, dt
             "splits": {split: sha256_file(split_path(corpus_dir, split)) for split in sorted(set(spec.splits))}}
 
 
-CHUNK_ROWS = 1024  # positions whose logits exist at once: [CHUNK_ROWS, V] stays in cache, never [B, L, V]
+CHUNK_ELEMENTS = 1 << 21  # logits made at once (8 MB in float32): [CHUNK_ELEMENTS // V, V], never [B, L, V]
+TOPK_BLOCK = 64  # ids per block of the blocked top-k
+
+
+def top_k_rows(values: torch.Tensor, k: int, block: int = TOPK_BLOCK) -> tuple[torch.Tensor, torch.Tensor]:
+    """torch.topk(values, k, dim=-1) of a [R, V] tensor (same values, sorted descending), 2-3x faster for V >> k.
+
+    Only the k blocks of `block` ids with the largest maxima can hold a top-k entry: any other entry is at most its
+    block's maximum, which is at most each of those k maxima (k distinct entries). So top-k runs over k * block
+    candidates (plus the tail of V % block ids) instead of V. Among exactly equal values the ids may differ.
+    """
+    rows, vocab = values.shape
+    main = vocab // block * block
+    if main // block <= k:
+        return torch.topk(values, k, dim=-1)
+    block_max = values[:, :main].view(rows, main // block, block).amax(dim=-1)
+    blocks = torch.topk(block_max, k, dim=-1, sorted=False).indices  # [R, k]
+    candidates = (blocks[:, :, None] * block + torch.arange(block, device=values.device)).view(rows, k * block)
+    if main < vocab:
+        tail = torch.arange(main, vocab, device=values.device).expand(rows, vocab - main)
+        candidates = torch.cat([candidates, tail], dim=1)
+    top = torch.topk(values.gather(1, candidates), k, dim=-1)
+    return top.values, candidates.gather(1, top.indices)
 
 
 @torch.inference_mode()
@@ -76,29 +98,47 @@ def output_head(model, probe: torch.Tensor):
     return head if torch.allclose(via_head, logits, atol=1e-3, rtol=1e-3) else None
 
 
+def _project(head, rows: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """head(rows), written into `out` when the head is a plain Linear (most output embeddings are)."""
+    if not isinstance(head, torch.nn.Linear):
+        return head(rows)
+    if head.bias is None:
+        return torch.mm(rows, head.weight.t(), out=out)
+    return torch.addmm(head.bias, rows, head.weight.t(), out=out)
+
+
 @torch.inference_mode()
 def teacher_outputs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, k: int, head=None):
     """For a [B, L] batch starting with BOS: top-k ids and log-probs [B, L-1, k] and CE [B, L-1] of each next token.
 
-    Log-probs are over the full vocabulary (log-softmax in float32). With `head` (see output_head) the
-    logits are made CHUNK_ROWS positions at a time from the hidden states: the [B, L, V] tensor never exists,
-    and log-softmax and top-k read each chunk right after it is made.
+    Log-probs are over the full vocabulary (log-softmax in float32). With `head` (see output_head) the logits
+    are made a chunk of positions at a time from the hidden states, so the [B, L, V] tensor never exists. Each
+    chunk's logits and log-probs go to two buffers allocated once per batch: fresh vocab-sized tensors per chunk
+    cost more in page faults than the log-softmax and top-k themselves (measured 2x on CPU).
     """
     batch, length = input_ids.shape
+    positions = batch * (length - 1)
     targets = input_ids[:, 1:].reshape(-1)
     if head is not None:
         hidden = model.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        rows = hidden[:, :-1].reshape(batch * (length - 1), -1)
-        chunks = (head(chunk) for chunk in rows.split(CHUNK_ROWS))
+        rows = hidden[:, :-1].reshape(positions, -1)
+        vocab = head.weight.shape[0] if isinstance(head, torch.nn.Linear) else model.config.vocab_size
+        step = max(1, CHUNK_ELEMENTS // vocab)
+        logits_buffer = rows.new_empty(min(step, positions), vocab)
+        chunks = (_project(head, chunk, logits_buffer[: len(chunk)]) for chunk in rows.split(step))
     else:
         logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
-        chunks = logits[:, :-1].reshape(batch * (length - 1), -1).split(CHUNK_ROWS)
+        step = max(1, CHUNK_ELEMENTS // logits.shape[-1])
+        chunks = logits[:, :-1].reshape(positions, -1).split(step)
+    logprob_buffer = None
     ids, logprobs, ce = [], [], []
-    for start, chunk in zip(range(0, len(targets), CHUNK_ROWS), chunks):
-        chunk = torch.log_softmax(chunk.float(), dim=-1)  # one fused pass: 1.5x faster than logsumexp on CPU
-        top = torch.topk(chunk, k, dim=-1)  # sorted, most likely first
-        ids.append(top.indices)
-        logprobs.append(top.values)
+    for start, chunk in zip(range(0, positions, step), chunks):
+        if logprob_buffer is None:
+            logprob_buffer = torch.empty(min(step, positions), chunk.shape[-1], device=chunk.device)
+        chunk = torch.log_softmax(chunk, dim=-1, dtype=torch.float32, out=logprob_buffer[: len(chunk)])
+        values, indices = top_k_rows(chunk, k)  # sorted, most likely first
+        ids.append(indices)
+        logprobs.append(values)
         ce.append(-chunk.gather(-1, targets[start : start + len(chunk), None]).squeeze(-1))
     shape = (batch, length - 1)
     return (torch.cat(ids).view(*shape, k), torch.cat(logprobs).view(*shape, k), torch.cat(ce).view(shape))
