@@ -3,7 +3,7 @@
 Reads data/logits/<teacher> and data/logits/<target> and both tokenizers; writes data/aligned/<teacher> (a
 sparse store, DVC `persist`: a killed run resumes) and metrics/align/<teacher>.json: the share of the teacher's
 vocabulary matched exactly or by minimum edit distance, and per domain the share of target positions that took
-the teacher's distribution (EXACT bytes, or MAPPED through the vocabulary map) or fell back to a one-hot.
+the teacher's distribution (EXACT bytes, MAPPED through the vocabulary map, or from a SPAN) or fell back to a one-hot.
 """
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from fusesoup.align.align_store import Alignment, align_store, position_stats, vocab_stats
+from fusesoup.align.spans import Segmenter
 from fusesoup.align.token_bytes import shadowed_fallbacks, token_bytes
 from fusesoup.align.vocab_map import map_vocab
 from fusesoup.cli import StageError, run_stage
@@ -56,7 +57,8 @@ def main(argv: list[str] | None = None) -> None:
     for index in shadowed_fallbacks(target_tokenizer, target_bytes):
         mappable[index] = b""
     vocab_map = padded_map(teacher_bytes, mappable, teacher_store.vocab_size, params.align.vocab)
-    setup = Alignment(teacher_bytes, target_bytes, vocab_map, params.align.method, target_store.vocab_size)
+    segmenter = Segmenter(mappable) if params.align.spans == "expand" else None
+    setup = Alignment(teacher_bytes, target_bytes, vocab_map, params.align.method, target_store.vocab_size, segmenter)
     manifest = align_store(teacher_store, target_store, args.corpus, out, setup, params.align.model_dump())
 
     store = SparseStore(out, ALIGNED_EXTRAS)
@@ -65,8 +67,8 @@ def main(argv: list[str] | None = None) -> None:
     write_manifest(out, {**manifest, "stats": metrics})  # the fuse stage gathers these into metrics/alignment.json
     write_json(args.metrics or f"metrics/align/{teacher}.json", metrics)
     shares = metrics["positions"][sorted(manifest["splits"])[0]]["all"]
-    print(f"{out}: complete; {shares['exact']:.1%} exact, {shares['mapped']:.1%} mapped, "
-          f"{shares['fallback']:.1%} one-hot of {shares['positions']} positions")
+    print(f"{out}: complete; {shares['exact']:.1%} exact, {shares['mapped']:.1%} mapped, {shares['span']:.1%} "
+          f"from spans, {shares['fallback']:.1%} one-hot of {shares['positions']} positions")
 
 
 if __name__ == "__main__":

@@ -5,10 +5,10 @@ import numpy as np
 import pytest
 
 from fusesoup.align.token_alignment import byte_ends, offset_align
-from fusesoup.align.transfer import (EXACT, FALLBACK, MAPPED, agreement, groups_from_path, transfer_groups,
-                                     translate_rows)
+from fusesoup.align.transfer import (EXACT, FALLBACK, MAPPED, agreement, groups_from_path, mapped_entries,
+                                     transfer_groups)
 from fusesoup.logits.codec import SequenceLogits
-from fusesoup.logits.sparse import SparseRows
+from fusesoup.logits.sparse import SparseRows, merge_entries
 
 
 def row(rows: SparseRows, i: int) -> tuple[list[int], np.ndarray]:
@@ -23,11 +23,11 @@ def teacher(ids: list[int], topk: list[list[int]], probs: list[list[float]], ce:
                           np.log(np.array(probs, dtype=np.float32)), np.array(ce, dtype=np.float32))
 
 
-def test_translate_rows_merges_duplicates_drops_unmapped_and_renormalises():
+def test_mapped_entries_merge_duplicates_drop_unmapped_and_renormalise():
     vocab_map = np.array([10, 11, 10, -1])
     topk = np.array([[0, 1, 2, 3], [3, 3, 3, 3], [1, 0, 3, 3]])
     logprobs = np.log(np.array([[0.4, 0.3, 0.2, 0.1], [0.25] * 4, [0.5, 0.5, 1e-9, 1e-9]]))
-    rows = translate_rows(np.array([2, 0, 1]), topk, logprobs, vocab_map, n=4, target_vocab_size=12)
+    rows = merge_entries(*mapped_entries(np.array([2, 0, 1]), topk, logprobs, vocab_map), 4, 12, max_entries=4)
     ids, probs = row(rows, 2)
     assert ids == [10, 11]  # 0 and 2 both map to 10: 0.4 + 0.2; 3 maps nowhere
     np.testing.assert_allclose(probs, [0.6 / 0.9, 0.3 / 0.9], rtol=1e-6)

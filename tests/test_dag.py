@@ -89,7 +89,7 @@ def test_alignment_and_fusion_outputs(built):
     assert own["exact"] == 1.0  # the target aligned to itself is the identity
     for name in params.sources:
         for shares in alignment[name]["positions"]["train"].values():
-            assert shares["exact"] + shares["mapped"] + shares["fallback"] == pytest.approx(1.0)
+            assert shares["exact"] + shares["mapped"] + shares["span"] + shares["fallback"] == pytest.approx(1.0)
         vocab = alignment[name]["vocab_map"]
         assert vocab["exact"] + vocab["nearest"] + vocab["unmapped"] == pytest.approx(1.0)
     fusion = json.loads((built / "metrics/fusion.json").read_text())

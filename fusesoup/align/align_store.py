@@ -16,7 +16,9 @@ import polars as pl
 
 from fusesoup.align.token_alignment import byte_ends, dtw_align, offset_align
 from fusesoup.align.token_bytes import text_token_bytes
-from fusesoup.align.transfer import EXACT, FALLBACK, MAPPED, AlignedSequence, agreement, groups_from_path, transfer_groups
+from fusesoup.align.spans import Segmenter
+from fusesoup.align.transfer import (EXACT, FALLBACK, MAPPED, SPAN, AlignedSequence, SpanInputs, agreement,
+                                     groups_from_path, transfer_groups)
 from fusesoup.cli import StageError
 from fusesoup.corpus import split_path
 from fusesoup.logits.codec import SequenceLogits, quantize_ce
@@ -26,7 +28,7 @@ from fusesoup.logits.sparse_store import ALIGNED_EXTRAS, SparseSequence, SparseS
 from fusesoup.logits.store import LogitStore, fill_store, write_manifest
 
 AlignMethod = Literal["offsets", "dtw"]
-TRANSFER_RULES = "one-to-one-merge-v1"  # part of the key: a change of the transfer rules re-aligns
+TRANSFER_RULES = "one-to-one-merge-spans-v2"  # part of the key: a change of the transfer rules re-aligns
 
 
 class AlignmentError(StageError):
@@ -41,6 +43,7 @@ class Alignment(NamedTuple):
     vocab_map: np.ndarray  # [teacher model vocab] target id or -1 (map_vocab, padded to the model's vocab)
     method: AlignMethod
     target_vocab_size: int
+    segmenter: Segmenter | None  # over the target tokens a tokenization emits: spans expanded; None: one-hot
 
 
 def align_sequence(teacher: SequenceLogits, target: SequenceLogits, text: str, setup: Alignment) -> AlignedSequence:
@@ -52,7 +55,8 @@ def align_sequence(teacher: SequenceLogits, target: SequenceLogits, text: str, s
     else:
         groups = groups_from_path(dtw_align(teacher_pieces, target_pieces))
     agree = agreement(teacher.input_ids, teacher_pieces, target_pieces, target.input_ids, setup.vocab_map, groups)
-    return transfer_groups(groups, teacher, target.input_ids, setup.vocab_map, agree, setup.target_vocab_size)
+    spans = None if setup.segmenter is None else SpanInputs(teacher_pieces, setup.teacher_bytes, setup.segmenter)
+    return transfer_groups(groups, teacher, target.input_ids, setup.vocab_map, agree, setup.target_vocab_size, spans)
 
 
 def align_store(teacher: LogitStore, target: LogitStore, corpus_dir: Path | str, out: Path | str,
@@ -107,14 +111,16 @@ def vocab_stats(teacher_bytes: list[bytes], target_bytes: list[bytes], vocab_map
 
 
 def position_stats(store: SparseStore, corpus_dir: Path | str, split: str) -> dict:
-    """Per domain (and `all`): positions and the shares transferred EXACT, MAPPED, and fallen back to a one-hot."""
+    """Per domain (and `all`): positions and the shares transferred EXACT, MAPPED, expanded from a SPAN, and
+    fallen back to a one-hot."""
     names, domain_of_row = np.unique(pl.read_parquet(split_path(corpus_dir, split), columns=["domain"])["domain"]
                                      .to_numpy().astype(str), return_inverse=True)
-    counts = np.zeros((len(names), 3), np.int64)
+    counts = np.zeros((len(names), 4), np.int64)
     for batch in store.record_batches(split, batch_sequences=1024, columns=["sequence", "status"]):
         status = batch.column("status")
         domains = np.repeat(domain_of_row[batch.column("sequence").to_numpy()], np.diff(status.offsets.to_numpy()))
         np.add.at(counts, (domains, status.values.to_numpy().astype(np.int64)), 1)
     by_domain = {**dict(zip(names.tolist(), counts)), "all": counts.sum(axis=0)}
     return {domain: {"positions": int(c.sum()), "exact": c[EXACT] / c.sum(), "mapped": c[MAPPED] / c.sum(),
-                     "fallback": c[FALLBACK] / c.sum()} for domain, c in sorted(by_domain.items()) if c.sum()}
+                     "span": c[SPAN] / c.sum(), "fallback": c[FALLBACK] / c.sum()}
+            for domain, c in sorted(by_domain.items()) if c.sum()}

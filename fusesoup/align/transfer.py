@@ -7,9 +7,11 @@ itself, the token that row predicts (FuseLLM's reference puts it on the token be
 Rules per alignment group (from `offset_align` or a DTW path):
 - one teacher token <-> one target token: the teacher's top-k ids go through the vocabulary map, ids that map to
   the same target id are merged (probabilities added), unmapped ids (-1) dropped, the rest renormalised;
-- one teacher token -> several target tokens, or several -> one: one-hot on each target token. The teacher's CE
-  is carried so that sums are kept: a span's CE (the teacher's cost of producing those bytes) is split evenly
-  over its target positions, so per-sequence CE compares across teachers and per-token CE stays usable.
+- one teacher token -> several target tokens, several -> one, or several -> several (a span): with `spans`
+  (align.spans: expand) the teacher's distribution over the span's byte strings, cut into target tokens (spans.py);
+  else a one-hot on each target token. The teacher's CE is carried so that sums are kept: a span's CE (the
+  teacher's cost of producing those bytes) is split evenly over its target positions, so per-sequence CE compares
+  across teachers and per-token CE stays usable.
 """
 from __future__ import annotations
 
@@ -18,10 +20,12 @@ from typing import NamedTuple
 
 import numpy as np
 
+from fusesoup.align.spans import Segmenter, expand_span
 from fusesoup.logits.codec import SequenceLogits
 from fusesoup.logits.sparse import SparseRows, fill_empty_rows, merge_entries
 
-EXACT, MAPPED, FALLBACK = 0, 1, 2  # status of a target position: same bytes, agreed through the vocab map, one-hot
+# status of a target position: same bytes, agreed through the vocab map, one-hot, expanded from a span
+EXACT, MAPPED, FALLBACK, SPAN = 0, 1, 2, 3
 
 
 class AlignedSequence(NamedTuple):
@@ -32,24 +36,32 @@ class AlignedSequence(NamedTuple):
     status: np.ndarray  # [n] uint8: EXACT, MAPPED or FALLBACK
 
 
-def translate_rows(positions: np.ndarray, topk_ids: np.ndarray, topk_logprobs: np.ndarray, vocab_map: np.ndarray,
-                   n: int, target_vocab_size: int) -> SparseRows:
-    """Teacher top-k rows [m, k] moved to target rows `positions` [m] of n: ids mapped, duplicates merged,
-    unmapped ids (-1) dropped, renormalised, sorted (ties keep the teacher's order). Other rows stay empty."""
+class SpanInputs(NamedTuple):
+    """What `expand_span` needs besides the stored rows (see spans.py)."""
+
+    teacher_pieces: Sequence[bytes]  # the bytes of each teacher token in this text (text_token_bytes)
+    teacher_bytes: Sequence[bytes]  # the teacher's vocabulary (token_bytes)
+    segmenter: Segmenter  # over the target tokens a target tokenization can emit
+
+
+def mapped_entries(positions: np.ndarray, topk_ids: np.ndarray, topk_logprobs: np.ndarray,
+                   vocab_map: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Teacher top-k rows [m, k] as loose entries (target row from `positions` [m], mapped id, probability);
+    unmapped ids (-1) dropped. merge_entries then merges duplicates and renormalises."""
     mapped = vocab_map[topk_ids]
     keep = mapped >= 0
     rows = np.broadcast_to(np.asarray(positions)[:, None], mapped.shape)
-    return merge_entries(rows[keep], mapped[keep], np.exp(topk_logprobs[keep].astype(np.float64)), n,
-                         target_vocab_size, max_entries=topk_ids.shape[1])
+    return rows[keep], mapped[keep], np.exp(topk_logprobs[keep].astype(np.float64))
 
 
 def transfer_groups(groups: Sequence[tuple[range, range]], teacher: SequenceLogits, target_ids: np.ndarray,
-                    vocab_map: np.ndarray, agree: np.ndarray, target_vocab_size: int) -> AlignedSequence:
+                    vocab_map: np.ndarray, agree: np.ndarray, target_vocab_size: int,
+                    spans: SpanInputs | None = None) -> AlignedSequence:
     """Apply the rules above to alignment groups (teacher token range, target token range) covering both sides.
 
     `agree[j]` says whether teacher token j, when it is alone in its group opposite a single target token, stands
     for that target token (EXACT if the bytes are equal, MAPPED if only through the vocabulary map, -1 if not):
-    a disagreeing one-to-one pair falls back to a one-hot too.
+    a disagreeing one-to-one pair falls back to a one-hot too. Rows keep at most k entries (the teacher's k).
     """
     n = len(target_ids)
     bounds = np.array([(a.start, a.stop, b.start, b.stop) for a, b in groups], np.int64).reshape(-1, 4)
@@ -60,10 +72,19 @@ def transfer_groups(groups: Sequence[tuple[range, range]], teacher: SequenceLogi
     j, i = teacher_start[one_to_one], target_start[one_to_one]
     agreeing = agree[j] >= 0
     j, i = j[agreeing], i[agreeing]
-    rows = translate_rows(i, teacher.topk_ids[j], teacher.topk_logprobs[j], vocab_map, n, target_vocab_size)
+    entries = [mapped_entries(i, teacher.topk_ids[j], teacher.topk_logprobs[j], vocab_map)]
+    span_rows = np.zeros(0, np.int64)
+    if spans is not None:
+        span_groups = [group for group, alone in zip(groups, one_to_one) if not alone]
+        entries += [expand_span(teacher, span, targets, target_ids, spans.teacher_pieces, spans.teacher_bytes,
+                                spans.segmenter) for span, targets in span_groups]
+        span_rows = np.array([row for _, targets in span_groups for row in targets], np.int64)
+    rows = merge_entries(*(np.concatenate(column) for column in zip(*entries)), n, target_vocab_size,
+                         max_entries=teacher.topk_ids.shape[1])
     status = np.full(n, FALLBACK, np.uint8)
     translated = rows.counts[i] > 0
     status[i[translated]] = agree[j[translated]]
+    status[span_rows[rows.counts[span_rows] > 1]] = SPAN  # one entry: only the realised token, a one-hot
 
     ce_sums = np.concatenate([[0.0], np.cumsum(teacher.ce, dtype=np.float64)])
     lengths = target_stop - target_start
