@@ -175,7 +175,7 @@ class Align(Strict):
 
     vocab: Literal["exact", "min_ed", "prefix"] = "min_ed"  # teacher id -> target id: same bytes, else nearest or prefix
     method: Literal["offsets", "dtw"] = "offsets"  # shared byte offsets (exact), or FuseLLM's DTW on token bytes
-    spans: Literal["onehot", "expand"] = "expand"  # target rows inside a span: FuseLLM's one-hot, or spans.py
+    spans: Literal["onehot", "expand"] = "onehot"  # target rows inside a span: FuseLLM's one-hot, or spans.py
 
 
 class Fuse(Strict):
