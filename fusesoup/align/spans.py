@@ -34,22 +34,22 @@ class Segmenter:
         self.longest = max(map(len, self.ids), default=0)
         self.memo: dict[bytes, tuple[int, ...] | None] = {}
 
+    def longest_token(self, text: bytes, start: int = 0) -> tuple[int, int] | None:
+        """(id, end) of the longest target token that `text[start:]` starts with; None if there is none."""
+        for end in range(min(len(text), start + self.longest), start, -1):
+            found = self.ids.get(text[start:end])
+            if found is not None:
+                return found, end
+        return None
+
     def segment(self, text: bytes) -> tuple[int, ...] | None:
         """Target ids whose bytes join to `text`, each the longest token that fits; None if some byte has none."""
-        if text in self.memo:
-            return self.memo[text]
-        ids, start = [], 0
-        while start < len(text):
-            for end in range(min(len(text), start + self.longest), start, -1):
-                found = self.ids.get(text[start:end])
-                if found is not None:
-                    ids.append(found)
-                    start = end
-                    break
-            else:
-                self.memo[text] = None
-                return None
-        self.memo[text] = tuple(ids)
+        if text not in self.memo:
+            ids, start = [], 0
+            while start < len(text) and (token := self.longest_token(text, start)) is not None:
+                ids.append(token[0])
+                start = token[1]
+            self.memo[text] = tuple(ids) if start == len(text) else None
         return self.memo[text]
 
 
@@ -59,7 +59,7 @@ def span_strings(teacher: SequenceLogits, span: range, teacher_pieces: Sequence[
     span's log-probability as the last entry of the array."""
     strings, logprobs = [], []
     prefix, prefix_logprob = b"", 0.0
-    for depth, row in enumerate(span):
+    for row in span:
         realised = teacher.input_ids[row]
         for token, logprob in zip(teacher.topk_ids[row].tolist(), teacher.topk_logprobs[row].tolist()):
             if token != realised and token < len(teacher_bytes) and teacher_bytes[token]:

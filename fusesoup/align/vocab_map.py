@@ -22,6 +22,7 @@ from typing import Literal
 import numpy as np
 
 from fusesoup.align.edit_distance import PaddedBytes, pairwise_edit_distances
+from fusesoup.align.spans import Segmenter
 
 VocabMethod = Literal["exact", "min_ed", "prefix"]
 
@@ -32,19 +33,15 @@ def map_vocab(
     """int64 array of len(source_bytes): the target id of each source id, -1 where there is none (see module doc)."""
     if method not in ("exact", "min_ed", "prefix"):
         raise ValueError(f"unknown vocabulary mapping {method!r}; expected 'exact', 'min_ed' or 'prefix'")
-    first_id: dict[bytes, int] = {}
-    for target_id, token in enumerate(target_bytes):
-        if token:
-            first_id.setdefault(token, target_id)
-    mapping = np.fromiter((first_id.get(token, -1) for token in source_bytes), np.int64, len(source_bytes))
+    targets = Segmenter(target_bytes)  # .ids: each non-empty target token's bytes -> its smallest id
+    mapping = np.fromiter((targets.ids.get(token, -1) for token in source_bytes), np.int64, len(source_bytes))
     unmatched = [source_id for source_id, token in enumerate(source_bytes) if token and mapping[source_id] < 0]
-    if method == "exact" or not unmatched or not first_id:
+    if method == "exact" or not unmatched or not targets.ids:
         return mapping
     if method == "prefix":
         for source_id in unmatched:
-            token = source_bytes[source_id]
-            mapping[source_id] = next((first_id[token[:end]] for end in range(len(token) - 1, 0, -1)
-                                       if token[:end] in first_id), -1)
+            found = targets.longest_token(source_bytes[source_id])  # an exact match is already taken
+            mapping[source_id] = -1 if found is None else found[0]
         return mapping
     nearest = NearestTokens(target_bytes)
     for source_id in unmatched:

@@ -128,13 +128,12 @@ def teacher_outputs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor
         chunks = (_project(head, chunk, logits_buffer[: len(chunk)]) for chunk in rows.split(step))
     else:
         logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
-        step = max(1, CHUNK_ELEMENTS // logits.shape[-1])
+        vocab = logits.shape[-1]
+        step = max(1, CHUNK_ELEMENTS // vocab)
         chunks = logits[:, :-1].reshape(positions, -1).split(step)
-    logprob_buffer = None
+    logprob_buffer = torch.empty(min(step, positions), vocab, device=input_ids.device)
     ids, logprobs, ce = [], [], []
     for start, chunk in zip(range(0, positions, step), chunks):
-        if logprob_buffer is None:
-            logprob_buffer = torch.empty(min(step, positions), chunk.shape[-1], device=chunk.device)
         chunk = torch.log_softmax(chunk, dim=-1, dtype=torch.float32, out=logprob_buffer[: len(chunk)])
         values, indices = top_k_rows(chunk, k)  # sorted, most likely first
         ids.append(indices)
