@@ -17,23 +17,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import stages  # noqa: E402,F401  (before torch: the stages' oneDNN setting)
-import polars as pl  # noqa: E402
 
-from fusesoup.corpus import read_split  # noqa: E402
+from fusesoup.corpus import largest_group_parts, read_split  # noqa: E402
 from fusesoup.evaluate import bits_per_byte  # noqa: E402
 from fusesoup.models import load_model  # noqa: E402
 from fusesoup.params import load_params  # noqa: E402
-
-
-def group_parts(frame: pl.DataFrame, domain: str) -> tuple[str, dict[str, list[str]]]:
-    """(largest group, {"largest group": texts, "rest": texts}) of one domain; a doc_id is <group>-<chunk>."""
-    rows = frame.filter(pl.col("domain") == domain).with_columns(pl.col("doc_id").str.split("-").list.first()
-                                                                 .alias("group"))
-    if rows.is_empty():
-        raise SystemExit(f"no {domain!r} rows in this split")
-    largest = rows["group"].value_counts().sort(["count", "group"], descending=[True, False])["group"][0]
-    return largest, {"largest group": rows.filter(pl.col("group") == largest)["text"].to_list(),
-                     "rest": rows.filter(pl.col("group") != largest)["text"].to_list()}
 
 
 def main() -> None:
@@ -46,7 +34,11 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=["target-clm", "target-fused"], help="model names")
     parser.add_argument("--batch-tokens", type=int, default=8192)
     args = parser.parse_args()
-    largest, parts = group_parts(read_split(Path(args.corpus), args.split), args.domain)
+    try:
+        largest, frames = largest_group_parts(read_split(Path(args.corpus), args.split), args.domain)
+    except ValueError as error:
+        raise SystemExit(str(error)) from None
+    parts = {part: frame["text"].to_list() for part, frame in frames.items()}
     params, scores = load_params(args.params), {}
     for name in args.models:
         model, tokenizer = load_model(name, params, args.models_dir)

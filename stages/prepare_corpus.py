@@ -20,6 +20,11 @@ def main(argv: list[str] | None = None) -> None:
     totals = manifest["totals"]
     print(f"{args.out}: {totals['documents']} documents, {totals['chunks']} chunks, {totals['bytes']} bytes "
           f"(train/valid/test chunks: {'/'.join(str(s['chunks']) for s in manifest['splits'].values())})")
+    for split, stats in manifest["splits"].items():
+        for domain, counts in stats["domains"].items():
+            if split != "train" and counts["largest_group_share"] > 0.5:
+                print(f"note: {split} {domain}: one document group holds {counts['largest_group_share']:.0%} of the "
+                      f"{counts['bytes']} bytes ({counts['groups']} groups); its scores mostly measure that group")
 
 
 if __name__ == "__main__":

@@ -10,7 +10,8 @@ import pytest
 
 import numpy as np
 
-from fusesoup.align.token_alignment import _warping_path, byte_ends, dtw_align, offset_align
+from fusesoup.align.token_alignment import (GROUP_KINDS, _warping_path, byte_ends, cost_by_group_kind, dtw_align,
+                                           offset_align)
 from fusesoup.align.token_bytes import text_token_bytes, token_bytes
 from fusesoup.tokenizer_families import FAMILIES, train_tokenizer
 from tests.test_align_vocab import reference_edit_distance
@@ -133,3 +134,15 @@ def test_offset_groups_are_the_minimal_common_cuts_of_real_tokenizations(source_
     assert len(groups) / 2 < len(one_to_one) < len(groups)  # mostly one-to-one, and some spans are not
     # what each family calls a newline (`Ċ` or `<0x0A>`) is the same byte, so it aligns one-to-one
     assert ([b"\n"], [b"\n"]) in [([source[i] for i in left], [target[j] for j in right]) for left, right in groups]
+
+
+def test_cost_by_group_kind_splits_both_sides_costs_and_the_bytes_between_one_to_one_groups_and_spans():
+    source = [b"def", b" fun", b"c", b"(", b"):"]  # source tokens
+    target = [b"def", b" func", b"(", b")", b":"]
+    groups = offset_align(byte_ends(source), byte_ends(target))  # def | fun+c = func | ( | ): = ) + :
+    source_ce = np.array([1.0, 2.0, 0.5, 0.25, 3.0])
+    target_ce = np.array([1.5, 4.0, 0.125, 1.0, 1.0])
+    costs = cost_by_group_kind(groups, source_ce, target_ce, byte_ends(target))
+    assert GROUP_KINDS == ("one_to_one", "span")
+    np.testing.assert_allclose(costs, [[1.0 + 0.25, 1.5 + 0.125, 3 + 1],  # "def", "("
+                                       [2.0 + 0.5 + 3.0, 4.0 + 1.0 + 1.0, 5 + 2]])  # " func", "):"

@@ -13,6 +13,7 @@ from collections import Counter
 from pathlib import Path
 
 import pyarrow.parquet as pq
+import polars as pl
 import pytest
 import yaml
 
@@ -195,6 +196,12 @@ def test_every_format_lands_in_parquet_with_a_manifest(inputs):
         assert entry["sha256"] == sha256_file(Path("out") / f"{split}.parquet")
         assert entry["chunks"] == sum(d["chunks"] for d in entry["domains"].values()) == frames[split].height
         assert entry["bytes"] == sum(len(t.encode()) for t in frames[split]["text"])
+        for domain, counts in entry["domains"].items():  # files records: each document is its own split group
+            rows = frames[split].filter(pl.col("domain") == domain)
+            doc_bytes = rows.group_by(pl.col("doc_id").str.split("-").list.first()).agg(
+                pl.col("text").str.len_bytes().sum())["text"]
+            assert counts["groups"] == len(doc_bytes)
+            assert counts["largest_group_share"] == pytest.approx(doc_bytes.max() / counts["bytes"])
     assert manifest["content_hash"] == content_hash(manifest["splits"])
     assert manifest["corpus"]["max_chunk_bytes"] == 256
     assert json.loads(Path("out/manifest.json").read_text()) == manifest

@@ -247,17 +247,20 @@ def test_builtin_code_and_prose_share_groups_and_count_bad_files(monkeypatch, tm
     (lib / "pkg" / "bad.py").write_text("def (:\n")
     (lib / "latin.py").write_bytes(b"# caf\xe9\n")
     os.symlink(lib / "gone.py", lib / "dangling.py")
+    (lib / "pydoc_data").mkdir()
+    (lib / "pydoc_data" / "topics.py").write_text("topics = {'assert': 'The assert statement'}\n")
     monkeypatch.setattr(sysconfig, "get_paths", lambda: {"stdlib": str(lib)})
-    assert sorted(stdlib_files()) == ["dangling.py", "latin.py", "mod.py", "pkg/bad.py"]
+    assert sorted(stdlib_files()) == ["dangling.py", "latin.py", "mod.py", "pkg/bad.py", "pydoc_data/topics.py"]
 
-    code, code_skipped = read_docs(BuiltinCodeSource(kind="builtin_code"))
+    code, code_skipped = read_docs(BuiltinCodeSource(kind="builtin_code"))  # the topics file is prose, not code
     assert sorted((d.group, d.domain) for d in code) == [("mod.py", "code"), ("pkg/bad.py", "code")]
     assert code_skipped == {"undecodable": 2}
     skipped: Counter[str] = Counter()
     prose = list(iter_builtin_prose(BuiltinProseSource(kind="builtin_prose"), skipped))
-    assert (prose[0].text, prose[0].group) == ("Module doc.\n\nF doc.", "mod.py")
+    modules = {d.group: d.text for d in prose if not d.group.startswith("pydoc_topics/")}
+    assert modules == {"mod.py": "Module doc.\n\nF doc.", "pydoc_data/topics.py": ""}  # (empty: dropped later)
     from pydoc_data.topics import topics
-    assert [d.group for d in prose[1:]] == [f"pydoc_topics/{name}" for name in sorted(topics)]
+    assert [d.group for d in prose[len(modules):]] == [f"pydoc_topics/{name}" for name in sorted(topics)]
     assert skipped == {"undecodable": 2, "unparsable": 1}
     assert [d.group for d in iter_builtin_code(BuiltinCodeSource(kind="builtin_code"), skipped)] == [
         g for g in stdlib_files() if g in ("mod.py", "pkg/bad.py")]

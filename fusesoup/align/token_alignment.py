@@ -110,3 +110,23 @@ def _warping_path(cost_rows: np.ndarray, row_ids: np.ndarray) -> np.ndarray:
         else:
             j -= 1
     return path[:length][::-1]
+
+
+GROUP_KINDS = ("one_to_one", "span")
+
+
+def cost_by_group_kind(groups: Sequence[tuple[range, range]], source_ce: np.ndarray, target_ce: np.ndarray,
+                       target_ends: Sequence[int]) -> np.ndarray:
+    """[2, 3] float64: over the one-to-one groups, then over the spans (GROUP_KINDS), the nats the source and the
+    target spend on their tokens there (per-token CE) and the bytes those groups cover. Where a source's bits-per-byte
+    advantage over the target sits: FuseLLM's transfer reaches the one-to-one groups only (spans get a one-hot)."""
+    bounds = np.array([(a.start, a.stop, b.start, b.stop) for a, b in groups], np.int64).reshape(-1, 4)
+    source_start, source_stop, target_start, target_stop = bounds.T
+    source_sums = np.concatenate([[0.0], np.cumsum(source_ce, dtype=np.float64)])
+    target_sums = np.concatenate([[0.0], np.cumsum(target_ce, dtype=np.float64)])
+    ends = np.concatenate([[0], np.asarray(target_ends, np.int64)])
+    per_group = np.stack([source_sums[source_stop] - source_sums[source_start],
+                          target_sums[target_stop] - target_sums[target_start],
+                          ends[target_stop] - ends[target_start]], axis=1)
+    span = (source_stop - source_start != 1) | (target_stop - target_start != 1)
+    return np.stack([per_group[~span].sum(axis=0), per_group[span].sum(axis=0)])

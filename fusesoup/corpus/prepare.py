@@ -189,6 +189,7 @@ class _SplitWriter:
         self._rows: dict[str, list[str]] = {name: [] for name in ARROW_SCHEMA.names}
         self.documents = self.chunks = self.bytes = 0
         self.domains: dict[str, Counter[str]] = {}
+        self.group_bytes: dict[str, Counter[str]] = {}  # per domain: bytes of each split group
 
     def write(self, doc: CleanDoc, chunks: list[str]) -> None:
         self.documents += 1
@@ -196,6 +197,7 @@ class _SplitWriter:
         self.bytes += doc.size
         counts = self.domains.setdefault(doc.domain, Counter())
         counts.update(chunks=len(chunks), bytes=doc.size)
+        self.group_bytes.setdefault(doc.domain, Counter())[doc.group] += doc.size
         self._rows["doc_id"] += [doc_id(doc.digest, index) for index in range(len(chunks))]
         self._rows["domain"] += [doc.domain] * len(chunks)
         self._rows["text"] += chunks
@@ -212,7 +214,9 @@ class _SplitWriter:
         self._writer.close()
         return {
             "documents": self.documents, "chunks": self.chunks, "bytes": self.bytes,
-            "domains": {name: dict(counts) for name, counts in sorted(self.domains.items())},
+            "domains": {name: {**counts, "groups": len(self.group_bytes[name]),
+                               "largest_group_share": max(self.group_bytes[name].values()) / max(counts["bytes"], 1)}
+                        for name, counts in sorted(self.domains.items())},
             "sha256": sha256_file(self.path),
         }
 
