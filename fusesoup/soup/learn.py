@@ -15,7 +15,7 @@ from typing import Literal, NamedTuple
 import torch
 from torch.func import functional_call
 
-from fusesoup.train.loss import clm_loss
+from fusesoup.train.loss import clm_loss, student_log_probs
 
 Granularity = Literal["model", "layer", "module"]
 _LAYER = re.compile(r"^(.*?\.(?:layers|h|blocks)\.\d+)\.")  # llama/neox `layers.N`, gpt2 `h.N`
@@ -113,7 +113,7 @@ def learn_alphas(model: torch.nn.Module, stacked: dict[str, torch.Tensor],
         alphas = logits.softmax(dim=-1)
         weights = mix(stacked, dict(zip(names, alphas)), granularity)
         out = functional_call(model, weights, args=(), kwargs={"input_ids": input_ids, "attention_mask": mask})
-        loss = clm_loss(out.logits[:, :-1], input_ids[:, 1:], mask[:, 1:])
+        loss = clm_loss(student_log_probs(out.logits[:, :-1]), input_ids[:, 1:], mask[:, 1:])
         penalty = l1 * (alphas - 1.0 / count).abs().sum()
         optimizer.zero_grad(set_to_none=True)
         (loss + penalty).backward()

@@ -26,7 +26,7 @@ from fusesoup.evaluate import pad_batch
 from fusesoup.logits.sparse import SparseRows
 from fusesoup.params import TrainSpec
 from fusesoup.storage import atomic_dir, read_json
-from fusesoup.train.loss import FusionLoss, clm_loss, fusion_loss, pad_targets
+from fusesoup.train.loss import FusionLoss, clm_loss, fusion_loss, pad_targets, student_log_probs
 
 
 class TrainSequence(NamedTuple):
@@ -118,10 +118,11 @@ def train_target(model, sequences: Sequence[TrainSequence], spec: TrainSpec, lam
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             logits = model(input_ids=input_ids.to(device), attention_mask=attention.to(device)).logits
         logits = logits[:, :-1]  # [B, W, V]: position t predicts token t of the sequence (input t + 1)
-        clm = clm_loss(logits, labels.to(device), mask.to(device), positions)  # the losses upcast to float32
+        log_probs = student_log_probs(logits)  # float32; one log-softmax for both losses
+        clm = clm_loss(log_probs, labels.to(device), mask.to(device), positions)
         fusion = None
         if fused is not None and lam < 1:
-            fusion = fusion_loss(logits, fused._replace(ids=fused.ids.to(device), probs=fused.probs.to(device)),
+            fusion = fusion_loss(log_probs, fused._replace(ids=fused.ids.to(device), probs=fused.probs.to(device)),
                                  mask.to(device), kind, positions)
         loss = clm if fusion is None else lam * clm + (1 - lam) * fusion
         terms = torch.stack([loss.detach(), clm.detach(), fusion.detach() if fusion is not None else clm.detach()])

@@ -36,12 +36,17 @@ def pad_targets(rows: list[SparseRows], width: int) -> SparseTargets:
     return SparseTargets(torch.from_numpy(ids), torch.from_numpy(probs))
 
 
-def fusion_loss(logits: torch.Tensor, targets: SparseTargets, mask: torch.Tensor, kind: FusionLoss = "ce",
+def student_log_probs(logits: torch.Tensor) -> torch.Tensor:
+    """[B, L, V] float32 log-softmax of the student's logits: computed once per step, shared by both losses."""
+    return torch.log_softmax(logits.float(), dim=-1)
+
+
+def fusion_loss(log_probs: torch.Tensor, targets: SparseTargets, mask: torch.Tensor, kind: FusionLoss = "ce",
                 positions: float | None = None) -> torch.Tensor:
     """Mean over masked-in positions of the soft-label cross-entropy -sum_e p_e log q(id_e) (or KL(p || q), which
-    differs by the targets' entropy: same gradient, a loss that reaches 0). logits [B, L, V], mask [B, L].
-    `positions` replaces the local count as the denominator (data parallel: the global batch's count)."""
-    log_q = torch.log_softmax(logits.float(), dim=-1).gather(-1, targets.ids)  # [B, L, E]
+    differs by the targets' entropy: same gradient, a loss that reaches 0). log_probs [B, L, V] (student_log_probs),
+    mask [B, L]. `positions` replaces the local count as the denominator (data parallel: the global batch's count)."""
+    log_q = log_probs.gather(-1, targets.ids)  # [B, L, E]
     per_position = -(targets.probs * log_q).sum(-1)
     if kind == "kl":
         p = targets.probs
@@ -49,10 +54,11 @@ def fusion_loss(logits: torch.Tensor, targets: SparseTargets, mask: torch.Tensor
     return masked_mean(per_position, mask, positions)
 
 
-def clm_loss(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor,
+def clm_loss(log_probs: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor,
              positions: float | None = None) -> torch.Tensor:
-    """Mean next-token cross-entropy over masked-in positions; logits [B, L, V] already aligned with labels [B, L]."""
-    per_position = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), reduction="none")
+    """Mean next-token cross-entropy over masked-in positions; log_probs [B, L, V] (student_log_probs) already
+    aligned with labels [B, L]."""
+    per_position = torch.nn.functional.nll_loss(log_probs.flatten(0, 1), labels.flatten(), reduction="none")
     return masked_mean(per_position.view_as(labels), mask, positions)
 
 
