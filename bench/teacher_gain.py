@@ -72,16 +72,25 @@ def main() -> None:
     params = load_params(args.params)
     teachers = args.teachers or [name for name in params.sources if name != params.target]
     frame = read_split(Path(args.corpus), args.split)
-    report = {"split": args.split, "student": args.student, "part": args.part, "domains": {}}
-    for domain in sorted(set(frame["domain"].to_list())):
-        rows = frame.filter(frame["domain"] == domain)
-        if args.part != "all":
-            rows = largest_group_parts(frame, domain)[1][args.part]
-        texts = rows["text"].to_list()
-        student = token_costs(args.student, params, args.models_dir, texts, args.batch_tokens)
-        report["domains"][domain] = {"rows": len(texts), **{
-            teacher: gain_report(token_costs(teacher, params, args.models_dir, texts, args.batch_tokens), student)
-            for teacher in teachers}}
+    texts = {domain: (frame.filter(frame["domain"] == domain) if args.part == "all"
+                      else largest_group_parts(frame, domain)[1][args.part])["text"].to_list()
+             for domain in sorted(set(frame["domain"].to_list()))}
+    every_text = [text for domain_texts in texts.values() for text in domain_texts]
+
+    def costs_by_domain(name: str) -> dict[str, list]:
+        """token_costs of every selected text, model `name` loaded once, cut back into the domains."""
+        costs, start = token_costs(name, params, args.models_dir, every_text, args.batch_tokens), 0
+        by_domain = {}
+        for domain, domain_texts in texts.items():
+            by_domain[domain], start = costs[start : start + len(domain_texts)], start + len(domain_texts)
+        return by_domain
+
+    student = costs_by_domain(args.student)
+    teacher_costs = {teacher: costs_by_domain(teacher) for teacher in teachers}
+    report = {"split": args.split, "student": args.student, "part": args.part, "domains": {
+        domain: {"rows": len(domain_texts), **{teacher: gain_report(costs[domain], student[domain])
+                                               for teacher, costs in teacher_costs.items()}}
+        for domain, domain_texts in texts.items()}}
     print(json.dumps(report, indent=2))
 
 
