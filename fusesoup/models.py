@@ -1,4 +1,4 @@
-"""One loader for every model reference in params.yaml: bootstrapped, local path or hub id.
+"""One loader for every model the pipeline uses, from data/models/<name>: bootstrapped, pinned (path or hub), trained.
 
 Weights are read as safetensors only and remote code is off unless the reference turns it on. Every problem a
 user can cause (a missing directory, pickle-only weights, a vocabulary smaller than its tokenizer) is a
@@ -12,8 +12,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedConfig, PreTrainedModel
 
 from fusesoup.cli import StageError
-from fusesoup.corpus import TokenLimit
-from fusesoup.params import BootstrapRef, HubRef, ModelRef, Params, PathRef, Runtime
+from fusesoup.params import Params, Runtime
 
 DEFAULT_MODELS_DIR = "data/models"
 
@@ -28,36 +27,10 @@ class ModelError(StageError):
     """A model or tokenizer cannot be loaded or does not fit its use; the message names the model."""
 
 
-def model_reference(name: str, params: Params, data_dir: Path | str = DEFAULT_MODELS_DIR) -> ModelRef:
-    """`name`'s entry under params `models`, or, for a model the pipeline made (target-clm, a soup), its directory
-    `<data_dir>/<name>` as a local path (remote code off)."""
-    if name in params.models:
-        return params.models[name]
-    if (Path(data_dir) / name).is_dir():
-        return PathRef(source="path", path=str(Path(data_dir) / name))
-    raise ModelError(f"model {name!r} is neither defined under 'models' in the params (defined: "
-                     f"{sorted(params.models)}) nor a pipeline output at {Path(data_dir) / name}")
-
-
-def model_dir(name: str, params: Params, data_dir: Path | str = DEFAULT_MODELS_DIR) -> str:
-    """Where `name` loads from: `<data_dir>/<name>` for a bootstrap or pipeline model, its path, or its hub id."""
-    ref = model_reference(name, params, data_dir)
-    if isinstance(ref, BootstrapRef):
-        return str(Path(data_dir) / name)
-    if isinstance(ref, PathRef):
-        return ref.path
-    return ref.id
-
-
-def local_dir(name: str, params: Params, data_dir: Path | str = DEFAULT_MODELS_DIR) -> Path:
-    """A directory holding `name`'s files: its local directory, or for a hub model the local snapshot of its
-    safetensors weights, config and tokenizer files (downloaded once into the Hugging Face cache)."""
-    ref = model_reference(name, params, data_dir)
-    if isinstance(ref, HubRef):
-        from huggingface_hub import snapshot_download
-        return Path(snapshot_download(ref.id, revision=ref.revision,
-                                      allow_patterns=["*.safetensors", "*.json", "*.model", "*.txt"]))
-    return Path(_source(name, params, data_dir)[0])
+def model_path(name: str, data_dir: Path | str = DEFAULT_MODELS_DIR) -> Path:
+    """Where every model loads from: `<data_dir>/<name>`, written by bootstrap@, pin@ (path and hub models, linked),
+    train@ or soup."""
+    return Path(data_dir) / name
 
 
 def resolve_device_dtype(runtime: Runtime) -> tuple[torch.device, torch.dtype]:
@@ -76,33 +49,31 @@ def resolve_device_dtype(runtime: Runtime) -> tuple[torch.device, torch.dtype]:
 
 
 def _source(name: str, params: Params, data_dir: Path | str) -> tuple[str, dict]:
-    """(location, from_pretrained kwargs shared by tokenizer, config and model), after checking local paths."""
-    ref = model_reference(name, params, data_dir)
-    location = model_dir(name, params, data_dir)
-    if isinstance(ref, HubRef):
-        return location, {"revision": ref.revision, "trust_remote_code": ref.trust_remote_code}
-    if not Path(location).is_dir():
-        if isinstance(ref, BootstrapRef):
-            how = f"it is built by the DVC stage bootstrap@{name} (python -m stages.bootstrap {name})"
+    """(location, from_pretrained kwargs shared by tokenizer, config and model), after checking the directory."""
+    location = model_path(name, data_dir)
+    if not location.is_dir():
+        if name in params.bootstrap:
+            how = f"it is built by the DVC stage bootstrap@{name}"
+        elif name in params.models:
+            how = f"it is linked there by the DVC stage pin@{name} (dvc repro pin@{name})"
         else:
-            how = f"models.{name}.path in params.yaml must name a save_pretrained directory"
+            how = f"it is neither under 'models' nor 'bootstrap' in the params, nor written by an earlier stage"
         raise ModelError(f"model {name!r}: directory {location} does not exist; {how}")
-    trust = ref.trust_remote_code if isinstance(ref, PathRef) else False
-    return location, {"trust_remote_code": trust}
+    ref = params.models.get(name)
+    return str(location), {"trust_remote_code": bool(ref and ref.trust_remote_code)}
 
 
-def _describe(name: str, location: str, kwargs: dict) -> str:
-    revision = kwargs.get("revision")
-    return f"model {name!r} ({location}{'@' + revision if revision else ''})"
-
-
-def _from_pretrained(what: str, auto_class, name: str, params: Params, data_dir: Path | str):
-    location, kwargs = _source(name, params, data_dir)
+def load_from(what: str, auto_class, name: str, location: str, kwargs: dict):
+    """auto_class.from_pretrained(location, **kwargs); a failure is a ModelError naming the model and the part."""
     try:
         return auto_class.from_pretrained(location, **kwargs)
     except (OSError, ValueError) as error:
-        raise ModelError(f"{_describe(name, location, kwargs)}: cannot load its {what}: "
+        raise ModelError(f"model {name!r} ({location}): cannot load its {what}: "
                          f"{' '.join(str(error).split())}") from None
+
+
+def _from_pretrained(what: str, auto_class, name: str, params: Params, data_dir: Path | str):
+    return load_from(what, auto_class, name, *_source(name, params, data_dir))
 
 
 def load_tokenizer(name: str, params: Params, data_dir: Path | str = DEFAULT_MODELS_DIR):
@@ -115,7 +86,7 @@ def load_config(name: str, params: Params, data_dir: Path | str = DEFAULT_MODELS
     return _from_pretrained("config", AutoConfig, name, params, data_dir)
 
 
-def _check_safetensors(name: str, location: str) -> None:
+def check_safetensors(name: str, location: str | Path) -> None:
     """A local directory must hold safetensors weights: pickled .bin/.pt files are refused, not executed."""
     directory = Path(location)
     if any(directory.glob("*.safetensors")):
@@ -126,21 +97,37 @@ def _check_safetensors(name: str, location: str) -> None:
                      "only safetensors are loaded: re-save the model with save_pretrained")
 
 
+def stored_dtype(directory: Path | str) -> torch.dtype:
+    """The dtype most of a model directory's floating-point weights are stored in (safetensors headers only)."""
+    from safetensors import safe_open
+
+    counts: dict[str, int] = {}
+    for file in sorted(Path(directory).glob("*.safetensors")):
+        with safe_open(file, framework="pt") as handle:
+            for name in handle.keys():
+                dtype = handle.get_slice(name).get_dtype()
+                counts[dtype] = counts.get(dtype, 0) + 1
+    floating = {"F64": torch.float64, "F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
+    found = sorted((n, d) for d, n in counts.items() if d in floating)
+    if not found:
+        raise ModelError(f"{directory}: no floating-point safetensors weights")
+    return floating[found[-1][1]]
+
+
 def load_model(name: str, params: Params, data_dir: Path | str = DEFAULT_MODELS_DIR) -> tuple[PreTrainedModel, object]:
     """(model, tokenizer) for `name`: safetensors weights in runtime's dtype, on runtime's device, in eval mode."""
     location, kwargs = _source(name, params, data_dir)
-    if not isinstance(model_reference(name, params, data_dir), HubRef):
-        _check_safetensors(name, location)
+    check_safetensors(name, location)
     tokenizer = load_tokenizer(name, params, data_dir)
     device, dtype = resolve_device_dtype(params.runtime)
     try:
         model = AutoModelForCausalLM.from_pretrained(location, use_safetensors=True, dtype=dtype, **kwargs)
     except (OSError, ValueError) as error:
-        raise ModelError(f"{_describe(name, location, kwargs)}: cannot load its weights: "
+        raise ModelError(f"model {name!r} ({location}): cannot load its weights: "
                          f"{' '.join(str(error).split())}") from None
     rows = model.get_input_embeddings().weight.shape[0]
     if rows < len(tokenizer):
-        raise ModelError(f"{_describe(name, location, kwargs)}: the model's vocabulary has {rows} rows "
+        raise ModelError(f"model {name!r} ({location}): the model's vocabulary has {rows} rows "
                          f"(input embeddings) but its tokenizer has {len(tokenizer)} tokens; they do not belong "
                          "together")
     model.eval()
@@ -158,29 +145,3 @@ def context_length(config: PreTrainedConfig) -> int:
                 return value
     raise ModelError(f"{type(config).__name__} ({getattr(config, 'model_type', '?')}): no context length found "
                      f"(looked for {', '.join(_CONTEXT_ATTRIBUTES)})")
-
-
-def _token_counter(tokenizer):
-    def count_tokens(text: str) -> int:
-        return len(tokenizer(text, add_special_tokens=False).input_ids)
-
-    return count_tokens
-
-
-def external_token_limits(params: Params, data_dir: Path | str = DEFAULT_MODELS_DIR) -> list[TokenLimit]:
-    """A TokenLimit for every path or hub model (tokenizer and config only, no weights), in params order.
-
-    max_tokens leaves room for BOS and EOS. Bootstrap models need none: their tokenizers are trained on the
-    corpus and the schema makes their context hold max_chunk_bytes + TOKENS_OVER_BYTES.
-    """
-    limits = []
-    for name, ref in params.models.items():
-        if isinstance(ref, BootstrapRef):
-            continue
-        tokenizer = load_tokenizer(name, params, data_dir)
-        max_tokens = context_length(load_config(name, params, data_dir)) - SPECIAL_TOKENS_PER_SEQUENCE
-        if max_tokens <= 0:
-            raise ModelError(f"model {name!r}: context length {max_tokens + SPECIAL_TOKENS_PER_SEQUENCE} "
-                             "leaves no room for text")
-        limits.append(TokenLimit(model=name, count_tokens=_token_counter(tokenizer), max_tokens=max_tokens))
-    return limits

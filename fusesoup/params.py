@@ -36,10 +36,6 @@ class Runtime(Strict):
     threads: Annotated[int, Field(ge=0)] = 0  # torch CPU threads; 0 keeps torch's default
 
 
-class BootstrapRef(Strict):
-    source: Literal["bootstrap"]
-
-
 class PathRef(Strict):
     source: Literal["path"]
     path: str
@@ -53,7 +49,8 @@ class HubRef(Strict):
     trust_remote_code: bool = False
 
 
-ModelRef = Annotated[Union[BootstrapRef, PathRef, HubRef], Field(discriminator="source")]
+# A model the pipeline does not build; pin@<name> links its files into data/models/<name> (fusesoup/pin.py).
+ModelRef = Annotated[Union[PathRef, HubRef], Field(discriminator="source")]
 
 
 class BuiltinCodeSource(Strict):
@@ -263,7 +260,7 @@ class Flow(Strict):
 class Params(Strict):
     seed: int = 0
     runtime: Runtime = Runtime()
-    models: Annotated[dict[ModelName, ModelRef], Field(min_length=1)]
+    models: dict[ModelName, ModelRef] = {}  # path and hub models; bootstrapped ones are named under `bootstrap`
     target: ModelName
     sources: Annotated[list[ModelName], Field(min_length=1)]
     corpus: Corpus
@@ -276,29 +273,39 @@ class Params(Strict):
     evaluate: Evaluate = Evaluate()
     flow: Flow = Flow()
 
+    @model_validator(mode="before")
+    @classmethod
+    def _no_bootstrap_refs(cls, raw: Any) -> Any:
+        for name, ref in ((raw or {}).get("models") or {}).items() if isinstance(raw, dict) else ():
+            if isinstance(ref, dict) and ref.get("source") == "bootstrap":
+                raise _KeyProblem(f"models.{name}", "source 'bootstrap' is not a models entry: a bootstrapped model "
+                                  f"is defined by its bootstrap.{name} section alone; delete models.{name}")
+        return raw
+
     @model_validator(mode="after")
     def _references_resolve(self) -> "Params":
+        both = sorted(set(self.models) & set(self.bootstrap))
+        if both:
+            raise _KeyProblem(f"models.{both[0]}", f"is also under 'bootstrap': a model is either built (bootstrap) "
+                              "or given (models: path or hub), not both")
+        known = self.model_names()
         for key, name in [("target", self.target)] + [(f"sources.{i}", n) for i, n in enumerate(self.sources)]:
-            if name not in self.models:
-                raise _KeyProblem(key, f"model {name!r} is not defined under 'models' (defined: {sorted(self.models)})")
+            if name not in known:
+                raise _KeyProblem(key, f"model {name!r} is defined neither under 'models' nor under 'bootstrap' "
+                                  f"(defined: {known})")
         if self.target not in self.sources:
             raise _KeyProblem("sources", f"must include the target {self.target!r}: its own logits are fused too")
         trained, ingredients = set(TRAINED_MODELS), self.soup_ingredients()
         if len(ingredients) < 2:
             raise _KeyProblem("soup.ingredients", f"a soup needs at least 2 ingredients, got {ingredients}")
         for i, name in enumerate(ingredients):
-            if name not in self.models and name not in trained:
-                raise _KeyProblem(f"soup.ingredients.{i}", f"model {name!r} is neither defined under 'models' nor "
-                                  f"one the pipeline trains ({', '.join(TRAINED_MODELS)})")
+            if name not in known and name not in trained:
+                raise _KeyProblem(f"soup.ingredients.{i}", f"model {name!r} is neither defined under 'models' or "
+                                  f"'bootstrap' nor one the pipeline trains ({', '.join(TRAINED_MODELS)})")
         for i, name in enumerate(self.soup.probe.between):
             if name not in ingredients:
                 raise _KeyProblem(f"soup.probe.between.{i}", f"{name!r} is not one of soup.ingredients")
-        for name, ref in self.models.items():
-            if ref.source == "bootstrap" and name not in self.bootstrap:
-                raise _KeyProblem(f"models.{name}", f"source is 'bootstrap' but there is no bootstrap.{name} entry")
         for name, spec in self.bootstrap.items():
-            if name not in self.models or self.models[name].source != "bootstrap":
-                raise _KeyProblem(f"bootstrap.{name}", f"needs models.{name} with source: bootstrap")
             needed = self.corpus.max_chunk_bytes + TOKENS_OVER_BYTES
             if spec.model.context < needed:
                 raise _KeyProblem(
@@ -322,10 +329,9 @@ class Params(Strict):
         """soup.ingredients, or by default the target base and its two continued-training variants."""
         return list(self.soup.ingredients) or [self.target, *TRAINED_MODELS]
 
-    def model_ref(self, name: str) -> ModelRef:
-        if name not in self.models:
-            raise ParamsError(f"model {name!r} is not defined under 'models' (defined: {sorted(self.models)})")
-        return self.models[name]
+    def model_names(self) -> list[str]:
+        """Every model the params define: bootstrapped ones first, then path and hub models, in file order."""
+        return [*self.bootstrap, *self.models]
 
 
 class _KeyProblem(ValueError):
@@ -347,7 +353,7 @@ def _key_path(loc: tuple[Any, ...]) -> str:
 
 _UNION_TAGS = [
     (["corpus", "sources"], 3, {"builtin_code", "builtin_prose", "files", "hub"}),
-    (["models"], 2, {"bootstrap", "path", "hub"}),
+    (["models"], 2, {"path", "hub"}),
 ]
 
 
@@ -376,8 +382,8 @@ def parse_params(raw: Any, path: Path | str = "params.yaml") -> Params:
         raise ParamsError(_one_line(Path(path), error)) from None
 
 
-def load_params(path: Path | str = "params.yaml") -> Params:
-    """Read and validate a params file."""
+def read_mapping(path: Path | str) -> dict:
+    """A YAML file's top-level mapping; ParamsError naming the file otherwise (missing, not YAML, not a mapping)."""
     path = Path(path)
     try:
         raw = yaml.safe_load(path.read_text(encoding="utf-8"))
@@ -387,14 +393,19 @@ def load_params(path: Path | str = "params.yaml") -> Params:
         raise ParamsError(f"{path}: not valid YAML: {' '.join(str(error).split())}") from None
     if not isinstance(raw, dict):
         raise ParamsError(f"{path}: expected a mapping at the top level, got {type(raw).__name__}")
-    return parse_params(raw, path)
+    return raw
+
+
+def load_params(path: Path | str = "params.yaml") -> Params:
+    """Read and validate a params file."""
+    return parse_params(read_mapping(path), path)
 
 
 def deep_merge(base: dict, overrides: dict) -> dict:
-    """`base` with `overrides` applied recursively (mappings merge, anything else replaces)."""
+    """`base` with `overrides` applied recursively (mappings merge; anything else, and an empty mapping, replaces)."""
     merged = dict(base)
     for key, value in overrides.items():
-        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+        if isinstance(value, dict) and value and isinstance(merged.get(key), dict):
             merged[key] = deep_merge(merged[key], value)
         else:
             merged[key] = value

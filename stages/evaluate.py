@@ -19,7 +19,7 @@ from fusesoup.cli import run_stage
 from fusesoup.corpus import read_split
 from fusesoup.evaluate import score_by_domain
 from fusesoup.harness import run_harness
-from fusesoup.models import load_model, local_dir, resolve_device_dtype
+from fusesoup.models import load_model, model_path, resolve_device_dtype
 from fusesoup.params import TRAINED_MODELS, load_params
 from fusesoup.report import write_report
 from fusesoup.storage import read_json, write_csv, write_json
@@ -53,7 +53,7 @@ def harness_models(evaluation: dict, locations: dict[str, str], params, params_d
     results = {}
     for name, domains in evaluation.items():
         if any("accuracy" in metrics for metrics in domains.values()):
-            results[name] = run_harness(local_dir(name, params, locations[name]), list(settings.harness_tasks),
+            results[name] = run_harness(model_path(name, locations[name]), list(settings.harness_tasks),
                                         include, settings.harness_limit, settings.harness_batch_size, device)
             print(f"evaluate: {name}: harness " + ", ".join(
                 f"{task} {m['acc']:.3f}" if "acc" in m else task for task, m in results[name].items()), flush=True)

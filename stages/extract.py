@@ -12,8 +12,8 @@ import torch
 
 from fusesoup.cli import StageError, run_stage
 from fusesoup.logits.extract import directory_fingerprint, extract_store, key_parts
-from fusesoup.models import load_config, load_model, model_dir, resolve_device_dtype
-from fusesoup.params import HubRef, load_params
+from fusesoup.models import load_config, load_model, model_path, resolve_device_dtype
+from fusesoup.params import load_params
 from fusesoup.storage import write_json
 
 
@@ -22,7 +22,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("teacher", help="the model: one of params.yaml's sources")
     parser.add_argument("--params", default="params.yaml", help="the params file (default: params.yaml)")
     parser.add_argument("--corpus", default="data/corpus", help="the corpus directory (default: data/corpus)")
-    parser.add_argument("--models", default="data/models", help="where bootstrap models live (default: data/models)")
+    parser.add_argument("--models", default="data/models", help="where models live (default: data/models)")
     parser.add_argument("--out", help="the store directory (default: data/logits/<teacher>)")
     parser.add_argument("--metrics", help="metrics JSON, written once the store is complete "
                                           "(default: metrics/extract/<teacher>.json)")
@@ -38,12 +38,8 @@ def main(argv: list[str] | None = None) -> None:
     if params.runtime.threads:
         torch.set_num_threads(params.runtime.threads)
     _, dtype = resolve_device_dtype(params.runtime)
-    ref = params.model_ref(teacher)
-    location = model_dir(teacher, params, args.models)
     config = load_config(teacher, params, args.models)
-    fingerprint = ({"hub": ref.id, "revision": ref.revision, "commit": getattr(config, "_commit_hash", None)}
-                   if isinstance(ref, HubRef) else directory_fingerprint(location))
-    parts = key_parts(fingerprint, args.corpus, params.extract, dtype)
+    parts = key_parts(directory_fingerprint(model_path(teacher, args.models)), args.corpus, params.extract, dtype)
 
     manifest = extract_store(lambda: load_model(teacher, params, args.models), config.vocab_size, args.corpus, out,
                              params.extract, parts, args.num_workers, args.worker_index,

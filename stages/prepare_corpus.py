@@ -14,12 +14,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", default="data/corpus", help="the corpus directory (default: data/corpus)")
     args = parser.parse_args(argv)
     params = load_params(args.params)
-    from fusesoup.models import external_token_limits  # loads tokenizers of path/hub models only
+    from fusesoup.pin import external_token_limits  # loads tokenizers of path/hub models only
 
-    manifest = prepare_corpus(params.corpus, args.out, external_token_limits(params))
+    limits = external_token_limits(params)
+    manifest = prepare_corpus(params.corpus, args.out, limits)
     totals = manifest["totals"]
     print(f"{args.out}: {totals['documents']} documents, {totals['chunks']} chunks, {totals['bytes']} bytes "
-          f"(train/valid/test chunks: {'/'.join(str(s['chunks']) for s in manifest['splits'].values())})")
+          f"(train/valid/test chunks: {'/'.join(str(s['chunks']) for s in manifest['splits'].values())})"
+          + "".join(f"; chunks fit {limit.model} ({limit.max_tokens} tokens)" for limit in limits))
     for split, stats in manifest["splits"].items():
         for domain, counts in stats["domains"].items():
             if split != "train" and counts["largest_group_share"] > 0.5:

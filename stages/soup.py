@@ -20,7 +20,7 @@ import yaml
 from fusesoup.cli import StageError, run_stage
 from fusesoup.corpus import read_split
 from fusesoup.evaluate import bits_per_byte, encode_texts, pad_batch, plan_batches
-from fusesoup.models import load_model, local_dir
+from fusesoup.models import load_model, model_path
 from fusesoup.params import Params, load_params
 from fusesoup.soup.learn import greedy_soup, group_of, learn_alphas, load_weights, mix, stack_ingredients, uniform
 from fusesoup.soup.merge import SoupError, check_ingredients, plan_linear, write_linear_merge
@@ -96,7 +96,7 @@ def main(argv: list[str] | None = None) -> None:
     if params.runtime.threads:
         torch.set_num_threads(params.runtime.threads)
     names = params.soup_ingredients()
-    directories = [local_dir(name, params, args.models) for name in names]
+    directories = [model_path(name, args.models) for name in names]
     dtype = next(iter(check_ingredients(directories).values()))[1]  # shapes, dtypes and names checked first
     loaded = [load_model(name, params, args.models) for name in names]
     tokenizer = loaded[0][1]

@@ -10,7 +10,6 @@ Data parallel: `accelerate launch --num_processes N -m stages.train fused` (or t
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
 import time
 from pathlib import Path
@@ -24,9 +23,10 @@ from fusesoup.evaluate import score_by_domain
 from fusesoup.logits.extract import content_key, directory_fingerprint
 from fusesoup.logits.sparse_store import FUSED_EXTRAS, SparseStore
 from fusesoup.logits.store import LogitStore
-from fusesoup.models import load_model, model_dir
+from fusesoup.models import load_model, model_path, stored_dtype
 from fusesoup.params import load_params
 from fusesoup.storage import atomic_dir, write_csv, write_json
+from fusesoup.train.launch import init_distributed
 from fusesoup.train.loop import TrainSequence, train_target
 
 VARIANTS = ("clm", "fused")
@@ -61,10 +61,7 @@ def main(argv: list[str] | None = None) -> None:
     spec, target = params.train, params.target
     if params.runtime.threads:
         torch.set_num_threads(params.runtime.threads)
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():  # set by accelerate launch, torchrun
-        if torch.cuda.is_available():
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    init_distributed()  # WORLD_SIZE etc. from accelerate launch or torchrun; refuses options it would ignore
 
     sequences, data_key = load_sequences(variant, Path(args.fused), Path(args.logits) / target)
     if not sequences:
@@ -73,7 +70,7 @@ def main(argv: list[str] | None = None) -> None:
     model.float()  # master weights in float32; CUDA runs under bf16 autocast in the loop
     lam = spec.lam if variant == "fused" else 1.0
     key = content_key({"variant": variant, "train": spec.model_dump(), "seed": params.seed, "data": data_key,
-                       "base": directory_fingerprint(model_dir(target, params, args.models))})
+                       "base": directory_fingerprint(model_path(target, args.models))})
     checkpoints = Path(args.checkpoints or f"data/checkpoints/{variant}")
     started = time.perf_counter()
     log = train_target(model, sequences, spec, lam, spec.fusion_loss, params.seed, checkpoints, key,
@@ -85,9 +82,11 @@ def main(argv: list[str] | None = None) -> None:
         if rank:
             return
 
+    model.to(stored_dtype(model_path(target, args.models)))  # saved as the base is (soups mix them tensor by tensor)
     with atomic_dir(args.out or f"data/models/target-{variant}") as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+    model.float()  # scored below as later stages load it: the saved weights, computed in float32
     shutil.rmtree(checkpoints, ignore_errors=True)
 
     metrics = {"train": {"steps": len(log), "tokens": log[-1]["tokens"], "final_loss": log[-1]["loss"],

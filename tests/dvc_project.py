@@ -9,7 +9,7 @@ from pathlib import Path
 
 import yaml
 
-from fusesoup.params import deep_merge
+from fusesoup.profiles import dump, with_profile
 
 REPO = Path(__file__).resolve().parents[1]
 PROJECT_FILES = ["dvc.yaml", "params.yaml", "fusesoup", "stages", "flows", "profiles", ".dvcignore"]
@@ -44,9 +44,7 @@ def make_project(dest: Path, profile: str | None = "tiny") -> Path:
         elif source.exists():
             shutil.copy2(source, dest / name)
     if profile:
-        params = yaml.safe_load((REPO / "params.yaml").read_text())
-        overrides = yaml.safe_load((REPO / "profiles" / f"{profile}.yaml").read_text())
-        (dest / "params.yaml").write_text(yaml.safe_dump(deep_merge(params, overrides), sort_keys=False, allow_unicode=True))
+        (dest / "params.yaml").write_text(dump(with_profile(REPO / "params.yaml", REPO / "profiles" / f"{profile}.yaml")))
     run(["git", "init", "-q"], dest)
     dvc(dest, "init", "-q")
     dvc(dest, "config", "core.analytics", "false")

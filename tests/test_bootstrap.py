@@ -162,7 +162,7 @@ def test_bootstrap_stage(tmp_path, monkeypatch):
              "domains": {"code": 1.0},
              "model": {"hidden_size": 32, "layers": 1, "heads": 2, "intermediate_size": 64, "context": 259},
              "train": {"steps": 3, "batch_tokens": 256, "lr": 3e-3, "warmup_steps": 1}}
-    raw = {"models": {"spec": {"source": "bootstrap"}}, "target": "spec", "sources": ["spec"],
+    raw = {"target": "spec", "sources": ["spec"],
            "corpus": {"sources": [{"kind": "builtin_code"}], "max_chunk_bytes": 256},
            "runtime": {"device": "cpu", "threads": torch.get_num_threads()}, "bootstrap": {"spec": entry}}
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))

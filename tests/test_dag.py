@@ -237,14 +237,12 @@ def test_extraction_reruns_for_k_and_for_a_new_teacher_only(built, tmp_path):
     assert json.loads(dvc(repo, "status", "--json").stdout) == {}
 
     params = yaml.safe_load((repo / "params.yaml").read_text())
-    params["models"]["code-neox-2"] = {"source": "bootstrap"}
     params["bootstrap"]["code-neox-2"] = {**params["bootstrap"]["code-neox"], "architecture": "llama"}
     params["sources"].append("code-neox-2")
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     out = dvc(repo, "repro").stdout
-    # prepare_corpus reads `models` (for token limits) so it reruns, but its output is unchanged
     # soup reruns only if target-fused changed: on the tiny profile the new teacher may win no sequence at all
-    assert ran_stages(out) - {"soup"} == {"prepare_corpus", "bootstrap@code-neox-2", "extract@code-neox-2",
+    assert ran_stages(out) - {"soup"} == {"bootstrap@code-neox-2", "extract@code-neox-2",
                                           "align@code-neox-2", "fuse", "train@fused", "evaluate"}
     assert LogitStore(repo / "data/logits/code-neox-2").k == 10
 

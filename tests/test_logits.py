@@ -275,7 +275,8 @@ def stage_project(model, tokenizer, tmp_path_factory) -> Path:
 
 
 def stage_cmd(root: Path, out: str, *extra: str) -> list[str]:
-    return ["teacher", "--params", str(root / "params.yaml"), "--corpus", str(root / "corpus"), "--out",
+    return ["teacher", "--params", str(root / "params.yaml"), "--corpus", str(root / "corpus"),
+            "--models", str(root / "models"), "--out",
             str(root / out), "--metrics", str(root / f"{out}.json"), "--no-progress", *extra]
 
 

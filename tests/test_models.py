@@ -11,9 +11,9 @@ from transformers import GPT2Config, LlamaConfig, PreTrainedConfig, PreTrainedTo
 
 from fusesoup.bootstrap import build_model
 from fusesoup.evaluate import BpbResult, ContextError, plan_batches, bits_per_byte
-from fusesoup.models import (ModelError, context_length, external_token_limits, load_model, load_tokenizer,
-                             model_dir, resolve_device_dtype)
+from fusesoup.models import ModelError, context_length, load_model, load_tokenizer, model_path, resolve_device_dtype
 from fusesoup.params import ModelSpec, Runtime, parse_params
+from fusesoup.pin import external_token_limits
 
 TEXTS = [
     "def add(a, b):\n    return a + b\n",
@@ -41,10 +41,9 @@ def tiny_spec(context: int = 128) -> ModelSpec:
 
 
 def make_params(models_section: dict, bootstrap: dict | None = None):
-    raw = {"models": models_section, "target": next(iter(models_section)), "sources": list(models_section),
+    names = [*(bootstrap or {}), *models_section]
+    raw = {"models": models_section, "bootstrap": bootstrap or {}, "target": names[0], "sources": names,
            "corpus": {"sources": [{"kind": "builtin_code"}], "max_chunk_bytes": 64}}
-    if bootstrap:
-        raw["bootstrap"] = bootstrap
     return parse_params(raw, "test")
 
 
@@ -71,13 +70,9 @@ def saved(tmp_path_factory, tokenizer) -> tuple[Path, torch.nn.Module]:
 
 # --- where models come from ---------------------------------------------------------------------------------------
 
-def test_model_dir_for_every_source():
-    params = make_params({"boot": {"source": "bootstrap"}, "local": {"source": "path", "path": "/m/local"},
-                          "hub": {"source": "hub", "id": "org/model", "revision": "v1"}}, {"boot": BOOTSTRAP_ENTRY})
-    assert model_dir("boot", params) == str(Path("data/models") / "boot")
-    assert model_dir("boot", params, data_dir="/x") == "/x/boot"
-    assert model_dir("local", params) == "/m/local"
-    assert model_dir("hub", params) == "org/model"
+def test_every_model_loads_from_its_data_models_directory():
+    assert model_path("boot") == Path("data/models/boot")
+    assert model_path("hub", data_dir="/x") == Path("/x/hub")
 
 
 def test_resolve_device_dtype():
@@ -95,8 +90,8 @@ def test_round_trip_through_save_pretrained(saved, tokenizer):
     directory, original = saved
     assert (directory / "model.safetensors").is_file()
     assert not list(directory.glob("*.bin"))
-    params = make_params({"tiny": {"source": "path", "path": str(directory)}})
-    model, loaded_tokenizer = load_model("tiny", params)
+    params = make_params({"tiny": {"source": "path", "path": "/elsewhere"}})  # loaded from data_dir, where pin@ links it
+    model, loaded_tokenizer = load_model("tiny", params, data_dir=directory.parent)
     assert not model.training
     assert model.dtype == torch.float32 and model.device.type == resolve_device_dtype(params.runtime)[0].type
     assert len(loaded_tokenizer) == len(tokenizer)
@@ -105,22 +100,23 @@ def test_round_trip_through_save_pretrained(saved, tokenizer):
     assert saved_state.keys() == loaded_state.keys()
     for key, value in saved_state.items():
         assert torch.equal(value, loaded_state[key].cpu()), key
-    assert load_tokenizer("tiny", params).bos_token == "<s>"
+    assert load_tokenizer("tiny", params, data_dir=directory.parent).bos_token == "<s>"
 
 
 def test_missing_bootstrap_model_names_the_stage_that_builds_it(tmp_path):
-    params = make_params({"boot": {"source": "bootstrap"}}, {"boot": BOOTSTRAP_ENTRY})
+    params = make_params({}, {"boot": BOOTSTRAP_ENTRY})
     with pytest.raises(ModelError) as caught:
         load_model("boot", params, data_dir=tmp_path)
     message = str(caught.value)
     assert "'boot'" in message and str(tmp_path / "boot") in message and "bootstrap@boot" in message
 
 
-def test_missing_path_model_names_model_and_path(tmp_path):
+def test_unpinned_path_model_names_the_stage_that_links_it(tmp_path):
     params = make_params({"mine": {"source": "path", "path": str(tmp_path / "nowhere")}})
     for load in (load_model, load_tokenizer):
-        with pytest.raises(ModelError, match=r"model 'mine': directory .*nowhere does not exist"):
-            load("mine", params)
+        with pytest.raises(ModelError, match=r"model 'mine': directory .*mine does not exist; it is linked there by "
+                                             r"the DVC stage pin@mine"):
+            load("mine", params, data_dir=tmp_path)
 
 
 def test_vocab_smaller_than_tokenizer_is_refused(tmp_path, tokenizer):
@@ -130,9 +126,9 @@ def test_vocab_smaller_than_tokenizer_is_refused(tmp_path, tokenizer):
                          num_attention_heads=2, max_position_embeddings=64)
     AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path)
     tokenizer.save_pretrained(tmp_path)
-    params = make_params({"small": {"source": "path", "path": str(tmp_path)}})
+    params = make_params({tmp_path.name: {"source": "path", "path": str(tmp_path)}})
     with pytest.raises(ModelError) as caught:
-        load_model("small", params)
+        load_model(tmp_path.name, params, data_dir=tmp_path.parent)
     assert "256 rows" in str(caught.value) and f"{len(tokenizer)} tokens" in str(caught.value)
 
 
@@ -141,9 +137,9 @@ def test_pickle_only_directory_is_refused(tmp_path, saved):
     for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):
         (tmp_path / name).write_bytes((directory / name).read_bytes())
     torch.save(model.state_dict(), tmp_path / "pytorch_model.bin")
-    params = make_params({"old": {"source": "path", "path": str(tmp_path)}})
-    with pytest.raises(ModelError, match=r"'old'.*no safetensors weights.*pytorch_model\.bin"):
-        load_model("old", params)
+    params = make_params({tmp_path.name: {"source": "path", "path": str(tmp_path)}})
+    with pytest.raises(ModelError, match=r"no safetensors weights.*pytorch_model\.bin"):
+        load_model(tmp_path.name, params, data_dir=tmp_path.parent)
 
 
 def test_context_length_of_each_family():
@@ -160,9 +156,8 @@ def test_external_token_limits_read_tokenizer_and_config_only(tmp_path, saved, t
     for path in directory.iterdir():
         if path.suffix != ".safetensors":
             (no_weights / path.name).write_bytes(path.read_bytes())
-    params = make_params({"boot": {"source": "bootstrap"}, "ext": {"source": "path", "path": str(no_weights)}},
-                         {"boot": BOOTSTRAP_ENTRY})
-    limits = external_token_limits(params, data_dir=tmp_path / "absent")
+    params = make_params({"ext": {"source": "path", "path": str(no_weights)}}, {"boot": BOOTSTRAP_ENTRY})
+    limits = external_token_limits(params)  # read where the model lives: pin@ may not have run yet
     assert [limit.model for limit in limits] == ["ext"]
     assert limits[0].max_tokens == tiny_spec().context - 2
     for text in TEXTS[:6]:

@@ -31,7 +31,7 @@ def error_for(raw: dict, change, tmp_path: Path) -> str:
 def test_repo_params_and_tiny_profile_are_valid(raw):
     params = load_params(REPO / "params.yaml")
     assert params.target in params.sources
-    assert set(params.bootstrap) == {n for n, ref in params.models.items() if ref.source == "bootstrap"}
+    assert params.models == {} and params.model_names() == list(params.bootstrap) == params.sources  # offline default
     tiny = yaml.safe_load((REPO / "profiles" / "tiny.yaml").read_text())
     parse_params(deep_merge(raw, tiny), "tiny")
 
@@ -46,10 +46,11 @@ def test_repo_params_and_tiny_profile_are_valid(raw):
         (lambda r: r["corpus"]["sources"].append({"kind": "files", "paths": ["x.txt"]}), "corpus.sources.2: give exactly one of 'domain' or 'domain_field'"),
         (lambda r: r["corpus"]["split"].update(valid=0.6, test=0.5), "corpus.split: valid + test must be below 1"),
         (lambda r: r["corpus"].__setitem__("on_error", "ignore"), "corpus.on_error: Input should be 'fail' or 'skip', got 'ignore'"),
-        (lambda r: r.__setitem__("target", "llama-70b"), "target: model 'llama-70b' is not defined under 'models'"),
-        (lambda r: r["sources"].append("ghost"), "sources.3: model 'ghost' is not defined under 'models'"),
+        (lambda r: r.__setitem__("target", "llama-70b"), "target: model 'llama-70b' is defined neither under 'models' nor under 'bootstrap'"),
+        (lambda r: r["sources"].append("ghost"), "sources.3: model 'ghost' is defined neither under 'models' nor under 'bootstrap'"),
         (lambda r: r["sources"].remove("target-base"), "sources: must include the target 'target-base'"),
-        (lambda r: r["models"].__setitem__("extra", {"source": "bootstrap"}), "models.extra: source is 'bootstrap' but there is no bootstrap.extra entry"),
+        (lambda r: r["models"].__setitem__("extra", {"source": "bootstrap"}), "models.extra: source 'bootstrap' is not a models entry: a bootstrapped model is defined by its bootstrap.extra section alone"),
+        (lambda r: r["models"].__setitem__("code-neox", {"source": "path", "path": "/m"}), "models.code-neox: is also under 'bootstrap'"),
         (lambda r: r["models"].__setitem__("hubby", {"source": "hub"}), "models.hubby.id: required key is missing"),
         (lambda r: r["models"].__setitem__("Bad Name", {"source": "path", "path": "/m"}), "models.Bad Name.[key]: String should match pattern"),
         (lambda r: r["bootstrap"]["code-neox"]["model"].__setitem__("context", 512), "bootstrap.code-neox.model.context: must be >= corpus.max_chunk_bytes + 3"),

@@ -226,7 +226,9 @@ def prepare_corpus(
 ) -> dict[str, Any]:
     """Build the corpus into `out_dir` ({train,valid,test}.parquet + manifest.json) and return the manifest.
 
-    The directory is swapped in whole at the end, so a failure leaves the previous corpus (or nothing).
+    The directory is swapped in whole at the end, so a failure leaves the previous corpus (or nothing). The token
+    limits shape the chunks but are not recorded: a model whose limits cut nothing leaves the output byte-identical,
+    so adding it reruns nothing downstream.
     """
     stats = [SourceStats() for _ in corpus.sources]
     streams = [  # opened up front, so a pattern that matches nothing stops the stage before any reading
@@ -247,7 +249,6 @@ def prepare_corpus(
             "totals": {key: sum(split[key] for split in splits.values()) for key in ("documents", "chunks", "bytes")},
             "sources": [{"kind": source.kind} | stat.to_json() for source, stat in zip(corpus.sources, stats)],
             "content_hash": content_hash(splits),
-            "token_limits": {limit.model: limit.max_tokens for limit in token_limits},
             "corpus": corpus.model_dump(mode="json"),
         }
         write_json(Path(tmp) / "manifest.json", manifest)

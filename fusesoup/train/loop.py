@@ -18,7 +18,7 @@ from typing import NamedTuple, Sequence
 import numpy as np
 import torch
 import torch.distributed as dist
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_model, save_model
 from tqdm.auto import tqdm
 
 from fusesoup.bootstrap import GRAD_CLIP, TrainingError, lr_at, make_optimizer
@@ -67,7 +67,7 @@ def save_checkpoint(directory: Path, key: str, model, optimizer, step: int, log:
             dist.barrier()  # wait until rank 0 has swapped the checkpoint in
             return
     with atomic_dir(directory) as tmp:
-        save_file({name: t.detach().contiguous() for name, t in model.state_dict().items()}, tmp / "model.safetensors")
+        save_model(model, tmp / "model.safetensors")  # tied embeddings (one tensor under two names) saved once
         torch.save({"optimizer": optimizer.state_dict(), "rng": torch.get_rng_state()}, tmp / "optimizer.pt")
         (tmp / "state.json").write_text(json.dumps({"key": key, "step": step, "log": log}))
     if dist.is_initialized():
@@ -81,7 +81,7 @@ def load_checkpoint(directory: Path, key: str, model, optimizer) -> tuple[int, l
     state = read_json(directory / "state.json")
     if state.get("key") != key:
         return 0, []
-    model.load_state_dict(load_file(directory / "model.safetensors"))
+    load_model(model, directory / "model.safetensors")
     saved = torch.load(directory / "optimizer.pt", weights_only=True)
     optimizer.load_state_dict(saved["optimizer"])
     torch.set_rng_state(saved["rng"])

@@ -1,0 +1,51 @@
+"""Tiny checkpoints of real transformers architectures, and a Hugging Face cache laid out as huggingface_hub does.
+
+The cache layout: <cache>/models--<org>--<name>/{blobs/<hash>, snapshots/<commit>/<file> -> ../../blobs/<hash>,
+refs/<branch> (the commit)}; with HF_HUB_CACHE pointing at it and HF_HUB_OFFLINE=1, `snapshot_download` resolves a
+branch through refs/ and returns the snapshot without any network.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, PretrainedConfig
+
+from fusesoup.tokenizer_families import train_tokenizer
+
+TEXTS = ["def add(a, b):\n    return a + b\n", "The quick brown fox jumps over the lazy dog.\n",
+         "for i in range(10):\n    print(i * i)\n", "Return the sum of the arguments, or raise TypeError.\n",
+         "class Stack:\n    def push(self, item):\n        self.items.append(item)\n"] * 8
+
+
+def save_checkpoint(directory: Path, config: PretrainedConfig, tokenizer_kind: str, vocab: int = 320,
+                    dtype: torch.dtype = torch.float32, seed: int = 0) -> Path:
+    """A randomly initialised model of `config`'s architecture with a tokenizer of `tokenizer_kind`, saved with
+    save_pretrained (safetensors) in `dtype`."""
+    tokenizer = train_tokenizer(tokenizer_kind, TEXTS, vocab)
+    config.vocab_size = len(tokenizer)
+    config.bos_token_id, config.eos_token_id = tokenizer.bos_token_id, tokenizer.eos_token_id
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config).to(dtype)
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+def add_snapshot(cache: Path, repo_id: str, files_from: Path, commit: str, branch: str | None = "main") -> Path:
+    """Put `files_from`'s files into the cache as `repo_id` at `commit` (and point `branch` at it)."""
+    repo = cache / f"models--{repo_id.replace('/', '--')}"
+    snapshot = repo / "snapshots" / commit
+    (repo / "blobs").mkdir(parents=True, exist_ok=True)
+    snapshot.mkdir(parents=True, exist_ok=True)
+    for file in sorted(files_from.iterdir()):
+        data = file.read_bytes()
+        blob = repo / "blobs" / hashlib.sha256(data).hexdigest()
+        blob.write_bytes(data)
+        (snapshot / file.name).symlink_to(os.path.relpath(blob, snapshot))
+    if branch:
+        (repo / "refs").mkdir(exist_ok=True)
+        (repo / "refs" / branch).write_text(commit)
+    return snapshot

@@ -1,0 +1,97 @@
+"""End to end with no bootstrap at all: the tiny DAG on path and hub models only (the hub one from an offline cache
+laid out as huggingface_hub lays it out), and DVC rerunning exactly what a change to one of them affects."""
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors import safe_open
+from transformers import GPTNeoXConfig, MistralConfig, Qwen2Config
+
+from fusesoup.models import stored_dtype
+from tests.dvc_project import dvc, make_project, set_param
+from tests.hub_cache import add_snapshot, save_checkpoint
+
+pytestmark = pytest.mark.e2e
+COMMIT_A, COMMIT_B = "1" * 40, "2" * 40
+SMALL = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
+         "max_position_embeddings": 512}
+
+
+def qwen2() -> Qwen2Config:  # tied input/output embeddings, as Qwen2.5-0.5B ships
+    return Qwen2Config(**SMALL, num_key_value_heads=1, tie_word_embeddings=True)
+
+
+@pytest.fixture(scope="module")
+def external(tmp_path_factory):
+    """A tiny-profile project whose target (qwen2, bf16, tied) and sources (gpt_neox from the hub cache, mistral
+    fp16) are all given models, after one `dvc repro`."""
+    root = tmp_path_factory.mktemp("external")
+    # tokenizer families as these architectures ship them where transformers insists (AutoTokenizer builds
+    # Qwen2Tokenizer, byte-level, for any qwen2 checkpoint whatever its tokenizer_config says)
+    target = save_checkpoint(root / "given/base-qwen", qwen2(), "byte_level_bpe", 400, torch.bfloat16)
+    mistral = save_checkpoint(root / "given/prose-mistral", MistralConfig(**SMALL, num_key_value_heads=1),
+                              "unigram", 350, torch.float16)
+    for commit, seed in ((COMMIT_B, 1), (COMMIT_A, 0)):  # main ends at COMMIT_A
+        neox_dir = save_checkpoint(root / f"given/neox-{seed}", GPTNeoXConfig(**SMALL), "sentencepiece_bpe", 450,
+                                   seed=seed)
+        add_snapshot(root / "hf-cache", "org/tiny-neox", neox_dir, commit)
+    repo = make_project(root / "project")
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params.update(bootstrap={}, target="base-qwen", sources=["base-qwen", "code-neox", "prose-mistral"], models={
+        "base-qwen": {"source": "path", "path": str(target)},
+        "code-neox": {"source": "hub", "id": "org/tiny-neox"},
+        "prose-mistral": {"source": "path", "path": str(mistral)}})
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("HF_HUB_CACHE", str(root / "hf-cache"))
+        env.setenv("HF_HUB_OFFLINE", "1")
+        dvc(repo, "repro")
+        yield repo, root
+
+
+def test_the_dag_runs_on_given_models_only(external):
+    repo, _ = external
+    dag = dvc(repo, "dag", "--md").stdout
+    assert "bootstrap@" not in dag
+    for stage in ("pin@base-qwen", "pin@code-neox", "pin@prose-mistral", "extract@code-neox", "soup", "evaluate"):
+        assert stage in dag
+    record = json.loads((repo / "data/models/code-neox/pin.json").read_text())
+    assert (record["id"], record["revision"], record["commit"]) == ("org/tiny-neox", "main", COMMIT_A)
+    evaluation = json.loads((repo / "metrics/eval.json").read_text())
+    for name in ("base-qwen", "code-neox", "prose-mistral", "target-clm", "target-fused", "soup-vanilla"):
+        assert math.isfinite(evaluation[name]["all"]["bpb"]), name
+
+
+def test_a_bf16_tied_target_trains_and_soups_in_its_own_dtype(external):
+    repo, _ = external
+    for name in ("target-clm", "target-fused"):
+        directory = repo / "data/models" / name
+        assert stored_dtype(directory) == torch.bfloat16
+        with safe_open(directory / "model.safetensors", framework="pt") as handle:
+            assert "lm_head.weight" not in handle.keys()  # tied: saved once, as the base is
+    assert stored_dtype(repo / "data/soups/soup-vanilla") == torch.bfloat16
+
+
+def test_dvc_reruns_exactly_what_a_model_change_affects(external):
+    repo, root = external
+    assert json.loads(dvc(repo, "status", "--json").stdout) == {}
+    weights = root / "given/prose-mistral/model.safetensors"
+    os.utime(weights)  # touched, same bytes: nothing to rerun
+    assert json.loads(dvc(repo, "status", "--json").stdout) == {}
+    refs = root / "hf-cache/models--org--tiny-neox/refs/main"
+    refs.write_text(COMMIT_B)  # the branch moves on the hub: the pinned commit stays
+    assert json.loads(dvc(repo, "status", "--json").stdout) == {}
+
+    save_checkpoint(root / "given/prose-mistral", MistralConfig(**SMALL, num_key_value_heads=1), "unigram", 350,
+                    torch.float16, seed=5)  # the user edits the local model's weights
+    status = json.loads(dvc(repo, "status", "--json").stdout)
+    # its own stages, and evaluate, which scores every source (the rest follows once these have rerun)
+    assert set(status) == {"pin@prose-mistral", "extract@prose-mistral", "align@prose-mistral", "evaluate"}
+    set_param(repo, "models.code-neox.revision", COMMIT_B)
+    assert "pin@code-neox" in json.loads(dvc(repo, "status", "--json").stdout)
