@@ -21,15 +21,27 @@ TEXTS = ["def add(a, b):\n    return a + b\n", "The quick brown fox jumps over t
 
 
 def save_checkpoint(directory: Path, config: PretrainedConfig, tokenizer_kind: str, vocab: int = 320,
-                    dtype: torch.dtype = torch.float32, seed: int = 0) -> Path:
+                    dtype: torch.dtype = torch.float32, seed: int = 0, *, no_bos: bool = False,
+                    pad_vocab_to: int | None = None, added_tokens: tuple[str, ...] = (), chat_template: str | None = None,
+                    padding_side: str = "right", shard_bytes: int | None = None) -> Path:
     """A randomly initialised model of `config`'s architecture with a tokenizer of `tokenizer_kind`, saved with
-    save_pretrained (safetensors) in `dtype`."""
+    save_pretrained (safetensors) in `dtype`, with the quirks real checkpoints ship: no BOS token (Qwen), an
+    embedding padded past the tokenizer (Qwen, Llama-2 + added tokens), added special tokens, a chat template,
+    left padding, weights in several shards with model.safetensors.index.json."""
     tokenizer = train_tokenizer(tokenizer_kind, TEXTS, vocab)
-    config.vocab_size = len(tokenizer)
+    if added_tokens:
+        tokenizer.add_special_tokens({"additional_special_tokens": list(added_tokens)})
+    if chat_template:
+        tokenizer.chat_template = chat_template
+    tokenizer.padding_side = padding_side
     config.bos_token_id, config.eos_token_id = tokenizer.bos_token_id, tokenizer.eos_token_id
+    if no_bos:
+        tokenizer.bos_token = None
+        config.bos_token_id = None
+    config.vocab_size = pad_vocab_to or len(tokenizer)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config).to(dtype)
-    model.save_pretrained(directory)
+    model.save_pretrained(directory, **({"max_shard_size": shard_bytes} if shard_bytes else {}))
     tokenizer.save_pretrained(directory)
     return directory
 

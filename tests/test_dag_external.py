@@ -27,6 +27,14 @@ def qwen2() -> Qwen2Config:  # tied input/output embeddings, as Qwen2.5-0.5B shi
     return Qwen2Config(**SMALL, num_key_value_heads=1, tie_word_embeddings=True)
 
 
+CHAT_TEMPLATE = "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+
+
+def prose_mistral(directory: Path, seed: int) -> Path:  # fp16, untied, added special tokens, embedding padded past them
+    return save_checkpoint(directory, MistralConfig(**SMALL, num_key_value_heads=1), "unigram", 350, torch.float16,
+                           seed, added_tokens=("<|im_start|>", "<|im_end|>"), pad_vocab_to=384)
+
+
 @pytest.fixture(scope="module")
 def external(tmp_path_factory):
     """A tiny-profile project whose target (qwen2, bf16, tied) and sources (gpt_neox from the hub cache, mistral
@@ -34,12 +42,12 @@ def external(tmp_path_factory):
     root = tmp_path_factory.mktemp("external")
     # tokenizer families as these architectures ship them where transformers insists (AutoTokenizer builds
     # Qwen2Tokenizer, byte-level, for any qwen2 checkpoint whatever its tokenizer_config says)
-    target = save_checkpoint(root / "given/base-qwen", qwen2(), "byte_level_bpe", 400, torch.bfloat16)
-    mistral = save_checkpoint(root / "given/prose-mistral", MistralConfig(**SMALL, num_key_value_heads=1),
-                              "unigram", 350, torch.float16)
+    target = save_checkpoint(root / "given/base-qwen", qwen2(), "byte_level_bpe", 400, torch.bfloat16, no_bos=True,
+                             pad_vocab_to=448, chat_template=CHAT_TEMPLATE, padding_side="left")
+    mistral = prose_mistral(root / "given/prose-mistral", seed=0)
     for commit, seed in ((COMMIT_B, 1), (COMMIT_A, 0)):  # main ends at COMMIT_A
         neox_dir = save_checkpoint(root / f"given/neox-{seed}", GPTNeoXConfig(**SMALL), "sentencepiece_bpe", 450,
-                                   seed=seed)
+                                   seed=seed, shard_bytes=40_000)
         add_snapshot(root / "hf-cache", "org/tiny-neox", neox_dir, commit)
     repo = make_project(root / "project")
     params = yaml.safe_load((repo / "params.yaml").read_text())
@@ -63,6 +71,13 @@ def test_the_dag_runs_on_given_models_only(external):
         assert stage in dag
     record = json.loads((repo / "data/models/code-neox/pin.json").read_text())
     assert (record["id"], record["revision"], record["commit"]) == ("org/tiny-neox", "main", COMMIT_A)
+    assert "model.safetensors.index.json" in record["files"] and len(
+        [f for f in record["files"] if f.endswith(".safetensors")]) > 1  # sharded, as 7B checkpoints ship
+    for name in ("base-qwen", "code-neox", "prose-mistral"):  # aligned onto the target, not only loaded
+        aligned = json.loads((repo / "metrics/align" / f"{name}.json").read_text())
+        positions = aligned["positions"]["train"]["all"]
+        assert positions["positions"] > 0 and aligned["vocab_map"]["unmapped"] == 0
+        assert positions["exact"] == 1.0 if name == "base-qwen" else 0.5 < positions["exact"] < 1.0, name
     evaluation = json.loads((repo / "metrics/eval.json").read_text())
     for name in ("base-qwen", "code-neox", "prose-mistral", "target-clm", "target-fused", "soup-vanilla"):
         assert math.isfinite(evaluation[name]["all"]["bpb"]), name
@@ -88,8 +103,7 @@ def test_dvc_reruns_exactly_what_a_model_change_affects(external):
     refs.write_text(COMMIT_B)  # the branch moves on the hub: the pinned commit stays
     assert json.loads(dvc(repo, "status", "--json").stdout) == {}
 
-    save_checkpoint(root / "given/prose-mistral", MistralConfig(**SMALL, num_key_value_heads=1), "unigram", 350,
-                    torch.float16, seed=5)  # the user edits the local model's weights
+    prose_mistral(root / "given/prose-mistral", seed=5)  # the user edits the local model's weights
     status = json.loads(dvc(repo, "status", "--json").stdout)
     # its own stages, and evaluate, which scores every source (the rest follows once these have rerun)
     assert set(status) == {"pin@prose-mistral", "extract@prose-mistral", "align@prose-mistral", "evaluate"}

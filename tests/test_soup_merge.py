@@ -116,6 +116,15 @@ def test_mismatched_shapes_name_the_tensor_and_both_files(models):
         check_ingredients([models["a"], models["wide"]])
 
 
+def test_ingredients_of_different_architectures_are_refused_before_any_tensor(models, tmp_path):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=100)).save_pretrained(tmp_path / "gpt2")
+    with pytest.raises(SoupError, match=r"^soup ingredients .*/a \(llama\) and .*/gpt2 \(gpt2\) are different "
+                                        r"architectures: a soup mixes variants of one base"):
+        check_ingredients([models["a"], tmp_path / "gpt2"])
+
+
 def test_missing_tensor_is_named_either_way(models, tmp_path):
     tensors = load_file(models["b"] / "model.safetensors")
     del tensors["model.norm.weight"]

@@ -88,13 +88,24 @@ def _describe(shape: tuple[int, ...], dtype: str) -> str:
     return f"shape {list(shape)} {dtype}"
 
 
+def _model_type(model_dir: Path) -> str | None:
+    """config.json's model_type, or None for a bare directory of safetensors."""
+    config = model_dir / "config.json"
+    return json.loads(config.read_text(encoding="utf-8")).get("model_type") if config.is_file() else None
+
+
 def check_ingredients(model_dirs: Sequence[Path]) -> dict[str, tuple[tuple[int, ...], str]]:
-    """Name -> (shape, dtype) shared by all ingredients, in the first one's order; SoupError at the first difference."""
+    """Name -> (shape, dtype) shared by all ingredients, in the first one's order; SoupError at the first difference
+    (of architecture, from config.json, before any tensor)."""
     if not model_dirs:
         raise SoupError("no ingredients to soup")
     first_dir = Path(model_dirs[0])
     first = tensor_index(first_dir)
     for other_dir in map(Path, model_dirs[1:]):
+        kinds = _model_type(first_dir), _model_type(other_dir)
+        if None not in kinds and kinds[0] != kinds[1]:
+            raise SoupError(f"soup ingredients {first_dir} ({kinds[0]}) and {other_dir} ({kinds[1]}) are different "
+                            "architectures: a soup mixes variants of one base; give soup.ingredients of one architecture")
         other = tensor_index(other_dir)
         for name, (file, shape, dtype) in first.items():
             if name not in other:
