@@ -14,6 +14,7 @@ from pathlib import Path
 
 from transformers import AutoConfig, AutoTokenizer
 
+from fusesoup.align.token_bytes import text_token_bytes, token_bytes
 from fusesoup.corpus import TokenLimit
 from fusesoup.models import SPECIAL_TOKENS_PER_SEQUENCE, ModelError, check_safetensors, context_length, load_from
 from fusesoup.params import HubRef, ModelRef, Params
@@ -22,6 +23,8 @@ from fusesoup.storage import atomic_dir, write_json
 PIN_FILE = "pin.json"
 # Weights that load by unpickling (code execution) or that transformers does not read: never linked or fetched.
 UNSAFE_WEIGHTS = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl", "*.h5", "*.msgpack", "*.ot", "*.onnx", "*.gguf")
+# Text the tokenizer must spell back byte for byte: alignment compares tokens across tokenizers by their bytes.
+ROUND_TRIP_PROBE = "def f(x):\n\treturn x  + 1  # Naïve café, déjà vu — 42%\n\n  Indented Line.\r\n"
 _HUB_IGNORE = [*UNSAFE_WEIGHTS, "original/*", "onnx/*", "*.md", ".gitattributes"]
 
 
@@ -78,10 +81,23 @@ def model_files(name: str, directory: Path) -> list[Path]:
     return kept
 
 
+def check_round_trip(name: str, directory: Path, trust_remote_code: bool = False) -> None:
+    """PinError unless the tokenizer's tokens of ROUND_TRIP_PROBE are its exact bytes (a lowercasing or
+    unicode-folding normaliser, dropped whitespace or <unk> would misalign every row, found only hours later)."""
+    tokenizer = load_from("tokenizer", AutoTokenizer, name, str(directory), {"trust_remote_code": trust_remote_code})
+    ids = tokenizer(ROUND_TRIP_PROBE, add_special_tokens=False).input_ids
+    try:
+        text_token_bytes(token_bytes(tokenizer), ids, ROUND_TRIP_PROBE)
+    except ValueError as error:
+        raise PinError(f"model {name!r}: its tokenizer does not give back the text it encodes ({error}); fusion "
+                       "aligns tokens by their bytes, so it needs a tokenizer without a lossy normaliser") from None
+
+
 def pin_model(name: str, ref: ModelRef, out: Path | str) -> dict:
     """Link `ref`'s files into `out` (atomically: all links and pin.json, or nothing) and return the pin record."""
     directory = source_dir(name, ref)
     files = model_files(name, directory)
+    check_round_trip(name, directory, ref.trust_remote_code)
     record = {"name": name, **ref.model_dump(),
               "commit": directory.name if isinstance(ref, HubRef) else None,
               "files": {p.name: p.stat().st_size for p in files}}

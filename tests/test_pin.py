@@ -100,3 +100,20 @@ def test_a_gpt2_checkpoint_with_tied_embeddings_pins_and_loads(tmp_path):
     model, _ = load_model("g", params_for({"g": {"source": "path", "path": str(directory)}}), tmp_path / "models")
     assert model.lm_head.weight.data_ptr() == model.transformer.wte.weight.data_ptr()
     assert stored_dtype(tmp_path / "models/g") == torch.float16
+
+
+def test_a_tokenizer_that_does_not_give_back_its_text_is_refused_at_pin_time(checkpoint, tmp_path):
+    from tokenizers import normalizers
+    from transformers import AutoTokenizer
+
+    lossy = tmp_path / "lossy"
+    lossy.mkdir()
+    for path in checkpoint.iterdir():
+        (lossy / path.name).write_bytes(path.read_bytes())
+    tokenizer = AutoTokenizer.from_pretrained(lossy)
+    tokenizer.backend_tokenizer.normalizer = normalizers.Sequence([normalizers.Lowercase()])
+    tokenizer.save_pretrained(lossy)
+    with pytest.raises(PinError, match=r"^model 'lossy': its tokenizer does not give back the text it encodes "
+                                       r"\(the tokens spell b'def f\(x\):\\n\\treturn x  \+ 1  # na"):
+        pin_model("lossy", PathRef(source="path", path=str(lossy)), tmp_path / "out")
+    assert not (tmp_path / "out").exists()
