@@ -227,6 +227,14 @@ def test_the_prefect_flow_leaves_the_same_dvc_lock_as_dvc_repro(built, tmp_path)
     assert (repo / "dvc.lock").read_text() == (built / "dvc.lock").read_text()
 
 
+def test_a_change_to_the_loss_marks_the_stages_that_run_it(built, tmp_path):
+    repo = tmp_path / "copy"
+    shutil.copytree(built, repo, symlinks=True)
+    with (repo / "fusesoup/train/loss.py").open("a") as loss:
+        loss.write("\n# changed\n")
+    assert set(json.loads(dvc(repo, "status", "--json").stdout)) == {"train@clm", "train@fused", "soup"}
+
+
 def test_extraction_reruns_for_k_and_for_a_new_teacher_only(built, tmp_path):
     repo = tmp_path / "copy"
     shutil.copytree(built, repo, symlinks=True)
