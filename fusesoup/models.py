@@ -15,6 +15,8 @@ from fusesoup.cli import StageError
 from fusesoup.params import Params, Runtime
 
 DEFAULT_MODELS_DIR = "data/models"
+# Weights that load by unpickling (code execution) or that transformers does not read: never loaded, linked or fetched.
+UNSAFE_WEIGHTS = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl", "*.h5", "*.msgpack", "*.ot", "*.onnx", "*.gguf")
 
 # Config attributes that hold the longest sequence a model accepts, most common first.
 _CONTEXT_ATTRIBUTES = ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length", "n_ctx",
@@ -57,7 +59,7 @@ def _source(name: str, params: Params, data_dir: Path | str) -> tuple[str, dict]
         elif name in params.models:
             how = f"it is linked there by the DVC stage pin@{name} (dvc repro pin@{name})"
         else:
-            how = f"it is neither under 'models' nor 'bootstrap' in the params, nor written by an earlier stage"
+            how = "it is neither under 'models' nor 'bootstrap' in the params, nor written by an earlier stage"
         raise ModelError(f"model {name!r}: directory {location} does not exist; {how}")
     ref = params.models.get(name)
     return str(location), {"trust_remote_code": bool(ref and ref.trust_remote_code)}
@@ -86,12 +88,16 @@ def load_config(name: str, params: Params, data_dir: Path | str = DEFAULT_MODELS
     return _from_pretrained("config", AutoConfig, name, params, data_dir)
 
 
+def is_unsafe_weights(path: Path) -> bool:
+    return any(path.match(pattern) for pattern in UNSAFE_WEIGHTS)
+
+
 def check_safetensors(name: str, location: str | Path) -> None:
     """A local directory must hold safetensors weights: pickled .bin/.pt files are refused, not executed."""
     directory = Path(location)
     if any(directory.glob("*.safetensors")):
         return
-    pickled = sorted(p.name for p in directory.iterdir() if p.suffix in {".bin", ".pt", ".pth", ".ckpt"})
+    pickled = sorted(p.name for p in directory.iterdir() if is_unsafe_weights(p))
     found = f"found only {', '.join(pickled)}; " if pickled else ""
     raise ModelError(f"model {name!r}: {location} has no safetensors weights (*.safetensors); {found}"
                      "only safetensors are loaded: re-save the model with save_pretrained")

@@ -16,13 +16,12 @@ from transformers import AutoConfig, AutoTokenizer
 
 from fusesoup.align.token_bytes import text_token_bytes, token_bytes
 from fusesoup.corpus import TokenLimit
-from fusesoup.models import SPECIAL_TOKENS_PER_SEQUENCE, ModelError, check_safetensors, context_length, load_from
+from fusesoup.models import (SPECIAL_TOKENS_PER_SEQUENCE, UNSAFE_WEIGHTS, ModelError, check_safetensors, context_length,
+                             is_unsafe_weights, load_from)
 from fusesoup.params import HubRef, ModelRef, Params
 from fusesoup.storage import atomic_dir, write_json
 
 PIN_FILE = "pin.json"
-# Weights that load by unpickling (code execution) or that transformers does not read: never linked or fetched.
-UNSAFE_WEIGHTS = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl", "*.h5", "*.msgpack", "*.ot", "*.onnx", "*.gguf")
 # Text the tokenizer must spell back byte for byte: alignment compares tokens across tokenizers by their bytes.
 ROUND_TRIP_PROBE = "def f(x):\n\treturn x  + 1  # Naïve café, déjà vu — 42%\n\n  Indented Line.\r\n"
 _HUB_IGNORE = [*UNSAFE_WEIGHTS, "original/*", "onnx/*", "*.md", ".gitattributes"]
@@ -75,7 +74,7 @@ def model_files(name: str, directory: Path) -> list[Path]:
     """The top-level files of a model directory that the pipeline may read; refuses one without safetensors."""
     check_safetensors(name, directory)
     files = sorted(p for p in directory.iterdir() if p.is_file() and not p.name.startswith("."))
-    kept = [p for p in files if not any(p.match(pattern) for pattern in UNSAFE_WEIGHTS)]
+    kept = [p for p in files if not is_unsafe_weights(p)]
     if not (directory / "config.json").is_file():
         raise PinError(f"model {name!r}: {directory} has no config.json; it must be a save_pretrained directory")
     return kept

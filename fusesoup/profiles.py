@@ -23,6 +23,7 @@ def with_profile(params_path: Path | str, profile_path: Path | str) -> dict:
 
 
 def dump(params: dict) -> str:
+    """params as YAML in their own key order (what with_profile returns, ready to write)."""
     return yaml.safe_dump(params, sort_keys=False, allow_unicode=True)
 
 
