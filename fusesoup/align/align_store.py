@@ -9,14 +9,17 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
-from typing import Literal, NamedTuple
+from typing import NamedTuple
 
 import numpy as np
 import polars as pl
 
+from transformers import PreTrainedTokenizerBase
+
+from fusesoup.align.spans import Leads, Segmenter
 from fusesoup.align.token_alignment import byte_ends, dtw_align, offset_align
-from fusesoup.align.token_bytes import text_token_bytes
-from fusesoup.align.spans import Segmenter
+from fusesoup.align.token_bytes import prepended_space, shadowed_fallbacks, text_token_bytes, token_bytes
+from fusesoup.align.vocab_map import padded_map
 from fusesoup.align.transfer import (EXACT, FALLBACK, MAPPED, SPAN, AlignedSequence, SpanInputs, agreement,
                                      groups_from_path, transfer_groups)
 from fusesoup.cli import StageError
@@ -26,9 +29,9 @@ from fusesoup.logits.extract import content_key, read_texts
 from fusesoup.logits.sparse import SPARSE_CODEC
 from fusesoup.logits.sparse_store import ALIGNED_EXTRAS, SparseSequence, SparseStore, sparse_table
 from fusesoup.logits.store import LogitStore, fill_store, write_manifest
+from fusesoup.params import Align
 
-AlignMethod = Literal["offsets", "dtw"]
-TRANSFER_RULES = "one-to-one-merge-spans-v2"  # part of the key: a change of the transfer rules re-aligns
+TRANSFER_RULES = "one-to-one-merge-spans-first-row-v3"  # part of the key: a change of the transfer rules re-aligns
 
 
 class AlignmentError(StageError):
@@ -36,27 +39,58 @@ class AlignmentError(StageError):
 
 
 class Alignment(NamedTuple):
-    """What stays fixed while one teacher is aligned to the target."""
+    """What stays fixed while one teacher is aligned to the target (`alignment` builds it)."""
 
     teacher_bytes: list[bytes]  # token_bytes of the teacher's tokenizer
     target_bytes: list[bytes]
-    vocab_map: np.ndarray  # [teacher model vocab] target id or -1 (map_vocab, padded to the model's vocab)
-    method: AlignMethod
+    mappable: list[bytes]  # target_bytes without the ids a target tokenization never emits (shadowed fallbacks)
+    vocab_map: np.ndarray  # [teacher model vocab] target id or -1 (padded_map)
+    settings: Align
     target_vocab_size: int
-    segmenter: Segmenter | None  # over the target tokens a tokenization emits: spans expanded; None: one-hot
+    segmenter: Segmenter  # over the mappable target tokens
+    first_maps: dict[Leads, np.ndarray]  # vocab maps for a text's first row, by its leads (filled on first use)
+
+    def first_map(self, leads: Leads) -> np.ndarray | None:
+        """The vocabulary map for row 0 of a text with these `leads`: None where both sides agree (vocab_map)."""
+        if leads.teacher == leads.target:
+            return None
+        if leads not in self.first_maps:
+            self.first_maps[leads] = padded_map(leads.first_row_bytes(self.teacher_bytes), self.mappable,
+                                                len(self.vocab_map), self.settings.vocab)
+        return self.first_maps[leads]
+
+
+def alignment(teacher: PreTrainedTokenizerBase, target: PreTrainedTokenizerBase, teacher_vocab_size: int,
+              target_vocab_size: int, settings: Align) -> Alignment:
+    """The setup for aligning `teacher`'s stores onto `target`'s (model vocabulary sizes as the stores say)."""
+    teacher_bytes, target_bytes = token_bytes(teacher), token_bytes(target)
+    # the target never emits a byte-fallback id whose byte is also a regular piece: no teacher id may map there
+    mappable = list(target_bytes)
+    for index in shadowed_fallbacks(target, target_bytes):
+        mappable[index] = b""
+    vocab_map = padded_map(teacher_bytes, mappable, teacher_vocab_size, settings.vocab)
+    return Alignment(teacher_bytes, target_bytes, mappable, vocab_map, settings, target_vocab_size,
+                     Segmenter(mappable), {})
 
 
 def align_sequence(teacher: SequenceLogits, target: SequenceLogits, text: str, setup: Alignment) -> AlignedSequence:
     """One text's teacher distributions on the target's positions (transfer.py's rules)."""
-    teacher_pieces = text_token_bytes(setup.teacher_bytes, teacher.input_ids.tolist(), text)
-    target_pieces = text_token_bytes(setup.target_bytes, target.input_ids.tolist(), text)
-    if setup.method == "offsets":
+    teacher_ids, target_ids = teacher.input_ids.tolist(), target.input_ids.tolist()
+    teacher_pieces = text_token_bytes(setup.teacher_bytes, teacher_ids, text)
+    target_pieces = text_token_bytes(setup.target_bytes, target_ids, text)
+    leads = Leads(prepended_space(setup.teacher_bytes, teacher_ids, text),
+                  prepended_space(setup.target_bytes, target_ids, text))
+    if setup.settings.method == "offsets":
         groups = offset_align(byte_ends(teacher_pieces), byte_ends(target_pieces))
     else:
         groups = groups_from_path(dtw_align(teacher_pieces, target_pieces))
-    agree = agreement(teacher.input_ids, teacher_pieces, target_pieces, target.input_ids, setup.vocab_map, groups)
-    spans = None if setup.segmenter is None else SpanInputs(teacher_pieces, setup.teacher_bytes, setup.segmenter)
-    return transfer_groups(groups, teacher, target.input_ids, setup.vocab_map, agree, setup.target_vocab_size, spans)
+    first_map = setup.first_map(leads)
+    agree = agreement(teacher.input_ids, teacher_pieces, target_pieces, target.input_ids, setup.vocab_map, groups,
+                      first_map)
+    spans = (SpanInputs(teacher_pieces, setup.teacher_bytes, setup.segmenter, leads)
+             if setup.settings.spans == "expand" else None)
+    return transfer_groups(groups, teacher, target.input_ids, setup.vocab_map, agree, setup.target_vocab_size, spans,
+                           first_map)
 
 
 def align_store(teacher: LogitStore, target: LogitStore, corpus_dir: Path | str, out: Path | str,

@@ -13,14 +13,30 @@ instead reads the span as the teacher's distribution over byte strings, along th
 tokens by greedy longest match (`Segmenter`), the realised one into t_1..t_n. Target position q of the span then
 gets, over the strings whose tokens start with t_1..t_(q-1), the mass of their q-th token: the teacher's
 marginal over the target's next token there. Strings that end before token q carry no information and drop out.
+
+A span at the start of the text reads every string with the target's word-start space in front (`Leads`), the
+teacher's own dropped from its first row's candidates, so it is cut into the tokens the target emits there.
 """
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import numpy as np
 
 from fusesoup.logits.codec import SequenceLogits
+
+
+class Leads(NamedTuple):
+    """The word-start space (b" " or b"") each tokenizer put in front of a text's first token (prepended_space)."""
+
+    teacher: bytes = b""
+    target: bytes = b""
+
+    def first_row_bytes(self, teacher_bytes: Sequence[bytes]) -> list[bytes]:
+        """The teacher's vocabulary as it reads at the start of this text, spelled as the target would spell it
+        there: its own space dropped, the target's put in front (special tokens stay b"")."""
+        return [self.target + token.removeprefix(self.teacher) if token else b"" for token in teacher_bytes]
 
 
 class Segmenter:
@@ -54,16 +70,18 @@ class Segmenter:
 
 
 def span_strings(teacher: SequenceLogits, span: range, teacher_pieces: Sequence[bytes],
-                 teacher_bytes: Sequence[bytes]) -> tuple[list[bytes], np.ndarray]:
+                 teacher_bytes: Sequence[bytes], leads: Leads = Leads()) -> tuple[list[bytes], np.ndarray]:
     """The strings of the table above except the realised one, with their log-probabilities; then the realised
-    span's log-probability as the last entry of the array."""
+    span's log-probability as the last entry of the array (a span at row 0 read as `Leads` says)."""
     strings, logprobs = [], []
-    prefix, prefix_logprob = b"", 0.0
+    recast = span.start == 0 and leads.teacher != leads.target
+    prefix, prefix_logprob = leads.target if recast else b"", 0.0
     for row in span:
         realised = teacher.input_ids[row]
+        dropped = leads.teacher if recast and row == 0 else b""
         for token, logprob in zip(teacher.topk_ids[row].tolist(), teacher.topk_logprobs[row].tolist()):
             if token != realised and token < len(teacher_bytes) and teacher_bytes[token]:
-                strings.append(prefix + teacher_bytes[token])
+                strings.append(prefix + teacher_bytes[token].removeprefix(dropped))
                 logprobs.append(prefix_logprob + logprob)
         prefix += teacher_pieces[row]
         prefix_logprob -= float(teacher.ce[row])
@@ -72,10 +90,10 @@ def span_strings(teacher: SequenceLogits, span: range, teacher_pieces: Sequence[
 
 def expand_span(teacher: SequenceLogits, span: range, targets: range, target_ids: np.ndarray,
                 teacher_pieces: Sequence[bytes], teacher_bytes: Sequence[bytes],
-                segmenter: Segmenter) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                segmenter: Segmenter, leads: Leads = Leads()) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Loose entries (target row, target id, unnormalised probability) for the target rows `targets` of a span;
     every row gets at least its realised token. Rows are renormalised later (transfer.merge_entries)."""
-    strings, logprobs = span_strings(teacher, span, teacher_pieces, teacher_bytes)
+    strings, logprobs = span_strings(teacher, span, teacher_pieces, teacher_bytes, leads)
     realised = tuple(target_ids[targets.start : targets.stop].tolist())
     probs = np.exp(logprobs - logprobs.max())
     rows, ids, masses = [], [], []

@@ -97,6 +97,15 @@ def text_token_bytes(table: list[bytes], ids: list[int], text: str) -> list[byte
     return pieces
 
 
+def prepended_space(table: list[bytes], ids: list[int], text: str) -> bytes:
+    """b" " where the tokenizer put a word-start space in front of `text` (what `text_token_bytes` drops), else b"";
+    for tokens that `text_token_bytes` accepts.
+
+    SentencePiece's `prepend_scheme: first` does it unless the text starts with a space; byte-level BPE never does.
+    """
+    return b" " if len(b"".join(table[index] for index in ids)) == len(text.encode("utf-8")) + 1 else b""
+
+
 def _token_decoder(state: dict[str, Any]) -> Callable[[str], bytes]:
     """token string -> bytes for the model tokens of a backend tokenizer's JSON `state`."""
     model = state["model"]

@@ -12,6 +12,10 @@ Rules per alignment group (from `offset_align` or a DTW path):
   else a one-hot on each target token. The teacher's CE is carried so that sums are kept: a span's CE (the
   teacher's cost of producing those bytes) is split evenly over its target positions, so per-sequence CE compares
   across teachers and per-token CE stays usable.
+- the text's first token: where one tokenizer puts a word-start space in front of the text (SentencePiece's `▁`)
+  and the other does not (byte-level BPE), the teacher's candidates there stand for their bytes without its space
+  and are spelled with the target's: `first_map` (Leads.first_row_bytes through the same vocabulary mapping) takes
+  the place of the vocabulary map on row 0, and a span at the start reads its strings the same way (spans.py).
 """
 from __future__ import annotations
 
@@ -20,7 +24,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from fusesoup.align.spans import Segmenter, expand_span
+from fusesoup.align.spans import Leads, Segmenter, expand_span
 from fusesoup.logits.codec import SequenceLogits
 from fusesoup.logits.sparse import SparseRows, fill_empty_rows, merge_entries
 
@@ -42,13 +46,17 @@ class SpanInputs(NamedTuple):
     teacher_pieces: Sequence[bytes]  # the bytes of each teacher token in this text (text_token_bytes)
     teacher_bytes: Sequence[bytes]  # the teacher's vocabulary (token_bytes)
     segmenter: Segmenter  # over the target tokens a target tokenization can emit
+    leads: Leads = Leads()  # the word-start spaces in front of this text
 
 
-def mapped_entries(positions: np.ndarray, topk_ids: np.ndarray, topk_logprobs: np.ndarray,
-                   vocab_map: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Teacher top-k rows [m, k] as loose entries (target row from `positions` [m], mapped id, probability);
-    unmapped ids (-1) dropped. merge_entries then merges duplicates and renormalises."""
+def mapped_entries(positions: np.ndarray, topk_ids: np.ndarray, topk_logprobs: np.ndarray, vocab_map: np.ndarray,
+                   first_map: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Teacher top-k rows [m, k] as loose entries (target row from `positions` [m], ascending; mapped id,
+    probability); target row 0 maps through `first_map` if given; unmapped ids (-1) dropped. merge_entries then
+    merges duplicates and renormalises."""
     mapped = vocab_map[topk_ids]
+    if first_map is not None and len(positions) and positions[0] == 0:
+        mapped[0] = first_map[topk_ids[0]]
     keep = mapped >= 0
     rows = np.broadcast_to(np.asarray(positions)[:, None], mapped.shape)
     return rows[keep], mapped[keep], np.exp(topk_logprobs[keep].astype(np.float64))
@@ -56,7 +64,7 @@ def mapped_entries(positions: np.ndarray, topk_ids: np.ndarray, topk_logprobs: n
 
 def transfer_groups(groups: Sequence[tuple[range, range]], teacher: SequenceLogits, target_ids: np.ndarray,
                     vocab_map: np.ndarray, agree: np.ndarray, target_vocab_size: int,
-                    spans: SpanInputs | None = None) -> AlignedSequence:
+                    spans: SpanInputs | None = None, first_map: np.ndarray | None = None) -> AlignedSequence:
     """Apply the rules above to alignment groups (teacher token range, target token range) covering both sides.
 
     `agree[j]` says whether teacher token j, when it is alone in its group opposite a single target token, stands
@@ -72,12 +80,12 @@ def transfer_groups(groups: Sequence[tuple[range, range]], teacher: SequenceLogi
     j, i = teacher_start[one_to_one], target_start[one_to_one]
     agreeing = agree[j] >= 0
     j, i = j[agreeing], i[agreeing]
-    entries = [mapped_entries(i, teacher.topk_ids[j], teacher.topk_logprobs[j], vocab_map)]
+    entries = [mapped_entries(i, teacher.topk_ids[j], teacher.topk_logprobs[j], vocab_map, first_map)]
     span_rows = np.zeros(0, np.int64)
     if spans is not None:
         span_groups = [group for group, alone in zip(groups, one_to_one) if not alone]
         entries += [expand_span(teacher, span, targets, target_ids, spans.teacher_pieces, spans.teacher_bytes,
-                                spans.segmenter) for span, targets in span_groups]
+                                spans.segmenter, spans.leads) for span, targets in span_groups]
         span_rows = np.array([row for _, targets in span_groups for row in targets], np.int64)
     rows = merge_entries(*(np.concatenate(column) for column in zip(*entries)), n, target_vocab_size,
                          max_entries=teacher.topk_ids.shape[1])
@@ -106,14 +114,16 @@ def groups_from_path(path: Sequence[tuple[int, int]]) -> list[tuple[range, range
 
 
 def agreement(teacher_ids: np.ndarray, teacher_bytes: Sequence[bytes], target_bytes: Sequence[bytes],
-              target_ids: np.ndarray, vocab_map: np.ndarray, groups: Sequence[tuple[range, range]]) -> np.ndarray:
-    """Per teacher token: EXACT / MAPPED if it stands for the target token opposite it in a one-to-one group, else -1."""
+              target_ids: np.ndarray, vocab_map: np.ndarray, groups: Sequence[tuple[range, range]],
+              first_map: np.ndarray | None = None) -> np.ndarray:
+    """Per teacher token: EXACT / MAPPED if it stands for the target token opposite it in a one-to-one group, else -1
+    (the first token through `first_map` if given)."""
     agree = np.full(len(teacher_ids), -1, dtype=np.int8)
     for teacher_range, target_range in groups:
         if len(teacher_range) == 1 and len(target_range) == 1:
             j, i = teacher_range.start, target_range.start
             if teacher_bytes[j] == target_bytes[i]:
                 agree[j] = EXACT
-            elif vocab_map[teacher_ids[j]] == target_ids[i]:
+            elif (vocab_map if first_map is None or j else first_map)[teacher_ids[j]] == target_ids[i]:
                 agree[j] = MAPPED
     return agree

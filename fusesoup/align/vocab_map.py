@@ -49,6 +49,15 @@ def map_vocab(
     return mapping
 
 
+def padded_map(source_bytes: Sequence[bytes], target_bytes: Sequence[bytes], vocab_size: int,
+               method: VocabMethod) -> np.ndarray:
+    """map_vocab over the source tokenizer's ids, -1 for the model's extra (padding) ids up to its `vocab_size`."""
+    mapping = np.full(vocab_size, -1, np.int64)
+    known = map_vocab(source_bytes, target_bytes, method)[:vocab_size]
+    mapping[: len(known)] = known
+    return mapping
+
+
 class NearestTokens:
     """Index of a target vocabulary for `find`: the smallest id among the non-empty tokens nearest to a byte string."""
 

@@ -165,7 +165,8 @@ def chunk_text(text: str, max_bytes: int, token_limits: Sequence[TokenLimit] = (
         cut = _longest_fitting(min(len(line) - 1, max_bytes), lambda k: fits(line[:k]))
         if cut == 0:
             raise CorpusError(f"character {line[0]!r} alone exceeds the chunk limits (max_chunk_bytes={max_bytes}"
-                              f"{''.join(f', {t.model} max_tokens={t.max_tokens}' for t in token_limits)})")
+                              f"{''.join(f', {t.model} max_tokens={t.max_tokens}' for t in token_limits)}); raise "
+                              "corpus.max_chunk_bytes, or give models with longer contexts")
         chunks.append(line[:cut])
         units[start] = line[cut:]
         sizes[start] -= len(chunks[-1].encode("utf-8"))
