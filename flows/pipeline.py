@@ -6,6 +6,7 @@ stage whose deps, params and outs did not change), so the tasks use no Prefect c
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import signal
 import subprocess
@@ -23,6 +24,9 @@ from fusesoup.params import Flow, load_params
 
 KILL_GRACE_SECONDS = 10.0  # between SIGTERM and SIGKILL of a stage's process group
 TAIL_LINES = 20  # output lines quoted in a failed stage's error
+# What `dvc repro` prints after every stage that changed: advice for an interactive user, noise in a run log.
+DVC_ADVICE = ("To track the changes with git, run:", "git add ", "To enable auto staging, run:",
+              "dvc config core.autostage true", "Use `dvc push` to send your updates to remote storage.")
 
 # Every stage process alive in this process, so that the flow can kill them when it is interrupted or cancelled.
 _LIVE: set[subprocess.Popen] = set()
@@ -116,6 +120,17 @@ def _display(raw: bytes) -> str:
     return raw.decode("utf-8", errors="replace").rstrip("\r\n").rsplit("\r", 1)[-1]
 
 
+def log_level(line: str) -> int | None:
+    """The level a stage's output line is logged at: ERROR for DVC's `ERROR:` and a stage's one-line `error:`,
+    WARNING for `WARNING:`, None (not logged) for blank lines and DVC's advice after a stage, else INFO."""
+    text = line.strip()
+    if not text or text.startswith(DVC_ADVICE):
+        return None
+    if text.startswith(("ERROR:", "error:")):
+        return logging.ERROR
+    return logging.WARNING if text.startswith("WARNING:") else logging.INFO
+
+
 @task(name="dvc-stage", task_run_name="{stage}", cache_policy=NO_CACHE)
 def run_stage(stage: str, repo_dir: str, timeout_s: float) -> list[str]:
     """Run `dvc repro -s STAGE` in its own process group, streaming its output into the run log.
@@ -144,8 +159,11 @@ def run_stage(stage: str, repo_dir: str, timeout_s: float) -> list[str]:
     timer.start()
     try:
         for raw in process.stdout:
-            lines.append(_display(raw))
-            logger.info("%s", lines[-1])
+            line = _display(raw)
+            level = log_level(line)
+            if level is not None:
+                lines.append(line)
+                logger.log(level, "%s", line)
         code = process.wait()
     finally:
         timer.cancel()
@@ -157,6 +175,15 @@ def run_stage(stage: str, repo_dir: str, timeout_s: float) -> list[str]:
     if code != 0:
         raise StageRunError(f"stage {stage!r} failed: `dvc repro -s {stage}` exited with code {code}; last lines:\n{tail}")
     return lines
+
+
+def _nearest_selected(graph: dict[str, list[str]], stage: str, selected: set[str]) -> set[str]:
+    """The stages `stage` waits for: its direct dependencies, or, for one that is not selected, the nearest
+    selected stages above it (so that a subset still runs in dependency order)."""
+    nearest: set[str] = set()
+    for upstream in graph[stage]:
+        nearest |= {upstream} if upstream in selected else _nearest_selected(graph, upstream, selected)
+    return nearest
 
 
 def _ancestors(graph: dict[str, list[str]], stage: str) -> set[str]:
@@ -191,17 +218,23 @@ def _collect(futures: dict[str, PrefectFuture]) -> dict[str, list[str]]:
 
 @flow(name="fusesoup-pipeline")
 def pipeline(
-    repo_dir: str = ".", settings: Flow | None = None, stages: list[str] | None = None
+    repo_dir: str = ".", settings: Flow | None = None, stages: list[str] | None = None, single: bool = False
 ) -> dict[str, list[str]]:
-    """Run the DVC pipeline (or only `stages`), each stage after the stages it depends on, at most
-    `settings.max_parallel` at once. Returns each stage's output lines, in completion order."""
+    """Run the DVC pipeline, each stage after the stages it depends on, at most `settings.max_parallel` at once.
+
+    `stages` as `dvc repro TARGET...` takes them: those stages and every stage they need (DVC skipping what is
+    current); with `single`, those stages alone (`dvc repro -s`). Returns each stage's output lines, in
+    completion order."""
     repo_dir = str(Path(repo_dir).resolve())
     settings = settings or load_params(Path(repo_dir) / "params.yaml").flow
     graph = stage_graph(repo_dir)
     unknown = sorted(set(stages or []) - set(graph))
     if unknown:
         raise ValueError(f"unknown stage(s) {unknown}; the DVC project has {list(graph)}")
-    selected = [name for name in graph if stages is None or name in stages]
+    wanted = set(graph if stages is None else stages)
+    if not single:
+        wanted |= {upstream for name in wanted for upstream in _ancestors(graph, name)}
+    selected = [name for name in graph if name in wanted]
     existing_lock_entries = lock_stage_names(repo_dir)
     stage_task = run_stage.with_options(retries=settings.retries, retry_delay_seconds=settings.retry_delay_seconds)
     # Submitted in topological order to a FIFO pool, a stage only ever waits for stages that hold a worker
@@ -210,7 +243,7 @@ def pipeline(
         futures: dict[str, PrefectFuture] = {}
         try:
             for name in selected:
-                upstream = [futures[d] for d in sorted(_ancestors(graph, name)) if d in futures]
+                upstream = [futures[d] for d in sorted(_nearest_selected(graph, name, wanted))]
                 parameters = {"stage": name, "repo_dir": repo_dir, "timeout_s": settings.stage_timeout_seconds}
                 futures[name] = runner.submit(stage_task, parameters, wait_for=upstream)
             done = _collect(futures)
@@ -228,9 +261,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--repo", default=".", help="the DVC project's root (default: .)")
     parser.add_argument("--stage", action="append", dest="stages", metavar="NAME",
-                        help="run only this stage (repeatable; default: every stage)")
+                        help="run this stage and what it needs (repeatable; default: every stage)")
+    parser.add_argument("--single", action="store_true", help="run the --stage stages alone (dvc repro -s)")
     args = parser.parse_args(argv)
-    state = pipeline(repo_dir=args.repo, stages=args.stages, return_state=True)
+    state = pipeline(repo_dir=args.repo, stages=args.stages, single=args.single, return_state=True)
     return 0 if state.is_completed() else 1
 
 

@@ -2,6 +2,7 @@
 what `dvc repro` leaves, and fails, kills and retries stages as configured. Runs on toy shell-stage projects."""
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 import sys
@@ -177,3 +178,51 @@ def test_deployment_carries_the_schedule(tmp_path):
     [schedule] = [s.schedule for s in deployment.schedules]
     assert (schedule.cron, schedule.timezone) == ("30 4 * * 1", "Europe/Paris")
     assert deployment.parameters == {"repo_dir": str(tmp_path.resolve())}
+
+
+def test_named_stages_run_with_what_they_need_and_single_runs_them_alone(tmp_path):
+    repo = make_project(tmp_path / "repo", DIAMOND)
+    assert sorted(pipeline(str(repo), SETTINGS, stages=["b"])) == ["a", "b"]  # as `dvc repro b`
+    assert (repo / "b.txt").exists() and not (repo / "c.txt").exists() and not (repo / "d.txt").exists()
+    assert list(pipeline(str(repo), SETTINGS, stages=["c"], single=True)) == ["c"]  # as `dvc repro -s c`
+    assert not (repo / "d.txt").exists()
+
+
+def flow_run_records(state) -> tuple[list, list]:
+    """The task runs and the log records (flushed) of the flow run that ended in `state`, from the API."""
+    from prefect import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, LogFilter, LogFilterFlowRunId
+    from prefect.logging.handlers import APILogWorker
+
+    APILogWorker.drain_all(timeout=10)
+    flow_run_id = state.state_details.flow_run_id
+    with get_client(sync_client=True) as client:
+        tasks = client.read_task_runs(flow_run_filter=FlowRunFilter(id={"any_": [flow_run_id]}))
+        logs = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])))
+    return tasks, logs
+
+
+def test_each_task_waits_for_its_direct_dependencies_only(tmp_path):
+    repo = make_project(tmp_path / "repo", DIAMOND)
+    tasks, _ = flow_run_records(pipeline(str(repo), SETTINGS, return_state=True))
+    ids = {task.name: task.id for task in tasks}
+    waits = {task.name: sorted(name for name, i in ids.items()
+                               for wait in task.task_inputs.get("wait_for", []) if wait.id == i) for task in tasks}
+    assert waits == {"a": [], "b": ["a"], "c": ["a"], "d": ["b", "c"]}  # d waits for b and c, not a too
+
+
+def test_a_stage_error_is_logged_at_error_and_dvc_advice_not_at_all(tmp_path):
+    repo = make_project(tmp_path / "repo", {
+        "fine": {"cmd": "echo fine > fine.txt", "outs": ["fine.txt"]},
+        "bad": {"cmd": "echo 'error: data/x.jsonl row 3: no text' >&2 && exit 2", "deps": ["fine.txt"],
+                "outs": ["bad.txt"]}})
+    state = pipeline(str(repo), SETTINGS, return_state=True)
+    assert state.is_failed()
+    _, logs = flow_run_records(state)
+    errors = [log.message for log in logs if log.level == logging.ERROR]
+    assert "error: data/x.jsonl row 3: no text" in errors  # the stage's one line, where the UI's Error filter looks
+    assert any(message.startswith("ERROR: failed to reproduce 'bad'") for message in errors), errors
+    messages = [log.message for log in logs]
+    assert not any(m.startswith(("To track the changes with git", "Use `dvc push`")) or not m.strip()
+                   for m in messages), messages
+    assert "Running stage 'fine':" in messages
