@@ -1,4 +1,4 @@
-"""The DVC pipeline as a Prefect flow: one task per DVC stage, run in dependency order.
+"""The DVC pipeline as a Prefect flow: one task per DVC stage (stage_task.py), run in dependency order.
 
 Prefect schedules, retries, times out and logs; DVC decides what is up to date (`dvc repro -s STAGE` skips a
 stage whose deps, params and outs did not change), so the tasks use no Prefect cache.
@@ -6,34 +6,17 @@ stage whose deps, params and outs did not change), so the tasks use no Prefect c
 from __future__ import annotations
 
 import argparse
-import logging
 import os
-import signal
-import subprocess
 import sys
-import threading
-import time
 from pathlib import Path
 
-from prefect import flow, get_run_logger, task
-from prefect.cache_policies import NO_CACHE
+from prefect import flow
 from prefect.futures import PrefectFuture, as_completed
+from prefect.runtime import flow_run
 from prefect.task_runners import ThreadPoolTaskRunner
 
+from flows.stage_task import StageRunError, run_stage, stop_stages, workspace_lock
 from fusesoup.params import Flow, load_params
-
-KILL_GRACE_SECONDS = 10.0  # between SIGTERM and SIGKILL of a stage's process group
-TAIL_LINES = 20  # output lines quoted in a failed stage's error
-# What `dvc repro` prints after every stage that changed: advice for an interactive user, noise in a run log.
-DVC_ADVICE = ("To track the changes with git, run:", "git add ", "To enable auto staging, run:",
-              "dvc config core.autostage true", "Use `dvc push` to send your updates to remote storage.")
-
-# Every stage process alive in this process, so that the flow can kill them when it is interrupted or cancelled.
-_LIVE: set[subprocess.Popen] = set()
-
-
-class StageRunError(RuntimeError):
-    """A stage that exited non-zero or ran past its timeout; the message names the stage."""
 
 
 def stage_graph(repo_dir: str | os.PathLike = ".") -> dict[str, list[str]]:
@@ -95,88 +78,6 @@ def _address(stage, root_dir: str) -> str:
     return stage.name if dvcfile == "dvc.yaml" else f"{dvcfile}:{stage.name}"
 
 
-def _signal_group(process: subprocess.Popen, sig: int) -> bool:
-    """Send `sig` to the process group led by `process`; False once the group is empty."""
-    process.poll()  # reap the leader: a zombie still counts as a member of its group
-    try:
-        os.killpg(process.pid, sig)
-    except ProcessLookupError:
-        return False
-    return True
-
-
-def _kill_group(process: subprocess.Popen, grace_s: float = KILL_GRACE_SECONDS) -> None:
-    """SIGTERM the process group led by `process`, then SIGKILL it if anything in it outlives `grace_s`."""
-    if _signal_group(process, signal.SIGTERM):
-        deadline = time.monotonic() + grace_s
-        while _signal_group(process, 0) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        _signal_group(process, signal.SIGKILL)
-    process.wait()
-
-
-def _display(raw: bytes) -> str:
-    """One output line as a terminal would show it: the text after the last carriage return (progress bars)."""
-    return raw.decode("utf-8", errors="replace").rstrip("\r\n").rsplit("\r", 1)[-1]
-
-
-def log_level(line: str) -> int | None:
-    """The level a stage's output line is logged at: ERROR for DVC's `ERROR:` and a stage's one-line `error:`,
-    WARNING for `WARNING:`, None (not logged) for blank lines and DVC's advice after a stage, else INFO."""
-    text = line.strip()
-    if not text or text.startswith(DVC_ADVICE):
-        return None
-    if text.startswith(("ERROR:", "error:")):
-        return logging.ERROR
-    return logging.WARNING if text.startswith("WARNING:") else logging.INFO
-
-
-@task(name="dvc-stage", task_run_name="{stage}", cache_policy=NO_CACHE)
-def run_stage(stage: str, repo_dir: str, timeout_s: float) -> list[str]:
-    """Run `dvc repro -s STAGE` in its own process group, streaming its output into the run log.
-
-    Returns the output lines. The group is killed on timeout and on any way out of this function (error,
-    cancellation), since neither Prefect's timeout nor its cancellation reaches a child process.
-    """
-    logger = get_run_logger()
-    command = [sys.executable, "-m", "dvc", "--wait-for-lock", "repro", "-s", stage]
-    # Stage commands that call `python` or `dvc` get the interpreter that runs this flow.
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
-    lines: list[str] = []
-    expired = threading.Event()
-    process = subprocess.Popen(
-        command, cwd=repo_dir, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT, start_new_session=True,
-    )
-    _LIVE.add(process)
-
-    def expire() -> None:
-        expired.set()
-        _kill_group(process)
-
-    timer = threading.Timer(timeout_s, expire)
-    timer.start()
-    try:
-        for raw in process.stdout:
-            line = _display(raw)
-            level = log_level(line)
-            if level is not None:
-                lines.append(line)
-                logger.log(level, "%s", line)
-        code = process.wait()
-    finally:
-        timer.cancel()
-        _kill_group(process)
-        _LIVE.discard(process)
-    tail = "\n".join(lines[-TAIL_LINES:])
-    if expired.is_set():
-        raise StageRunError(f"stage {stage!r} timed out after {timeout_s:g} s and was killed; last lines:\n{tail}")
-    if code != 0:
-        raise StageRunError(f"stage {stage!r} failed: `dvc repro -s {stage}` exited with code {code}; last lines:\n{tail}")
-    return lines
-
-
 def _nearest_selected(graph: dict[str, list[str]], stage: str, selected: set[str]) -> set[str]:
     """The stages `stage` waits for: its direct dependencies, or, for one that is not selected, the nearest
     selected stages above it (so that a subset still runs in dependency order)."""
@@ -235,6 +136,13 @@ def pipeline(
     if not single:
         wanted |= {upstream for name in wanted for upstream in _ancestors(graph, name)}
     selected = [name for name in graph if name in wanted]
+    with workspace_lock(repo_dir):
+        return _run_stages(repo_dir, settings, graph, selected, wanted)
+
+
+def _run_stages(repo_dir: str, settings: Flow, graph: dict[str, list[str]], selected: list[str],
+                wanted: set[str]) -> dict[str, list[str]]:
+    """The body of `pipeline`, inside the workspace lock: `selected` stages as tasks, each after its upstream."""
     existing_lock_entries = lock_stage_names(repo_dir)
     stage_task = run_stage.with_options(retries=settings.retries, retry_delay_seconds=settings.retry_delay_seconds)
     # Submitted in topological order to a FIFO pool, a stage only ever waits for stages that hold a worker
@@ -249,9 +157,9 @@ def pipeline(
             done = _collect(futures)
             match_repro_lock_order(repo_dir, existing_lock_entries)
             return done
-        finally:
-            for process in list(_LIVE):  # only left when the flow is interrupted or cancelled
-                _kill_group(process)
+        except BaseException:  # a failed stage (all others are done by then), a cancel or an interrupt
+            stop_stages(str(flow_run.get_id()), list(futures.values()))
+            raise
 
 
 def main(argv: list[str] | None = None) -> int:

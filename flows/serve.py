@@ -9,6 +9,7 @@ import os
 from pathlib import Path
 
 from prefect import serve
+from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLimitStrategy
 from prefect.deployments.runner import RunnerDeployment
 from prefect.schedules import Cron
 
@@ -24,8 +25,9 @@ def build_deployment(repo_dir: str | os.PathLike, settings: Flow) -> RunnerDeplo
     Each run reloads the flow settings from params.yaml; the schedule itself is read once, when serving starts.
     """
     schedule = Cron(settings.schedule.cron, timezone=settings.schedule.timezone)
-    return pipeline.to_deployment(
-        name=DEPLOYMENT, schedule=schedule, parameters={"repo_dir": str(Path(repo_dir).resolve())}
+    return pipeline.to_deployment(  # one run at a time: a cron run and a manual one queue (ENQUEUE), never collide
+        name=DEPLOYMENT, schedule=schedule, parameters={"repo_dir": str(Path(repo_dir).resolve())},
+        concurrency_limit=ConcurrencyLimitConfig(limit=1, collision_strategy=ConcurrencyLimitStrategy.ENQUEUE),
     )
 
 

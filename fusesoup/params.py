@@ -286,7 +286,7 @@ class Params(Strict):
     def _references_resolve(self) -> "Params":
         both = sorted(set(self.models) & set(self.bootstrap))
         if both:
-            raise _KeyProblem(f"models.{both[0]}", f"is also under 'bootstrap': a model is either built (bootstrap) "
+            raise _KeyProblem(f"models.{both[0]}", "is also under 'bootstrap': a model is either built (bootstrap) "
                               "or given (models: path or hub), not both")
         known = self.model_names()
         for key, name in [("target", self.target)] + [(f"sources.{i}", n) for i, n in enumerate(self.sources)]:

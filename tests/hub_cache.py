@@ -22,8 +22,9 @@ TEXTS = ["def add(a, b):\n    return a + b\n", "The quick brown fox jumps over t
 
 def save_checkpoint(directory: Path, config: PretrainedConfig, tokenizer: str | PreTrainedTokenizerBase,
                     vocab: int = 320, dtype: torch.dtype = torch.float32, seed: int = 0, *, no_bos: bool = False,
-                    pad_vocab_to: int | None = None, added_tokens: tuple[str, ...] = (), chat_template: str | None = None,
-                    padding_side: str = "right", shard_bytes: int | None = None) -> Path:
+                    pad_vocab_to: int | None = None, added_tokens: tuple[str, ...] = (),
+                    chat_template: str | None = None, padding_side: str = "right",
+                    shard_bytes: int | None = None) -> Path:
     """A randomly initialised model of `config`'s architecture with `tokenizer` (a real one, or the name of a family
     to train on TEXTS with `vocab` tokens), saved with save_pretrained (safetensors) in `dtype`, with the quirks real
     checkpoints ship: no BOS token (Qwen), an embedding padded past the tokenizer (Qwen, Llama-2 + added tokens),

@@ -14,7 +14,8 @@ import pytest
 import yaml
 from dvc.repo import Repo
 
-from flows.pipeline import StageRunError, pipeline, stage_graph
+from flows.pipeline import pipeline, stage_graph
+from flows.stage_task import StageRunError
 from flows.serve import build_deployment
 from fusesoup.params import Flow, Schedule
 
@@ -178,6 +179,8 @@ def test_deployment_carries_the_schedule(tmp_path):
     [schedule] = [s.schedule for s in deployment.schedules]
     assert (schedule.cron, schedule.timezone) == ("30 4 * * 1", "Europe/Paris")
     assert deployment.parameters == {"repo_dir": str(tmp_path.resolve())}
+    # one run at a time: a cron run and a manual run queue
+    assert (deployment.concurrency_limit, deployment.concurrency_options.collision_strategy.value) == (1, "ENQUEUE")
 
 
 def test_named_stages_run_with_what_they_need_and_single_runs_them_alone(tmp_path):

@@ -3,6 +3,7 @@ by `python -m flows.serve` on a cron of every minute, and the server's own sched
 served flow then completes. Nothing here is mocked: the server, its scheduler service and the runner are Prefect's."""
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import subprocess
@@ -11,6 +12,7 @@ import time
 from pathlib import Path
 
 import httpx
+import psutil
 import pytest
 import yaml
 
@@ -36,7 +38,8 @@ def prefect_env(home: Path, api_url: str) -> dict[str, str]:
 
 @pytest.fixture
 def server(tmp_path):
-    """A Prefect server on a free localhost port; yields (API URL, its log file, env)."""
+    """A Prefect server of its own (the deployment's name is fixed) on a free localhost port; yields (API URL,
+    its log file, env)."""
     port, log = free_port(), tmp_path / "server.log"
     env = prefect_env(tmp_path / "prefect-home", f"http://127.0.0.1:{port}/api")
     with log.open("w") as out:
@@ -59,39 +62,114 @@ def server(tmp_path):
         process.wait(timeout=30)
 
 
+def api(api_url: str, path: str, body: dict | None = None):
+    """POST `body` to the server's REST API; the decoded answer."""
+    response = httpx.post(f"{api_url}/{path}", json=body or {}, timeout=10)
+    response.raise_for_status()
+    return response.json() if response.content else None
+
+
 def deployment_runs(api_url: str) -> list[dict]:
     """The flow runs of the served deployment, straight from the server's REST API."""
-    response = httpx.post(f"{api_url}/flow_runs/filter", json={"deployments": {"name": {"any_": [DEPLOYMENT]}}},
-                          timeout=10)
-    response.raise_for_status()
-    return response.json()
+    return api(api_url, "flow_runs/filter", {"deployments": {"name": {"any_": [DEPLOYMENT]}}})
+
+
+def project_with_flow_params(root: Path, stages: dict, **flow) -> Path:
+    """A toy DVC project holding `stages`, with the project's params.yaml, its `flow` section updated."""
+    repo = make_project(root / "repo", stages)
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["flow"].update(flow)
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    return repo
+
+
+@contextlib.contextmanager
+def served(repo: Path, env: dict[str, str], log: Path):
+    """`python -m flows.serve --repo REPO` running until the block ends; yields the process."""
+    with log.open("w") as out:
+        process = subprocess.Popen([sys.executable, "-m", "flows.serve", "--repo", str(repo)], cwd=REPO, env=env,
+                                   stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        yield process
+    finally:
+        os.killpg(process.pid, 15)
+        process.wait(timeout=30)
+
+
+def wait_for(condition, timeout_s: float, what: str, process: subprocess.Popen, log: Path):
+    """Poll `condition()` every second until it is truthy; fails naming `what` (with the log's tail)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        found = condition()
+        if found:
+            return found
+        assert process.poll() is None, log.read_text()[-3000:]
+        time.sleep(1)
+    raise AssertionError(f"no {what} within {timeout_s} s\n{log.read_text()[-3000:]}")
 
 
 def test_the_server_schedules_a_cron_run_and_the_served_flow_completes_it(server, tmp_path):
     api_url, server_log, env = server
-    repo = make_project(tmp_path / "repo", STAGES)
-    params = yaml.safe_load((REPO / "params.yaml").read_text())
-    params["flow"]["schedule"] = {"cron": "* * * * *", "timezone": "UTC"}
-    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    serve_log = tmp_path / "serve.log"
-    with serve_log.open("w") as out:
-        served = subprocess.Popen([sys.executable, "-m", "flows.serve", "--repo", str(repo)], cwd=REPO, env=env,
-                                  stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        deadline, runs = time.monotonic() + FIRES_WITHIN_S, []
-        while time.monotonic() < deadline:
-            runs = deployment_runs(api_url)
-            if any(run["state"]["type"] == "COMPLETED" for run in runs):
-                break
-            assert served.poll() is None, serve_log.read_text()[-3000:]
-            time.sleep(2)
-    finally:
-        os.killpg(served.pid, 15)
-        served.wait(timeout=30)
-    completed = [run for run in runs if run["state"]["type"] == "COMPLETED"]
-    assert completed, (f"no completed run of {DEPLOYMENT} in {FIRES_WITHIN_S} s: "
-                       f"{[(run['name'], run['state']['type']) for run in runs]}\n{server_log.read_text()[-3000:]}")
+    repo = project_with_flow_params(tmp_path, STAGES, schedule={"cron": "* * * * *", "timezone": "UTC"})
+    log = tmp_path / "serve.log"
+    with served(repo, env, log) as process:
+        completed = wait_for(lambda: [run for run in deployment_runs(api_url) if run["state"]["type"] == "COMPLETED"],
+                             FIRES_WITHIN_S, f"completed run of {DEPLOYMENT}", process, log)
     assert completed[0]["auto_scheduled"]  # created by the server's scheduler, not by hand
     assert (repo / "hello.txt").read_text() == "scheduled\n"
-    log = server_log.read_text()
-    assert "Traceback" not in log and "InvalidRequestError" not in log, log[-3000:]
+    text = server_log.read_text()
+    assert "Traceback" not in text and "InvalidRequestError" not in text, text[-3000:]
+
+
+SLOW = {  # `slow` records each start and its sleep's pid, then sleeps; `after` needs its output
+    "slow": {"cmd": "echo start >> ../starts.log && (sleep 60 & echo $! > ../sleep.pid; wait) && touch slow.txt",
+             "outs": ["slow.txt"]},
+    "after": {"cmd": "cp slow.txt after.txt", "deps": ["slow.txt"], "outs": ["after.txt"]},
+}
+
+
+def test_a_cancelled_run_kills_its_stage_and_is_not_retried(server, tmp_path):
+    api_url, _, env = server
+    repo = project_with_flow_params(tmp_path, SLOW, retries=1, retry_delay_seconds=0)
+    log = tmp_path / "serve.log"
+    with served(repo, env, log) as process:
+        [deployment] = wait_for(lambda: api(api_url, "deployments/filter",
+                                            {"deployments": {"name": {"any_": [DEPLOYMENT]}}}),
+                                60, "deployment", process, log)
+        run = api(api_url, f"deployments/{deployment['id']}/create_flow_run")
+        sleep_pid = int(wait_for(lambda: (tmp_path / "sleep.pid").exists() and (tmp_path / "sleep.pid").read_text(),
+                                 60, "running stage", process, log))
+        api(api_url, f"flow_runs/{run['id']}/set_state", {"state": {"type": "CANCELLING"}, "force": True})
+        wait_for(lambda: api(api_url, "flow_runs/filter", {"flow_runs": {"id": {"any_": [run["id"]]}}})[0]["state"]
+                 ["type"] == "CANCELLED", 60, "cancelled flow run", process, log)
+        time.sleep(3)  # a retry, had there been one, would have started by now
+        tasks = api(api_url, "task_runs/filter", {"flow_runs": {"id": {"any_": [run["id"]]}}})
+    assert not psutil.pid_exists(sleep_pid) or psutil.Process(sleep_pid).status() == psutil.STATUS_ZOMBIE
+    assert (tmp_path / "starts.log").read_text() == "start\n"  # started once: the cancel was not retried
+    states = {task["name"]: (task["state"]["type"], task["state"]["name"]) for task in tasks}
+    assert states["slow"] == ("CANCELLED", "Cancelled"), states  # not Crashed, not Failed and retried
+    assert states.get("after", ("PENDING", "NotReady")) == ("PENDING", "NotReady"), states  # never started
+    assert not (repo / "slow.txt").exists() and not (repo / "after.txt").exists()
+
+
+DIAMOND_SLOW = {  # a -> (b, c) -> d, each a second long
+    "a": {"cmd": "sleep 1 && echo alpha > a.txt", "outs": ["a.txt"]},
+    "b": {"cmd": "sleep 1 && tr a-z A-Z < a.txt > b.txt", "deps": ["a.txt"], "outs": ["b.txt"]},
+    "c": {"cmd": "sleep 1 && rev a.txt > c.txt", "deps": ["a.txt"], "outs": ["c.txt"]},
+    "d": {"cmd": "cat b.txt c.txt > d.txt", "deps": ["b.txt", "c.txt"], "outs": ["d.txt"]},
+}
+
+
+def test_two_runs_started_together_in_one_workspace_both_end_well(server, tmp_path):
+    _, _, env = server
+    repo = project_with_flow_params(tmp_path, DIAMOND_SLOW)
+    command = [sys.executable, "-m", "flows.pipeline", "--repo", str(repo)]
+    runs = [subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            for _ in range(2)]
+    outputs = [run.communicate(timeout=240)[0] for run in runs]
+    assert [run.returncode for run in runs] == [0, 0], outputs
+    assert sum("waiting for the flow run already running in" in out for out in outputs) == 1, outputs
+    assert "is busy" not in "".join(outputs)  # DVC's lock was never contended
+    reference = make_project(tmp_path / "reference", DIAMOND_SLOW)
+    subprocess.run([sys.executable, "-m", "dvc", "repro"], cwd=reference, env=env, check=True, capture_output=True)
+    assert (repo / "dvc.lock").read_text() == (reference / "dvc.lock").read_text()

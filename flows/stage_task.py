@@ -1,0 +1,169 @@
+"""One DVC stage as a Prefect task: `dvc repro -s STAGE` in a process group of its own, its output in the run
+log at the right level, killed on timeout, cancel or interrupt; and the workspace lock that keeps two flow runs
+from racing in one project.
+"""
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+from prefect import get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+from prefect.futures import PrefectFuture
+from prefect.runtime import flow_run
+from prefect.states import Cancelled, State
+
+KILL_GRACE_SECONDS = 10.0  # between SIGTERM and SIGKILL of a stage's process group
+TAIL_LINES = 20  # output lines quoted in a failed stage's error
+# What `dvc repro` prints after every stage that changed: advice for an interactive user, noise in a run log.
+DVC_ADVICE = ("To track the changes with git, run:", "git add ", "To enable auto staging, run:",
+              "dvc config core.autostage true", "Use `dvc push` to send your updates to remote storage.")
+
+# Stage processes alive in this process, by flow run id, so that a flow run can kill its own when it is cancelled
+# or interrupted; and the flow runs being stopped that way, whose stages start nothing more and are not retried.
+_LOCK = threading.Lock()
+_LIVE: dict[subprocess.Popen, str] = {}
+_STOPPING: set[str] = set()
+
+
+class StageRunError(RuntimeError):
+    """A stage that exited non-zero or ran past its timeout; the message names the stage."""
+
+
+def _signal_group(process: subprocess.Popen, sig: int) -> bool:
+    """Send `sig` to the process group led by `process`; False once the group is empty."""
+    process.poll()  # reap the leader: a zombie still counts as a member of its group
+    try:
+        os.killpg(process.pid, sig)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def _kill_group(process: subprocess.Popen, grace_s: float = KILL_GRACE_SECONDS) -> None:
+    """SIGTERM the process group led by `process`, then SIGKILL it if anything in it outlives `grace_s`."""
+    if _signal_group(process, signal.SIGTERM):
+        deadline = time.monotonic() + grace_s
+        while _signal_group(process, 0) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        _signal_group(process, signal.SIGKILL)
+    process.wait()
+
+
+def _display(raw: bytes) -> str:
+    """One output line as a terminal would show it: the text after the last carriage return (progress bars)."""
+    return raw.decode("utf-8", errors="replace").rstrip("\r\n").rsplit("\r", 1)[-1]
+
+
+def log_level(line: str) -> int | None:
+    """The level a stage's output line is logged at: ERROR for DVC's `ERROR:` and a stage's one-line `error:`,
+    WARNING for `WARNING:`, None (not logged) for blank lines and DVC's advice after a stage, else INFO."""
+    text = line.strip()
+    if not text or text.startswith(DVC_ADVICE):
+        return None
+    if text.startswith(("ERROR:", "error:")):
+        return logging.ERROR
+    return logging.WARNING if text.startswith("WARNING:") else logging.INFO
+
+
+def _not_stopping(task, task_run, state) -> bool:
+    """Prefect's retry_condition_fn: a stage of a flow run that is being stopped is never retried."""
+    return str(task_run.flow_run_id) not in _STOPPING
+
+
+@task(name="dvc-stage", task_run_name="{stage}", cache_policy=NO_CACHE, retry_condition_fn=_not_stopping)
+def run_stage(stage: str, repo_dir: str, timeout_s: float) -> list[str] | State:
+    """Run `dvc repro -s STAGE` in its own process group, streaming its output into the run log.
+
+    Returns the output lines. The group is killed on timeout and on any way out of this function (error,
+    cancellation), since neither Prefect's timeout nor its cancellation reaches a child process. In a flow run
+    being stopped (`stop_stages`) the stage ends Cancelled: killed if it was running, never started if not.
+    """
+    logger = get_run_logger()
+    run_id = str(flow_run.get_id())
+    command = [sys.executable, "-m", "dvc", "--wait-for-lock", "repro", "-s", stage]
+    # Stage commands that call `python` or `dvc` get the interpreter that runs this flow.
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    lines: list[str] = []
+    expired = threading.Event()
+    with _LOCK:  # so that `_stop` either sees this process or stops it from starting
+        if run_id in _STOPPING:
+            return Cancelled(message=f"stage {stage!r} not started: the flow run was cancelled")
+        process = subprocess.Popen(
+            command, cwd=repo_dir, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT, start_new_session=True,
+        )
+        _LIVE[process] = run_id
+
+    def expire() -> None:
+        expired.set()
+        _kill_group(process)
+
+    timer = threading.Timer(timeout_s, expire)
+    timer.start()
+    try:
+        for raw in process.stdout:
+            line = _display(raw)
+            level = log_level(line)
+            if level is not None:
+                lines.append(line)
+                logger.log(level, "%s", line)
+        code = process.wait()
+    finally:
+        timer.cancel()
+        _kill_group(process)
+        _LIVE.pop(process, None)
+    if run_id in _STOPPING:
+        return Cancelled(message=f"stage {stage!r} cancelled: its process group was killed")
+    tail = "\n".join(lines[-TAIL_LINES:])
+    if expired.is_set():
+        raise StageRunError(f"stage {stage!r} timed out after {timeout_s:g} s and was killed; last lines:\n{tail}")
+    if code != 0:
+        raise StageRunError(f"stage {stage!r} failed: `dvc repro -s {stage}` exited with code {code}; "
+                            f"last lines:\n{tail}")
+    return lines
+
+
+def stop_stages(run_id: str, futures: list[PrefectFuture]) -> None:
+    """Stop flow run `run_id`'s stages: none starts from now on, each running one's process group is killed,
+    and each ends (Cancelled) before the task runner is shut down, which would mark it Crashed."""
+    with _LOCK:
+        _STOPPING.add(run_id)
+        live = [process for process, owner in _LIVE.items() if owner == run_id]
+    for process in live:
+        _kill_group(process)
+    for future in futures:
+        future.wait(timeout=KILL_GRACE_SECONDS)
+
+
+@contextlib.contextmanager
+def workspace_lock(repo_dir: str) -> Iterator[None]:
+    """Hold the project's flow lock (.dvc/tmp/fusesoup-flow.lock): a second flow run in the same workspace waits
+    here for the first to end, instead of racing it for DVC's lock and the same outputs."""
+    path = Path(repo_dir) / ".dvc" / "tmp" / "fusesoup-flow.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as handle:
+        waited = False
+        while True:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if not waited:
+                    get_run_logger().info("waiting for the flow run already running in %s to end", repo_dir)
+                    waited = True
+                time.sleep(1)  # polled, so that a cancel interrupts the wait
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
