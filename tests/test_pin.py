@@ -2,10 +2,12 @@
 cache laid out as huggingface_hub lays it out."""
 from __future__ import annotations
 
+import http.server
 import json
 import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -117,3 +119,49 @@ def test_a_tokenizer_that_does_not_give_back_its_text_is_refused_at_pin_time(che
                                        r"\(the tokens spell b'def f\(x\):\\n\\treturn x  \+ 1  # na"):
         pin_model("lossy", PathRef(source="path", path=str(lossy)), tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+class HubErrors(http.server.BaseHTTPRequestHandler):
+    """A localhost stand-in for the hub's API that answers every request as the hub answers these cases: with the
+    status and X-Error-Code header that huggingface_hub's own error mapping reads."""
+
+    ANSWERS = {"org/gated": (403, "GatedRepo"), "org/tiny": (404, "RevisionNotFound"), "org/gone": (404, "RepoNotFound")}
+
+    def do_GET(self):  # noqa: N802 (http.server's name)
+        repo = next((r for r in self.ANSWERS if f"/{r}/" in self.path or self.path.endswith(f"/{r}")), None)
+        status, code = self.ANSWERS.get(repo, (500, "Unknown"))
+        self.send_response(status)
+        self.send_header("X-Error-Code", code)
+        self.send_header("X-Error-Message", f"{code} for {repo}")
+        self.send_header("Content-Type", "application/json")
+        self.end_headers()
+        self.wfile.write(json.dumps({"error": f"{code} for {repo}"}).encode())
+
+    do_HEAD = do_GET
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.mark.parametrize("ref, expected", [
+    ({"id": "org/gated"}, "error: model 'm' (hub org/gated@main): the repo is gated: accept its license"),
+    ({"id": "org/tiny", "revision": "v9"},
+     "error: model 'm' (hub org/tiny@v9): revision 'v9' does not exist; set models.m.revision to a branch"),
+    ({"id": "org/gone"}, "error: model 'm' (hub org/gone@main): no such repo, or it is private"),
+])
+def test_hub_refusals_name_the_model_and_what_to_change(ref, expected, tmp_path):
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), HubErrors)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        (tmp_path / "params.yaml").write_text(yaml.safe_dump({
+            "models": {"m": {"source": "hub", **ref}}, "target": "m", "sources": ["m"],
+            "corpus": {"sources": [{"kind": "builtin_code"}]}}))
+        env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "0",
+               "HF_ENDPOINT": f"http://127.0.0.1:{server.server_port}", "HF_HUB_DISABLE_TELEMETRY": "1"}
+        done = subprocess.run([sys.executable, "-m", "stages.pin", "m", "--params", str(tmp_path / "params.yaml"),
+                               "--out", str(tmp_path / "models/m")], env=env, capture_output=True, text=True)
+    finally:
+        server.shutdown()
+    assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr
+    assert done.stderr.startswith(expected), done.stderr
+    assert not (tmp_path / "models/m").exists()
