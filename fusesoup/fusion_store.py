@@ -12,10 +12,10 @@ from fusesoup.cli import StageError
 from fusesoup.corpus import split_path
 from fusesoup.fusion import FuseMethod, SourceRows, fuse_sequence, source_weights
 from fusesoup.logits.codec import dequantize_ce
-from fusesoup.logits.extract import content_key
 from fusesoup.logits.sparse import SPARSE_CODEC
 from fusesoup.logits.sparse_store import FUSED_EXTRAS, SparseSequence, SparseStore, sparse_table
 from fusesoup.logits.store import fill_store, list_rows, write_manifest
+from fusesoup.storage import content_key
 
 
 class FusionError(StageError):

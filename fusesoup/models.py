@@ -7,9 +7,13 @@ user can cause (a missing directory, pickle-only weights, a vocabulary smaller t
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedConfig, PreTrainedModel
+from transformers import AutoConfig, AutoTokenizer, PreTrainedConfig
+
+if TYPE_CHECKING:  # the modelling half of transformers costs seconds to import; align and fuse never need it
+    from transformers import PreTrainedModel
 
 from fusesoup.cli import StageError
 from fusesoup.params import Params, Runtime
@@ -122,6 +126,8 @@ def stored_dtype(directory: Path | str) -> torch.dtype:
 
 def load_model(name: str, params: Params, data_dir: Path | str = DEFAULT_MODELS_DIR) -> tuple[PreTrainedModel, object]:
     """(model, tokenizer) for `name`: safetensors weights in runtime's dtype, on runtime's device, in eval mode."""
+    from transformers import AutoModelForCausalLM
+
     location, kwargs = _source(name, params, data_dir)
     check_safetensors(name, location)
     tokenizer = load_tokenizer(name, params, data_dir)

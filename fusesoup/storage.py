@@ -135,3 +135,15 @@ def sha256_file(path: Path | str, chunk_bytes: int = 1 << 20) -> str:
         while chunk := handle.read(chunk_bytes):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def content_key(parts: dict) -> str:
+    """sha256 of the canonical JSON of everything the stored values depend on."""
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
+
+
+def directory_fingerprint(directory: Path | str) -> dict[str, str]:
+    """{relative path: sha256} of every file of a model directory (weights, config, tokenizer files)."""
+    root = Path(directory)
+    return {str(p.relative_to(root)): sha256_file(p) for p in sorted(root.rglob("*"))
+            if p.is_file() and not any(part.startswith(".") for part in p.relative_to(root).parts)}

@@ -11,10 +11,10 @@ import argparse
 import torch
 
 from fusesoup.cli import StageError, run_stage
-from fusesoup.logits.extract import directory_fingerprint, extract_store, key_parts
+from fusesoup.logits.extract import extract_store, key_parts
 from fusesoup.models import load_config, load_model, model_path, resolve_device_dtype
 from fusesoup.params import load_params
-from fusesoup.storage import write_json
+from fusesoup.storage import directory_fingerprint, write_json
 
 
 def main(argv: list[str] | None = None) -> None:

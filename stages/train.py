@@ -20,12 +20,11 @@ import torch.distributed as dist
 from fusesoup.cli import StageError, run_stage
 from fusesoup.corpus import read_split
 from fusesoup.evaluate import score_by_domain
-from fusesoup.logits.extract import content_key, directory_fingerprint
 from fusesoup.logits.sparse_store import FUSED_EXTRAS, SparseStore
 from fusesoup.logits.store import LogitStore
 from fusesoup.models import load_model, model_path, stored_dtype
 from fusesoup.params import load_params
-from fusesoup.storage import atomic_dir, write_csv, write_json
+from fusesoup.storage import atomic_dir, content_key, directory_fingerprint, write_csv, write_json
 from fusesoup.train.launch import init_distributed
 from fusesoup.train.loop import TrainSequence, train_target
 

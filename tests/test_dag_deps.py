@@ -77,3 +77,14 @@ def test_the_closure_follows_lazy_and_package_imports():
     files = {str(f.relative_to(REPO)) for f in closure(REPO / "stages/prepare_corpus.py")}
     assert {"fusesoup/pin.py", "fusesoup/corpus/prepare.py", "fusesoup/align/token_bytes.py"} <= files
     assert uncovered("stages.prepare_corpus", ["stages/prepare_corpus.py"])  # a real gap is reported
+
+
+def superfluous(script: str, deps: list[str]) -> list[str]:
+    files = closure(module_file(script))
+    return sorted(dep for dep in deps if not any(file == REPO / dep or REPO / dep in file.parents for file in files))
+
+
+@pytest.mark.parametrize("name, script, deps", stages(), ids=[row[0] for row in stages()])
+def test_no_stage_lists_a_module_it_does_not_import(name, script, deps):
+    extra = superfluous(script, deps)
+    assert not extra, f"stage {name!r} ({script}) lists deps it never imports (a change reruns it for nothing): {extra}"

@@ -20,6 +20,7 @@ from flows.serve import DEPLOYMENT
 from tests.dvc_project import REPO, subprocess_env
 from tests.test_flow import make_project
 
+pytestmark = pytest.mark.e2e
 STAGES = {"hello": {"cmd": "echo scheduled > hello.txt", "outs": ["hello.txt"]}}
 FIRES_WITHIN_S = 150  # the next minute boundary, the scheduler's loop and the runner's poll, with room
 

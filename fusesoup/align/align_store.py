@@ -23,13 +23,13 @@ from fusesoup.align.vocab_map import padded_map
 from fusesoup.align.transfer import (EXACT, FALLBACK, MAPPED, SPAN, AlignedSequence, SpanInputs, agreement,
                                      groups_from_path, transfer_groups)
 from fusesoup.cli import StageError
-from fusesoup.corpus import split_path
+from fusesoup.corpus import read_texts, split_path
 from fusesoup.logits.codec import SequenceLogits, quantize_ce
-from fusesoup.logits.extract import content_key, read_texts
 from fusesoup.logits.sparse import SPARSE_CODEC
 from fusesoup.logits.sparse_store import ALIGNED_EXTRAS, SparseSequence, SparseStore, sparse_table
 from fusesoup.logits.store import LogitStore, fill_store, write_manifest
 from fusesoup.params import Align
+from fusesoup.storage import content_key
 
 TRANSFER_RULES = "one-to-one-merge-spans-first-row-v3"  # part of the key: a change of the transfer rules re-aligns
 

@@ -26,6 +26,11 @@ def read_split(corpus_dir: Path | str, split: str, domains: list[str] | None = N
     return frame if domains is None else frame.filter(pl.col("domain").is_in(domains))
 
 
+def read_texts(path: Path, start: int, stop: int) -> list[str]:
+    """Rows [start, stop) of a corpus split's text column, without reading the rest of the file."""
+    return pl.scan_parquet(path).slice(start, stop - start).select("text").collect()["text"].to_list()
+
+
 def largest_group_parts(frame: pl.DataFrame, domain: str) -> tuple[str, dict[str, pl.DataFrame]]:
     """(largest document group, {"largest group": its rows, "rest": the others}) of one domain of a split.
 

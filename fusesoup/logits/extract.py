@@ -7,8 +7,6 @@ run resumes, and N workers (`worker_index` of `num_workers`) fill disjoint shard
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -21,29 +19,17 @@ import torch
 from tqdm.auto import tqdm
 
 from fusesoup.cli import StageError
-from fusesoup.corpus import CORPUS_SCHEMA, split_path
+from fusesoup.corpus import CORPUS_SCHEMA, read_texts, split_path
 from fusesoup.evaluate import bos_token_id, pad_batch, plan_batches
 from fusesoup.logits import store as shards
 from fusesoup.logits.codec import CODEC, SequenceLogits
 from fusesoup.models import context_length
 from fusesoup.params import Extract
-from fusesoup.storage import sha256_file
+from fusesoup.storage import content_key, sha256_file
 
 
 class ExtractionError(StageError):
     """The teacher cannot be run over the corpus as asked; the message names the file, split or row."""
-
-
-def content_key(parts: dict) -> str:
-    """sha256 of the canonical JSON of everything the stored values depend on."""
-    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
-
-
-def directory_fingerprint(directory: Path | str) -> dict[str, str]:
-    """{relative path: sha256} of every file of a model directory (weights, config, tokenizer files)."""
-    root = Path(directory)
-    return {str(p.relative_to(root)): sha256_file(p) for p in sorted(root.rglob("*"))
-            if p.is_file() and not any(part.startswith(".") for part in p.relative_to(root).parts)}
 
 
 def key_parts(model_fingerprint: dict, corpus_dir: Path | str, spec: Extract, dtype: torch.dtype) -> dict:
@@ -174,11 +160,6 @@ def extract_sequences(model, tokenizer, texts: Sequence[str], k: int, batch_toke
                                         ends=offsets[:, 1], topk_ids=ids[row, :n], topk_logprobs=logprobs[row, :n],
                                         ce=ce[row, :n])
     return results
-
-
-def read_texts(path: Path, start: int, stop: int) -> list[str]:
-    """Rows [start, stop) of a corpus split's text column, without reading the rest of the file."""
-    return pl.scan_parquet(path).slice(start, stop - start).select("text").collect()["text"].to_list()
 
 
 def split_rows(path: Path) -> int:
