@@ -15,6 +15,7 @@ from prefect.futures import PrefectFuture, as_completed
 from prefect.runtime import flow_run
 from prefect.task_runners import ThreadPoolTaskRunner
 
+from flows.artifacts import publish
 from flows.stage_task import StageRunError, run_stage, stop_stages, workspace_lock
 from fusesoup.params import Flow, load_params
 
@@ -156,6 +157,7 @@ def _run_stages(repo_dir: str, settings: Flow, graph: dict[str, list[str]], sele
                 futures[name] = runner.submit(stage_task, parameters, wait_for=upstream)
             done = _collect(futures)
             match_repro_lock_order(repo_dir, existing_lock_entries)
+            publish(repo_dir, done)
             return done
         except BaseException:  # a failed stage (all others are done by then), a cancel or an interrupt
             stop_stages(str(flow_run.get_id()), list(futures.values()))

@@ -2,6 +2,7 @@
 what `dvc repro` leaves, and fails, kills and retries stages as configured. Runs on toy shell-stage projects."""
 from __future__ import annotations
 
+import json
 import logging
 import os
 import subprocess
@@ -229,3 +230,40 @@ def test_a_stage_error_is_logged_at_error_and_dvc_advice_not_at_all(tmp_path):
     assert not any(m.startswith(("To track the changes with git", "Use `dvc push`")) or not m.strip()
                    for m in messages), messages
     assert "Running stage 'fine':" in messages
+
+
+PNG = bytes.fromhex("89504e470d0a1a0a0000000d49484452000000010000000108060000001f15c4890000000d4944415478da63f8cf"
+                    "c0f01f0005000201e2d6c2d90000000049454e44ae426082")  # a 1x1 PNG
+EVAL = {"target-fused": {"all": {"bpb": 2.140412}, "code": {"bpb": 2.0751}}, "target-clm": {"all": {"bpb": 2.1416}}}
+REPORTING = {  # as dvc.yaml's evaluate: a metrics JSON and a reports/ directory with a markdown report and figures
+    "score": {"cmd": "echo scored > scores.txt", "outs": ["scores.txt"]},
+    "evaluate": {"cmd": "mkdir -p metrics reports/figures && cp ../eval.json metrics/eval.json && "
+                        "cp ../figure.png reports/figures/f.png && "
+                        "printf '# Report\\n\\n![Interpolation](figures/f.png)\\n' > reports/report.md",
+                 "deps": ["scores.txt"], "outs": [{"reports": {"cache": False}}],
+                 "metrics": [{"metrics/eval.json": {"cache": False}}]},
+}
+
+
+def test_a_run_leaves_artifacts_the_stage_outcomes_the_evaluation_table_and_the_report(tmp_path):
+    from prefect import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    (tmp_path / "figure.png").write_bytes(PNG)
+    (tmp_path / "eval.json").write_text(json.dumps(EVAL))
+    repo = make_project(tmp_path / "repo", REPORTING)
+    runs = [pipeline(str(repo), SETTINGS, return_state=True) for _ in range(2)]  # the second: DVC skips both
+    found = []
+    with get_client(sync_client=True) as client:
+        for state in runs:
+            artifacts = client.read_artifacts(artifact_filter=ArtifactFilter(
+                flow_run_id=ArtifactFilterFlowRunId(any_=[state.state_details.flow_run_id])))
+            found.append({artifact.key: artifact for artifact in artifacts})
+    assert found[0]["fusesoup-stages"].data.startswith("2 of 2 stages ran")
+    assert "| evaluate | ran |" in found[0]["fusesoup-stages"].data
+    assert found[1]["fusesoup-stages"].data.startswith("0 of 2 stages ran")
+    assert "| score | skipped: unchanged |" in found[1]["fusesoup-stages"].data
+    assert json.loads(found[1]["fusesoup-eval"].data) == [{"model": "target-fused", "all bpb": 2.1404, "code bpb": 2.0751},
+                     {"model": "target-clm", "all bpb": 2.1416}]
+    report = found[1]["fusesoup-report"].data
+    assert report.startswith("# Report") and "![Interpolation](data:image/png;base64," in report
