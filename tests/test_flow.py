@@ -263,7 +263,7 @@ def test_a_run_leaves_artifacts_the_stage_outcomes_the_evaluation_table_and_the_
     assert "| evaluate | ran |" in found[0]["fusesoup-stages"].data
     assert found[1]["fusesoup-stages"].data.startswith("0 of 2 stages ran")
     assert "| score | skipped: unchanged |" in found[1]["fusesoup-stages"].data
-    assert json.loads(found[1]["fusesoup-eval"].data) == [{"model": "target-fused", "all bpb": 2.1404, "code bpb": 2.0751},
-                     {"model": "target-clm", "all bpb": 2.1416}]
+    assert json.loads(found[1]["fusesoup-eval"].data) == [
+        {"model": "target-fused", "all bpb": 2.1404, "code bpb": 2.0751}, {"model": "target-clm", "all bpb": 2.1416}]
     report = found[1]["fusesoup-report"].data
     assert report.startswith("# Report") and "![Interpolation](data:image/png;base64," in report
