@@ -189,6 +189,7 @@ class ContinuedTraining(TrainSpec):
     lam: Annotated[float, Field(ge=0, le=1, alias="lambda")] = 0.9  # weight of CLM in train@fused (FuseLLM: 0.9)
     fusion_loss: Literal["ce", "kl"] = "ce"  # soft-label cross-entropy or KL against the fused distribution
     checkpoint_every: PositiveInt = 50  # steps between atomic checkpoints (resume point of a killed run)
+    micro_batch_tokens: PositiveInt | None = None  # padded tokens per forward pass (gradients accumulated); None: all
 
 
 TRAINED_MODELS = ("target-clm", "target-fused")  # what train@clm and train@fused write to data/models/

@@ -4,9 +4,11 @@
 train@fused see the same tokens in the same order. Data parallel (a torch.distributed process group, as
 `accelerate launch` or torchrun set up): rank r takes every world-th sequence of each step's batch, divides its loss
 sums by the global batch's position count and the gradients are summed, so every rank applies the gradient of
-the whole batch: the same trajectory as one process, up to float summation order. Every `checkpoint_every` steps the model (safetensors), the
-optimizer, the RNG and the log are swapped into the checkpoint directory atomically; a run started again with the
-same key resumes after the last checkpoint and ends with the same weights as a run that was never stopped.
+the whole batch: the same trajectory as one process, up to float summation order. Each rank's share runs in
+micro-batches of at most `micro_batch_tokens` padded tokens, their gradients accumulated (the same trajectory
+again). Every `checkpoint_every` steps the model (safetensors), the optimizer, the RNG and the log are swapped into
+the checkpoint directory atomically; a run started again with the same key resumes after the last checkpoint and
+ends with the same weights as a run that was never stopped.
 """
 from __future__ import annotations
 
@@ -51,6 +53,22 @@ def plan_steps(lengths: Sequence[int], batch_tokens: int, steps: int, seed: int)
     return plan
 
 
+def micro_batches(batch: Sequence[TrainSequence], budget: int | None) -> list[list[TrainSequence]]:
+    """`batch` cut, in order, into micro-batches whose padded size (count x longest, BOS included) fits `budget`
+    tokens; None: the whole batch at once. A sequence longer than the budget goes alone."""
+    if budget is None:
+        return [list(batch)]
+    micro, current, longest = [], [], 0
+    for sequence in batch:
+        width = len(sequence.input_ids) + 1
+        if current and (len(current) + 1) * max(longest, width) > budget:
+            micro.append(current)
+            current, longest = [], 0
+        current.append(sequence)
+        longest = max(longest, width)
+    return micro + [current] if current else micro
+
+
 def make_batch(sequences: Sequence[TrainSequence], bos: int, pad: int):
     """(input_ids [B, W+1] = BOS + tokens, attention [B, W+1], labels [B, W], mask [B, W], fused targets or None),
     right-padded: labels and mask are input_ids and attention shifted by the BOS."""
@@ -58,6 +76,25 @@ def make_batch(sequences: Sequence[TrainSequence], bos: int, pad: int):
     width = input_ids.shape[1] - 1
     fused = None if sequences[0].targets is None else pad_targets([s.targets for s in sequences], width)
     return input_ids, attention, input_ids[:, 1:], attention[:, 1:], fused
+
+
+def batch_losses(model, micro: Sequence[TrainSequence], bos: int, pad: int, device: torch.device, lam: float,
+                 kind: FusionLoss, positions: float, silent: bool = False):
+    """(loss, clm, fusion or None) of one micro-batch, as sums over its positions / `positions` (the global batch's
+    count); `silent`: every position masked (a rank without a sequence this step adds nothing)."""
+    input_ids, attention, labels, mask, fused = make_batch(micro, bos, pad)
+    if silent:
+        mask = torch.zeros_like(mask)
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        logits = model(input_ids=input_ids.to(device), attention_mask=attention.to(device)).logits
+    logits = logits[:, :-1]  # [B, W, V]: position t predicts token t of the sequence (input t + 1)
+    log_probs = student_log_probs(logits)  # float32; one log-softmax for both losses
+    clm = clm_loss(log_probs, labels.to(device), mask.to(device), positions)
+    fusion = None
+    if fused is not None and lam < 1:
+        fusion = fusion_loss(log_probs, fused._replace(ids=fused.ids.to(device), probs=fused.probs.to(device)),
+                             mask.to(device), kind, positions)
+    return (clm if fusion is None else lam * clm + (1 - lam) * fusion), clm, fusion
 
 
 def save_checkpoint(directory: Path, key: str, model, optimizer, step: int, log: list[dict]) -> None:
@@ -109,30 +146,23 @@ def train_target(model, sequences: Sequence[TrainSequence], spec: TrainSpec, lam
         batch = [sequences[i] for i in plan[step]]
         positions = float(sum(len(s.input_ids) for s in batch))  # of the global batch
         mine = batch[rank::world]
-        input_ids, attention, labels, mask, fused = make_batch(mine or batch[:1], bos, pad)
-        if not mine:
-            mask = torch.zeros_like(mask)  # a rank left without a sequence this step adds nothing
         lr = lr_at(step, spec)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            logits = model(input_ids=input_ids.to(device), attention_mask=attention.to(device)).logits
-        logits = logits[:, :-1]  # [B, W, V]: position t predicts token t of the sequence (input t + 1)
-        log_probs = student_log_probs(logits)  # float32; one log-softmax for both losses
-        clm = clm_loss(log_probs, labels.to(device), mask.to(device), positions)
-        fusion = None
-        if fused is not None and lam < 1:
-            fusion = fusion_loss(log_probs, fused._replace(ids=fused.ids.to(device), probs=fused.probs.to(device)),
-                                 mask.to(device), kind, positions)
-        loss = clm if fusion is None else lam * clm + (1 - lam) * fusion
-        terms = torch.stack([loss.detach(), clm.detach(), fusion.detach() if fusion is not None else clm.detach()])
+        optimizer.zero_grad(set_to_none=True)
+        terms, fused_term = torch.zeros(3, device=device), False
+        # gradient accumulation: every micro-batch's loss sums are divided by the global batch's position count,
+        # so the accumulated gradient is the whole batch's, whatever the micro-batch size
+        for micro in micro_batches(mine or batch[:1], spec.micro_batch_tokens):
+            loss, clm, fusion = batch_losses(model, micro, bos, pad, device, lam, kind, positions, silent=not mine)
+            loss.backward()
+            terms += torch.stack([loss.detach(), clm.detach(), (clm if fusion is None else fusion).detach()])
+            fused_term = fusion is not None
         if world > 1:
             dist.all_reduce(terms)  # each rank holds its share of the global means
         if not torch.isfinite(terms[0]):
             raise TrainingError(f"loss is {terms[0].item()} at step {step} (clm {terms[1].item()}, fusion "
-                                f"{None if fusion is None else terms[2].item()}, lr {lr:.3g}); nothing was saved")
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+                                f"{terms[2].item() if fused_term else None}, lr {lr:.3g}); nothing was saved")
         if world > 1:
             for parameter in model.parameters():
                 if parameter.grad is not None:
@@ -142,7 +172,7 @@ def train_target(model, sequences: Sequence[TrainSequence], spec: TrainSpec, lam
 
         seen += int(positions)
         log.append({"step": step, "loss": terms[0].item(), "clm": terms[1].item(),
-                    "fusion": "" if fusion is None else terms[2].item(), "lr": lr, "tokens": seen})
+                    "fusion": terms[2].item() if fused_term else "", "lr": lr, "tokens": seen})
         bar.set_postfix(loss=f"{terms[0].item():.3f}", tok_s=f"{seen / (time.perf_counter() - started):.0f}", refresh=False)
         if (step + 1) % checkpoint_every == 0 and step + 1 < spec.steps:
             save_checkpoint(checkpoints, key, model, optimizer, step + 1, log)
