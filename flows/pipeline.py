@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import argparse
 import os
+import subprocess
 import sys
+from datetime import datetime, timezone
 from pathlib import Path
 
 from prefect import flow
@@ -118,7 +120,21 @@ def _collect(futures: dict[str, PrefectFuture]) -> dict[str, list[str]]:
     return done
 
 
-@flow(name="fusesoup-pipeline")
+def run_name() -> str:
+    """A flow run's name: when it started (UTC) and the project's git revision, e.g. `2026-12-02 03:00 ab12cd3`
+    (`+` when the work tree has changes, `no-commit` before the first commit)."""
+    repo_dir = str(flow_run.parameters.get("repo_dir", "."))
+    git = ["git", "-C", repo_dir]
+    head = subprocess.run([*git, "rev-parse", "--short=7", "HEAD"], capture_output=True, text=True)
+    revision = head.stdout.strip() if head.returncode == 0 else "no-commit"
+    if head.returncode == 0:
+        changes = subprocess.run([*git, "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                                 text=True)
+        revision += "+" if changes.stdout.strip() else ""
+    return f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} {revision}"
+
+
+@flow(name="fusesoup-pipeline", flow_run_name=run_name)
 def pipeline(
     repo_dir: str = ".", settings: Flow | None = None, stages: list[str] | None = None, single: bool = False
 ) -> dict[str, list[str]]:

@@ -27,6 +27,7 @@ def build_deployment(repo_dir: str | os.PathLike, settings: Flow) -> RunnerDeplo
     schedule = Cron(settings.schedule.cron, timezone=settings.schedule.timezone)
     return pipeline.to_deployment(  # one run at a time: a cron run and a manual one queue (ENQUEUE), never collide
         name=DEPLOYMENT, schedule=schedule, parameters={"repo_dir": str(Path(repo_dir).resolve())},
+        tags=["fusesoup", "dvc"],
         concurrency_limit=ConcurrencyLimitConfig(limit=1, collision_strategy=ConcurrencyLimitStrategy.ENQUEUE),
     )
 

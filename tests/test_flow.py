@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import subprocess
 import sys
 import time
@@ -180,6 +181,7 @@ def test_deployment_carries_the_schedule(tmp_path):
     [schedule] = [s.schedule for s in deployment.schedules]
     assert (schedule.cron, schedule.timezone) == ("30 4 * * 1", "Europe/Paris")
     assert deployment.parameters == {"repo_dir": str(tmp_path.resolve())}
+    assert set(deployment.tags) == {"fusesoup", "dvc"}
     # one run at a time: a cron run and a manual run queue
     assert (deployment.concurrency_limit, deployment.concurrency_options.collision_strategy.value) == (1, "ENQUEUE")
 
@@ -267,3 +269,20 @@ def test_a_run_leaves_artifacts_the_stage_outcomes_the_evaluation_table_and_the_
         {"model": "target-fused", "all bpb": 2.1404, "code bpb": 2.0751}, {"model": "target-clm", "all bpb": 2.1416}]
     report = found[1]["fusesoup-report"].data
     assert report.startswith("# Report") and "![Interpolation](data:image/png;base64," in report
+
+
+def test_a_run_is_named_by_its_start_and_the_projects_git_revision(tmp_path):
+    from prefect import get_client
+
+    def run_name(repo: Path) -> str:
+        state = pipeline(str(repo), SETTINGS, return_state=True)
+        with get_client(sync_client=True) as client:
+            return client.read_flow_run(state.state_details.flow_run_id).name
+
+    repo = make_project(tmp_path / "repo", {"a": DIAMOND["a"]})
+    assert re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d no-commit", run_name(repo))
+    subprocess.run(["git", "add", "-A"], cwd=repo, check=True)
+    subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@localhost", "commit", "-qm", "s"], cwd=repo,
+                   check=True)
+    head = subprocess.run(["git", "rev-parse", "--short=7", "HEAD"], cwd=repo, capture_output=True, text=True)
+    assert re.fullmatch(rf"\d{{4}}-\d\d-\d\d \d\d:\d\d {head.stdout.strip()}", run_name(repo))
