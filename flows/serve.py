@@ -19,17 +19,20 @@ from fusesoup.params import Flow, load_params
 DEPLOYMENT = "fusesoup-pipeline"
 
 
+def deployment_options(repo_dir: str | os.PathLike, settings: Flow) -> dict:
+    """What every deployment of the pipeline carries, served or on a work pool: `settings.schedule` (cron in its
+    timezone), the project to run, one run at a time (a cron run and a manual one queue, ENQUEUE), the tags."""
+    return {"schedule": Cron(settings.schedule.cron, timezone=settings.schedule.timezone),
+            "parameters": {"repo_dir": str(Path(repo_dir).resolve())}, "tags": ["fusesoup", "dvc"],
+            "concurrency_limit": ConcurrencyLimitConfig(limit=1, collision_strategy=ConcurrencyLimitStrategy.ENQUEUE)}
+
+
 def build_deployment(repo_dir: str | os.PathLike, settings: Flow) -> RunnerDeployment:
-    """The pipeline as a deployment on `settings.schedule` (cron in its timezone), run on `repo_dir`.
+    """The pipeline as a deployment served by this process, run on `repo_dir`.
 
     Each run reloads the flow settings from params.yaml; the schedule itself is read once, when serving starts.
     """
-    schedule = Cron(settings.schedule.cron, timezone=settings.schedule.timezone)
-    return pipeline.to_deployment(  # one run at a time: a cron run and a manual one queue (ENQUEUE), never collide
-        name=DEPLOYMENT, schedule=schedule, parameters={"repo_dir": str(Path(repo_dir).resolve())},
-        tags=["fusesoup", "dvc"],
-        concurrency_limit=ConcurrencyLimitConfig(limit=1, collision_strategy=ConcurrencyLimitStrategy.ENQUEUE),
-    )
+    return pipeline.to_deployment(name=DEPLOYMENT, **deployment_options(repo_dir, settings))
 
 
 def main(argv: list[str] | None = None) -> None:

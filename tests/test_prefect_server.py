@@ -174,3 +174,29 @@ def test_two_runs_started_together_in_one_workspace_both_end_well(server, tmp_pa
     reference = make_project(tmp_path / "reference", DIAMOND_SLOW)
     subprocess.run([sys.executable, "-m", "dvc", "repro"], cwd=reference, env=env, check=True, capture_output=True)
     assert (repo / "dvc.lock").read_text() == (reference / "dvc.lock").read_text()
+
+
+def test_a_run_through_a_process_work_pool_and_worker(server, tmp_path):
+    api_url, _, env = server
+    repo = project_with_flow_params(tmp_path, STAGES)
+    done = subprocess.run([sys.executable, "-m", "flows.deploy", "--pool", "fusesoup-local", "--repo", str(repo)],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "on work pool 'fusesoup-local'" in done.stdout
+    [pool] = api(api_url, "work_pools/filter", {"work_pools": {"name": {"any_": ["fusesoup-local"]}}})
+    assert pool["type"] == "process"
+    [deployment] = api(api_url, "deployments/filter", {"deployments": {"name": {"any_": [DEPLOYMENT]}}})
+    assert deployment["work_pool_name"] == "fusesoup-local" and deployment["parameters"] == {"repo_dir": str(repo)}
+    log = tmp_path / "worker.log"
+    with log.open("w") as out:
+        worker = subprocess.Popen([sys.executable, "-m", "prefect", "worker", "start", "--pool", "fusesoup-local"],
+                                  cwd=tmp_path, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        run = api(api_url, f"deployments/{deployment['id']}/create_flow_run")
+        state = lambda: api(api_url, "flow_runs/filter", {"flow_runs": {"id": {"any_": [run["id"]]}}})[0]["state"]
+        wait_for(lambda: state()["type"] in ("COMPLETED", "FAILED", "CRASHED"), 120, "finished run", worker, log)
+    finally:
+        os.killpg(worker.pid, 15)
+        worker.wait(timeout=30)
+    assert state()["type"] == "COMPLETED", log.read_text()[-3000:]
+    assert (repo / "hello.txt").read_text() == "scheduled\n"
