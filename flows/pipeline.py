@@ -18,7 +18,7 @@ from prefect.runtime import flow_run
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows.artifacts import publish
-from flows.stage_task import StageRunError, run_stage, stop_stages, workspace_lock
+from flows.stage_task import StageRunError, run_experiment, run_stage, stop_stages, workspace_lock
 from fusesoup.params import Flow, load_params
 
 
@@ -136,13 +136,16 @@ def run_name() -> str:
 
 @flow(name="fusesoup-pipeline", flow_run_name=run_name)
 def pipeline(
-    repo_dir: str = ".", settings: Flow | None = None, stages: list[str] | None = None, single: bool = False
+    repo_dir: str = ".", settings: Flow | None = None, stages: list[str] | None = None, single: bool = False,
+    force: bool = False, overrides: list[str] | None = None,
 ) -> dict[str, list[str]]:
     """Run the DVC pipeline, each stage after the stages it depends on, at most `settings.max_parallel` at once.
 
     `stages` as `dvc repro TARGET...` takes them: those stages and every stage they need (DVC skipping what is
-    current); with `single`, those stages alone (`dvc repro -s`). Returns each stage's output lines, in
-    completion order."""
+    current); with `single`, those stages alone (`dvc repro -s`); `force` reruns them even if nothing changed.
+    `overrides` (`KEY=VALUE`, as `dvc exp run -S` takes them) run the selection as one DVC experiment instead
+    (stage_task.run_experiment), leaving params.yaml as it is. Returns each stage's (or the experiment's) output
+    lines, in completion order."""
     repo_dir = str(Path(repo_dir).resolve())
     settings = settings or load_params(Path(repo_dir) / "params.yaml").flow
     graph = stage_graph(repo_dir)
@@ -154,11 +157,25 @@ def pipeline(
         wanted |= {upstream for name in wanted for upstream in _ancestors(graph, name)}
     selected = [name for name in graph if name in wanted]
     with workspace_lock(repo_dir):
-        return _run_stages(repo_dir, settings, graph, selected, wanted)
+        if overrides:
+            return _run_experiment(repo_dir, settings, stages or [], single, force, overrides)
+        return _run_stages(repo_dir, settings, graph, selected, wanted, force)
+
+
+def _run_experiment(repo_dir: str, settings: Flow, targets: list[str], single: bool, force: bool,
+                    overrides: list[str]) -> dict[str, list[str]]:
+    """The pipeline as one DVC experiment task (a stage-level view is `dvc exp show`'s, not the flow's)."""
+    experiment = run_experiment.with_options(retries=settings.retries,
+                                             retry_delay_seconds=settings.retry_delay_seconds)
+    try:
+        return {"experiment": experiment(repo_dir, overrides, targets, single, force, settings.stage_timeout_seconds)}
+    except BaseException:
+        stop_stages(str(flow_run.get_id()), [])
+        raise
 
 
 def _run_stages(repo_dir: str, settings: Flow, graph: dict[str, list[str]], selected: list[str],
-                wanted: set[str]) -> dict[str, list[str]]:
+                wanted: set[str], force: bool) -> dict[str, list[str]]:
     """The body of `pipeline`, inside the workspace lock: `selected` stages as tasks, each after its upstream."""
     existing_lock_entries = lock_stage_names(repo_dir)
     stage_task = run_stage.with_options(retries=settings.retries, retry_delay_seconds=settings.retry_delay_seconds)
@@ -169,7 +186,8 @@ def _run_stages(repo_dir: str, settings: Flow, graph: dict[str, list[str]], sele
         try:
             for name in selected:
                 upstream = [futures[d] for d in sorted(_nearest_selected(graph, name, wanted))]
-                parameters = {"stage": name, "repo_dir": repo_dir, "timeout_s": settings.stage_timeout_seconds}
+                parameters = {"stage": name, "repo_dir": repo_dir, "timeout_s": settings.stage_timeout_seconds,
+                              "force": force}
                 futures[name] = runner.submit(stage_task, parameters, wait_for=upstream)
             done = _collect(futures)
             match_repro_lock_order(repo_dir, existing_lock_entries)
@@ -189,8 +207,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--stage", action="append", dest="stages", metavar="NAME",
                         help="run this stage and what it needs (repeatable; default: every stage)")
     parser.add_argument("--single", action="store_true", help="run the --stage stages alone (dvc repro -s)")
+    parser.add_argument("--force", action="store_true", help="rerun stages even if nothing changed")
+    parser.add_argument("-S", "--set", action="append", dest="overrides", metavar="KEY=VALUE",
+                        help="run as a DVC experiment with this param set (repeatable; params.yaml is not edited)")
     args = parser.parse_args(argv)
-    state = pipeline(repo_dir=args.repo, stages=args.stages, single=args.single, return_state=True)
+    state = pipeline(repo_dir=args.repo, stages=args.stages, single=args.single, force=args.force,
+                     overrides=args.overrides, return_state=True)
     return 0 if state.is_completed() else 1
 
 

@@ -80,25 +80,25 @@ def _not_stopping(task, task_run, state) -> bool:
     return str(task_run.flow_run_id) not in _STOPPING
 
 
-@task(name="dvc-stage", task_run_name="{stage}", cache_policy=NO_CACHE, retry_condition_fn=_not_stopping)
-def run_stage(stage: str, repo_dir: str, timeout_s: float) -> list[str] | State:
-    """Run `dvc repro -s STAGE` in its own process group, streaming its output into the run log.
+def run_dvc(what: str, args: list[str], repo_dir: str, timeout_s: float) -> list[str] | State:
+    """Run `dvc ARGS` for `what` (a stage, the experiment) in its own process group, streaming its output into the
+    run log; returns the output lines.
 
-    Returns the output lines. The group is killed on timeout and on any way out of this function (error,
-    cancellation), since neither Prefect's timeout nor its cancellation reaches a child process. In a flow run
-    being stopped (`stop_stages`) the stage ends Cancelled: killed if it was running, never started if not.
+    The group is killed on timeout and on any way out of this function (error, cancellation), since neither
+    Prefect's timeout nor its cancellation reaches a child process. In a flow run being stopped (`stop_stages`) it
+    ends Cancelled: killed if it was running, never started if not.
     """
     logger = get_run_logger()
     run_id = str(flow_run.get_id())
-    command = [sys.executable, "-m", "dvc", "--wait-for-lock", "repro", "-s", stage]
+    command = [sys.executable, "-m", "dvc", "--wait-for-lock", *args]
     # Stage commands that call `python` or `dvc` get the interpreter that runs this flow.
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
     lines: list[str] = []
     expired = threading.Event()
-    with _LOCK:  # so that `_stop` either sees this process or stops it from starting
+    with _LOCK:  # so that `stop_stages` either sees this process or stops it from starting
         if run_id in _STOPPING:
-            return Cancelled(message=f"stage {stage!r} not started: the flow run was cancelled")
+            return Cancelled(message=f"{what} not started: the flow run was cancelled")
         process = subprocess.Popen(
             command, cwd=repo_dir, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT, start_new_session=True,
@@ -124,14 +124,30 @@ def run_stage(stage: str, repo_dir: str, timeout_s: float) -> list[str] | State:
         _kill_group(process)
         _LIVE.pop(process, None)
     if run_id in _STOPPING:
-        return Cancelled(message=f"stage {stage!r} cancelled: its process group was killed")
+        return Cancelled(message=f"{what} cancelled: its process group was killed")
     tail = "\n".join(lines[-TAIL_LINES:])
     if expired.is_set():
-        raise StageRunError(f"stage {stage!r} timed out after {timeout_s:g} s and was killed; last lines:\n{tail}")
+        raise StageRunError(f"{what} timed out after {timeout_s:g} s and was killed; last lines:\n{tail}")
     if code != 0:
-        raise StageRunError(f"stage {stage!r} failed: `dvc repro -s {stage}` exited with code {code}; "
-                            f"last lines:\n{tail}")
+        raise StageRunError(f"{what} failed: `dvc {' '.join(args)}` exited with code {code}; last lines:\n{tail}")
     return lines
+
+
+@task(name="dvc-stage", task_run_name="{stage}", cache_policy=NO_CACHE, retry_condition_fn=_not_stopping)
+def run_stage(stage: str, repo_dir: str, timeout_s: float, force: bool = False) -> list[str] | State:
+    """`dvc repro -s STAGE` (with `force`, even if nothing changed) through run_dvc."""
+    return run_dvc(f"stage {stage!r}", ["repro", "-s", stage, *(["--force"] if force else [])], repo_dir, timeout_s)
+
+
+@task(name="dvc-experiment", task_run_name="experiment", cache_policy=NO_CACHE, retry_condition_fn=_not_stopping)
+def run_experiment(repo_dir: str, overrides: list[str], targets: list[str], single: bool, force: bool,
+                   timeout_s: float) -> list[str] | State:
+    """`dvc exp run --temp -S KEY=VALUE ... [TARGET ...]`: the pipeline (or TARGETs and what they need; `single`:
+    them alone) as a DVC experiment in a temporary copy, so the workspace, params.yaml included, stays as it was;
+    the results are in `dvc exp show` and `dvc exp apply NAME` brings them in."""
+    args = ["exp", "run", "--temp", *(arg for item in overrides for arg in ("-S", item)),
+            *(["--single-item"] if single else []), *(["--force"] if force else []), *targets]
+    return run_dvc("the experiment", args, repo_dir, timeout_s)
 
 
 def stop_stages(run_id: str, futures: list[PrefectFuture]) -> None:

@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -286,3 +287,32 @@ def test_a_run_is_named_by_its_start_and_the_projects_git_revision(tmp_path):
                    check=True)
     head = subprocess.run(["git", "rev-parse", "--short=7", "HEAD"], cwd=repo, capture_output=True, text=True)
     assert re.fullmatch(rf"\d{{4}}-\d\d-\d\d \d\d:\d\d {head.stdout.strip()}", run_name(repo))
+
+
+def commit(repo: Path) -> None:
+    subprocess.run(["git", "add", "-A"], cwd=repo, check=True)
+    subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@localhost", "commit", "-qm", "s"], cwd=repo,
+                   check=True)
+
+
+def test_force_reruns_a_stage_that_did_not_change(tmp_path):
+    repo = make_project(tmp_path / "repo", DIAMOND)
+    pipeline(str(repo), SETTINGS, stages=["a"])
+    again = pipeline(str(repo), SETTINGS, stages=["a"], force=True)
+    assert any(line.startswith("Running stage 'a'") for line in again["a"])
+    assert [name for name, event, _ in runs(repo) if event == "start"] == ["a", "a"]
+
+
+def test_overrides_run_as_a_dvc_experiment_and_leave_params_yaml_alone(tmp_path):
+    repo = make_project(tmp_path / "repo", {"echo": {"cmd": "echo seed=${seed} > seed.txt", "params": ["seed"],
+                                                     "outs": ["seed.txt"]}})
+    shutil.copyfile(Path(__file__).resolve().parents[1] / "params.yaml", repo / "params.yaml")
+    commit(repo)  # a DVC experiment starts from a commit
+    params_before = (repo / "params.yaml").read_bytes()
+    done = pipeline(str(repo), SETTINGS, overrides=["seed=7"])
+    assert list(done) == ["experiment"] and any("Running stage 'echo'" in line for line in done["experiment"])
+    assert (repo / "params.yaml").read_bytes() == params_before and not (repo / "seed.txt").exists()
+    [name] = subprocess.run([sys.executable, "-m", "dvc", "exp", "ls", "--name-only"], cwd=repo, capture_output=True,
+                            text=True, check=True).stdout.split()
+    subprocess.run([sys.executable, "-m", "dvc", "exp", "apply", name], cwd=repo, check=True, capture_output=True)
+    assert (repo / "seed.txt").read_text() == "seed=7\n"
