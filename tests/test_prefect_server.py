@@ -4,6 +4,7 @@ served flow then completes. Nothing here is mocked: the server, its scheduler se
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import socket
 import subprocess
@@ -122,9 +123,9 @@ def test_the_server_schedules_a_cron_run_and_the_served_flow_completes_it(server
     assert "Traceback" not in text and "InvalidRequestError" not in text, text[-3000:]
 
 
-SLOW = {  # `slow` records each start and its sleep's pid, then sleeps; `after` needs its output
-    "slow": {"cmd": "echo start >> ../starts.log && (sleep 60 & echo $! > ../sleep.pid; wait) && touch slow.txt",
-             "outs": ["slow.txt"]},
+SLOW = {  # `slow` records each start and its sleep's pid, then sleeps while ../hold exists; `after` needs its output
+    "slow": {"cmd": "echo start >> ../starts.log && (test ! -f ../hold || sleep 60 & echo $! > ../sleep.pid; wait) "
+                    "&& touch slow.txt", "outs": ["slow.txt"]},
     "after": {"cmd": "cp slow.txt after.txt", "deps": ["slow.txt"], "outs": ["after.txt"]},
 }
 
@@ -132,6 +133,7 @@ SLOW = {  # `slow` records each start and its sleep's pid, then sleeps; `after` 
 def test_a_cancelled_run_kills_its_stage_and_is_not_retried(server, tmp_path):
     api_url, _, env = server
     repo = project_with_flow_params(tmp_path, SLOW, retries=1, retry_delay_seconds=0)
+    (tmp_path / "hold").touch()
     log = tmp_path / "serve.log"
     with served(repo, env, log) as process:
         [deployment] = wait_for(lambda: api(api_url, "deployments/filter",
@@ -151,6 +153,13 @@ def test_a_cancelled_run_kills_its_stage_and_is_not_retried(server, tmp_path):
     assert states["slow"] == ("CANCELLED", "Cancelled"), states  # not Crashed, not Failed and retried
     assert states.get("after", ("PENDING", "NotReady")) == ("PENDING", "NotReady"), states  # never started
     assert not (repo / "slow.txt").exists() and not (repo / "after.txt").exists()
+    (tmp_path / "hold").unlink()  # the next run goes through, and leaves the project as `dvc repro` would
+    rerun = subprocess.run([sys.executable, "-m", "flows.pipeline", "--repo", str(repo)], cwd=REPO, env=env,
+                           capture_output=True, text=True, timeout=120)
+    assert rerun.returncode == 0, rerun.stdout[-3000:]
+    status = subprocess.run([sys.executable, "-m", "dvc", "status", "--json"], cwd=repo, env=env, capture_output=True,
+                            text=True, check=True)
+    assert json.loads(status.stdout) == {} and (repo / "after.txt").exists()
 
 
 DIAMOND_SLOW = {  # a -> (b, c) -> d, each a second long
