@@ -77,6 +77,12 @@ def model_files(name: str, directory: Path) -> list[Path]:
     kept = [p for p in files if not is_unsafe_weights(p)]
     if not (directory / "config.json").is_file():
         raise PinError(f"model {name!r}: {directory} has no config.json; it must be a save_pretrained directory")
+    if (directory / "tokenizer.model").is_file() and not any(
+            (directory / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
+        # AutoTokenizer then builds a generic tokenizer from the SentencePiece file that, unlike LlamaTokenizer,
+        # puts no `▁` in front of a text: the model would read other tokens than it was trained on
+        raise PinError(f"model {name!r}: {directory} has a tokenizer.model but no tokenizer_config.json naming its "
+                       "class; add one ({\"tokenizer_class\": \"LlamaTokenizer\"}, as the model's hub repo has)")
     return kept
 
 

@@ -13,12 +13,13 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from transformers import GPT2Config, LlamaConfig
+from transformers import AutoTokenizer, GPT2Config, LlamaConfig
 
 from fusesoup.models import ModelError, load_model, stored_dtype
 from fusesoup.params import PathRef, parse_params
 from fusesoup.pin import PIN_FILE, PinError, pin_model
 from tests.hub_cache import add_snapshot, save_checkpoint
+from tests.real_tokenizers import mistral_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 COMMIT_A, COMMIT_B = "a" * 40, "b" * 40
@@ -125,7 +126,8 @@ class HubErrors(http.server.BaseHTTPRequestHandler):
     """A localhost stand-in for the hub's API that answers every request as the hub answers these cases: with the
     status and X-Error-Code header that huggingface_hub's own error mapping reads."""
 
-    ANSWERS = {"org/gated": (403, "GatedRepo"), "org/tiny": (404, "RevisionNotFound"), "org/gone": (404, "RepoNotFound")}
+    ANSWERS = {"org/gated": (403, "GatedRepo"), "org/tiny": (404, "RevisionNotFound"),
+               "org/gone": (404, "RepoNotFound")}
 
     def do_GET(self):  # noqa: N802 (http.server's name)
         repo = next((r for r in self.ANSWERS if f"/{r}/" in self.path or self.path.endswith(f"/{r}")), None)
@@ -165,3 +167,16 @@ def test_hub_refusals_name_the_model_and_what_to_change(ref, expected, tmp_path)
     assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr
     assert done.stderr.startswith(expected), done.stderr
     assert not (tmp_path / "models/m").exists()
+
+
+def test_a_sentencepiece_file_without_its_tokenizer_class_is_refused(tmp_path):
+    directory = save_checkpoint(tmp_path / "given", tiny_llama(), mistral_tokenizer(tmp_path / "spm"))
+    for generated in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        (directory / generated).unlink(missing_ok=True)
+    (directory / "tokenizer.model").write_bytes((tmp_path / "spm/tokenizer.model").read_bytes())
+    with pytest.raises(PinError, match=r"model 'spm': .* has a tokenizer.model but no tokenizer_config.json naming"):
+        pin_model("spm", PathRef(source="path", path=str(directory)), tmp_path / "models/spm")
+    (directory / "tokenizer_config.json").write_text('{"tokenizer_class": "LlamaTokenizer"}')
+    pin_model("spm", PathRef(source="path", path=str(directory)), tmp_path / "models/spm")
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "models/spm")
+    assert tokenizer.tokenize("The quick")[0] == "▁The"  # read as Mistral was trained: a word-start piece first
