@@ -38,12 +38,12 @@ def prefect_env(home: Path, api_url: str) -> dict[str, str]:
             "PREFECT_RUNNER_POLL_FREQUENCY": "2", "PREFECT_SERVER_UI_ENABLED": "false"}
 
 
-@pytest.fixture
-def server(tmp_path):
-    """A Prefect server of its own (the deployment's name is fixed) on a free localhost port; yields (API URL,
-    its log file, env)."""
-    port, log = free_port(), tmp_path / "server.log"
-    env = prefect_env(tmp_path / "prefect-home", f"http://127.0.0.1:{port}/api")
+@pytest.fixture(scope="module")
+def live_server(tmp_path_factory):
+    """A Prefect server on a free localhost port for this module; yields (API URL, its log file, env)."""
+    home = tmp_path_factory.mktemp("prefect-server")
+    port, log = free_port(), home / "server.log"
+    env = prefect_env(home / "prefect-home", f"http://127.0.0.1:{port}/api")
     with log.open("w") as out:
         process = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
                                     "--port", str(port), "--analytics-off", "--no-ui"],
@@ -62,6 +62,17 @@ def server(tmp_path):
     finally:
         os.killpg(process.pid, 15)
         process.wait(timeout=30)
+
+
+@pytest.fixture
+def server(live_server):
+    """The module's server, left as new after each test: its deployments (with their scheduled runs) and flow
+    runs deleted, since every test deploys under the same name."""
+    yield live_server
+    api_url = live_server[0]
+    for kind in ("deployments", "flow_runs"):
+        for item in api(api_url, f"{kind}/filter"):
+            httpx.delete(f"{api_url}/{kind}/{item['id']}", timeout=10).raise_for_status()
 
 
 def api(api_url: str, path: str, body: dict | None = None):
