@@ -125,12 +125,13 @@ def test_alignment_and_fusion_outputs(built):
 def test_continued_training_outputs(built):
     clm_curve = (built / "plots/train/clm.csv").read_text().splitlines()
     fused_curve = (built / "plots/train/fused.csv").read_text().splitlines()
-    assert clm_curve[0] == fused_curve[0] == "step,loss,clm,fusion,lr,tokens"
+    assert clm_curve[0] == fused_curve[0] == "step,loss,clm,fusion,lr,tokens,tok_s"
     steps = load_params(built / "params.yaml").train.steps
     assert len(clm_curve) == len(fused_curve) == steps + 1
     # same tokens in the same order; the fusion term only in train@fused
     assert [row.split(",")[5] for row in clm_curve[1:]] == [row.split(",")[5] for row in fused_curve[1:]]
     assert all(row.split(",")[3] == "" for row in clm_curve[1:]) and float(fused_curve[1].split(",")[3]) > 0
+    assert all(float(row.split(",")[6]) > 0 for row in clm_curve[1:] + fused_curve[1:])  # tokens per second
     for variant in ("clm", "fused"):
         model_dir = built / "data/models" / f"target-{variant}"
         assert (model_dir / "model.safetensors").is_file() and (model_dir / "tokenizer.json").is_file()

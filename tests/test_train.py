@@ -74,6 +74,7 @@ def test_killed_run_resumes_to_the_same_weights(tmp_path):
     straight = tiny_model()
     log = train_target(straight, data, SPEC, 0.9, "ce", 0, tmp_path / "a", "key", SPEC.checkpoint_every, False)
     assert [row["step"] for row in log] == list(range(6)) and all(row["fusion"] != "" for row in log)
+    assert all(row["tok_s"] > 0 for row in log)  # throughput of each step, for the plots and the progress bar
 
     resumed = tiny_model()
     plan = plan_steps([len(s.input_ids) for s in data], SPEC.batch_tokens, SPEC.steps, 0)

@@ -127,7 +127,8 @@ def load_checkpoint(directory: Path, key: str, model, optimizer) -> tuple[int, l
 
 def train_target(model, sequences: Sequence[TrainSequence], spec: TrainSpec, lam: float, kind: FusionLoss,
                  seed: int, checkpoints: Path, key: str, checkpoint_every: int, progress: bool = True) -> list[dict]:
-    """Train `model` in place; returns one log row per step (total, clm and fusion loss, lr, tokens)."""
+    """Train `model` in place; returns one log row per step (total, clm and fusion loss, lr, tokens seen, and the
+    step's throughput in tokens per second: wall time, so the one column that differs between identical runs)."""
     config = model.config
     bos = config.bos_token_id if config.bos_token_id is not None else config.eos_token_id
     pad = config.pad_token_id if config.pad_token_id is not None else bos
@@ -138,11 +139,11 @@ def train_target(model, sequences: Sequence[TrainSequence], spec: TrainSpec, lam
     start, log = load_checkpoint(checkpoints, key, model, optimizer)
     model.train()
     seen = log[-1]["tokens"] if log else 0
-    started = time.perf_counter()
     bar = tqdm(range(start, spec.steps), desc="train", unit="step", disable=None if progress else True,
                dynamic_ncols=True, initial=start, total=spec.steps)
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     for step in bar:
+        step_started = time.perf_counter()
         batch = [sequences[i] for i in plan[step]]
         positions = float(sum(len(s.input_ids) for s in batch))  # of the global batch
         mine = batch[rank::world]
@@ -171,9 +172,11 @@ def train_target(model, sequences: Sequence[TrainSequence], spec: TrainSpec, lam
         optimizer.step()
 
         seen += int(positions)
+        tokens_per_second = positions / (time.perf_counter() - step_started)  # the global batch's, all ranks
         log.append({"step": step, "loss": terms[0].item(), "clm": terms[1].item(),
-                    "fusion": terms[2].item() if fused_term else "", "lr": lr, "tokens": seen})
-        bar.set_postfix(loss=f"{terms[0].item():.3f}", tok_s=f"{seen / (time.perf_counter() - started):.0f}", refresh=False)
+                    "fusion": terms[2].item() if fused_term else "", "lr": lr, "tokens": seen,
+                    "tok_s": round(tokens_per_second, 1)})
+        bar.set_postfix(loss=f"{terms[0].item():.3f}", tok_s=f"{tokens_per_second:.0f}", refresh=False)
         if (step + 1) % checkpoint_every == 0 and step + 1 < spec.steps:
             save_checkpoint(checkpoints, key, model, optimizer, step + 1, log)
     bar.close()
