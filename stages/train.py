@@ -94,7 +94,8 @@ def main(argv: list[str] | None = None) -> None:
         results = score_by_domain(model, tokenizer, read_split(args.corpus, split), spec.batch_tokens)
         metrics[split] = {domain: {"bpb": r.bpb} for domain, r in results.items()}
     write_json(args.metrics or f"metrics/train/{variant}.json", metrics)
-    write_csv(args.plots or f"plots/train/{variant}.csv", log, ["step", "loss", "clm", "fusion", "lr", "tokens", "tok_s"])
+    write_csv(args.plots or f"plots/train/{variant}.csv", log,
+              ["step", "loss", "clm", "fusion", "lr", "tokens", "tok_s"])
     print(f"train@{variant}: {len(log)} steps in {seconds:.0f} s, final loss {log[-1]['loss']:.3f}; valid bpb "
           + ", ".join(f"{d} {m['bpb']:.3f}" for d, m in metrics["valid"].items()), flush=True)
 
