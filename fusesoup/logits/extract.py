@@ -205,6 +205,7 @@ def extract_store(load_teacher: Callable[[], tuple[object, object]], vocab_size:
         # progress=True shows the bar on a terminal only (tqdm's None), so logs piped to Prefect stay readable
         bar = tqdm(total=total, desc="extract", unit="seq", disable=None if progress else True, dynamic_ncols=True)
         tokens = 0
+        written = shards.ShardProgress(store, len(todo))
         with ThreadPoolExecutor(max_workers=1) as writer:
             pending: Future | None = None
             for split, index in todo:
@@ -212,7 +213,7 @@ def extract_store(load_teacher: Callable[[], tuple[object, object]], vocab_size:
                 outputs = extract_sequences(model, tokenizer, read_texts(split_path(corpus_dir, split), start, stop),
                                             spec.k, spec.batch_tokens, first_row=start)
                 if pending is not None:
-                    pending.result()  # at most one shard waits to be written: memory stays bounded
+                    written.shard_written(pending.result())  # at most one shard waits: memory stays bounded
                 positions = sum(len(o.input_ids) for o in outputs)
                 pending = writer.submit(_write_logit_shard, store, split, index, key, start, outputs, vocab_size,
                                         positions)
@@ -220,16 +221,16 @@ def extract_store(load_teacher: Callable[[], tuple[object, object]], vocab_size:
                 bar.update(stop - start)
                 bar.set_postfix(tok_s=f"{tokens / max(bar.format_dict['elapsed'], 1e-9):.0f}", refresh=False)
             if pending is not None:
-                pending.result()
+                written.shard_written(pending.result())
         bar.close()
     return _finish(store, key, parts, spec, plan, vocab_size)
 
 
 def _write_logit_shard(store: Path, split: str, index: int, key: str, start: int, outputs: list[SequenceLogits],
-                       vocab_size: int, positions: int) -> None:
+                       vocab_size: int, positions: int) -> shards.ShardRecord:
     """Encode and write one shard (in the writer thread, while the next shard computes)."""
     table = shards.logit_table(list(range(start, start + len(outputs))), outputs, vocab_size)
-    shards.write_shard(store, split, index, key, table, positions)
+    return shards.write_shard(store, split, index, key, table, positions)
 
 
 def _finish(store: Path, key: str, parts: dict, spec: Extract, plan: dict[str, int], vocab_size: int) -> dict | None:

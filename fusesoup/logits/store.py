@@ -13,9 +13,12 @@ from __future__ import annotations
 
 import abc
 import contextlib
+import errno
 import hashlib
 import io
 import os
+import shutil
+import time
 from pathlib import Path
 from typing import Callable, Iterator, NamedTuple
 
@@ -70,10 +73,44 @@ def write_shard(store: Path, split: str, index: int, key: str, table: pa.Table, 
     pq.write_table(table, buffer, compression="zstd", compression_level=ZSTD_LEVEL, use_dictionary=False,
                    write_statistics=False, column_encoding=encodings)
     relative, data = f"{split}/{shard_name(index)}.parquet", buffer.getvalue()
-    atomic_write_bytes(store / relative, data)
     record = ShardRecord(relative, table.num_rows, positions, hashlib.sha256(data).hexdigest())
-    write_json(store / split / f"{shard_name(index)}.json", {"key": key, **record._asdict()})
+    try:
+        atomic_write_bytes(store / relative, data)
+        write_json(store / split / f"{shard_name(index)}.json", {"key": key, **record._asdict()})
+    except OSError as error:
+        if error.errno != errno.ENOSPC:
+            raise
+        raise StorageError(f"{store}: no space left on the device writing {relative} ({len(data) / 2**20:.1f} MiB); "
+                           "the finished shards are kept: free space and run the stage again, it resumes with "
+                           "this shard") from None
     return record
+
+
+class ShardProgress:
+    """The shards this run writes, timed: after the first, the bytes and time the rest will take are reported (at
+    its size and pace), and a disk that cannot hold them is refused before hours are spent filling it."""
+
+    def __init__(self, store: Path, shards: int, report: Callable[[str], None] = print):
+        self.store, self.shards, self.report = store, shards, report
+        self.done, self.bytes, self.started = 0, 0, time.monotonic()
+
+    def shard_written(self, record: ShardRecord) -> None:
+        self.done += 1
+        self.bytes += (self.store / record.file).stat().st_size
+        left = self.shards - self.done
+        if self.done != 1 or left == 0:
+            return
+        need, seconds, free = left * self.bytes, left * (time.monotonic() - self.started), _free_bytes(self.store)
+        self.report(f"{self.store}: {left} more shards to write, about {need / 2**20:.1f} MiB and "
+                    f"{seconds / 3600:.2f} h at the first one's size and pace; {free / 2**30:.2f} GiB free")
+        if need > free:
+            raise StorageError(f"{self.store}: the {left} shards left need about {need / 2**20:.1f} MiB at the first "
+                               f"one's size, but the disk has {free / 2**20:.1f} MiB free; free space or move the "
+                               "store to a larger disk (the finished shard is kept)")
+
+
+def _free_bytes(path: Path) -> int:
+    return shutil.disk_usage(path).free
 
 
 def finished_shard(store: Path, split: str, index: int, key: str) -> ShardRecord | None:
@@ -153,11 +190,13 @@ def fill_store(store: Path, key: str, plan: dict[str, int],
     store.mkdir(parents=True, exist_ok=True)
     remove_manifest(store)
     remove_foreign(store, plan)
+    todo = []
     for split, count in plan.items():
         finished = clear_stale(store, split, list(range(count)), key)
-        for index in range(count):
-            if index not in finished:
-                write_shard(store, split, index, key, *build_shard(split, index))
+        todo += [(split, index) for index in range(count) if index not in finished]
+    progress = ShardProgress(store, len(todo))
+    for split, index in todo:
+        progress.shard_written(write_shard(store, split, index, key, *build_shard(split, index)))
     splits = split_records(store, key, plan)
     assert splits is not None, "every shard was just written"
     return splits
