@@ -101,8 +101,8 @@ class ShardProgress:
         if self.done != 1 or left == 0:
             return
         need, seconds, free = left * self.bytes, left * (time.monotonic() - self.started), _free_bytes(self.store)
-        self.report(f"{self.store}: {left} more shards to write, about {need / 2**20:.1f} MiB and "
-                    f"{seconds / 3600:.2f} h at the first one's size and pace; {free / 2**30:.2f} GiB free")
+        self.report(f"{self.store}: {left} more shards to write, about {_size(need)} and {_duration(seconds)} at "
+                    f"the first one's size and pace; {_size(free)} free")
         if need > free:
             raise StorageError(f"{self.store}: the {left} shards left need about {need / 2**20:.1f} MiB at the first "
                                f"one's size, but the disk has {free / 2**20:.1f} MiB free; free space or move the "
@@ -111,6 +111,14 @@ class ShardProgress:
 
 def _free_bytes(path: Path) -> int:
     return shutil.disk_usage(path).free
+
+
+def _size(n: float) -> str:
+    return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds / 3600:.1f} h" if seconds >= 3600 else f"{seconds / 60:.1f} min"
 
 
 def finished_shard(store: Path, split: str, index: int, key: str) -> ShardRecord | None:
