@@ -159,12 +159,14 @@ class Bootstrap(Strict):
 
 
 class Extract(Strict):
-    """Teacher logit extraction (stages/extract.py); every key but batch_tokens is part of the store's key."""
+    """Teacher logit extraction (stages/extract.py); every key but batch_tokens and workers is part of the store's
+    key."""
 
     k: Annotated[int, Field(ge=1, le=255)] = 10  # top-k entries kept per position
     splits: Annotated[list[Literal["train", "valid", "test"]], Field(min_length=1)] = ["train"]
     batch_tokens: PositiveInt = 8192  # padded tokens per forward pass (count x longest)
     shard_sequences: PositiveInt = 512  # sequences per shard: the unit of resumption and of parallel workers
+    workers: PositiveInt = 1  # processes filling one store (one GPU each, or the CPU threads shared); not in the key
 
 
 class Align(Strict):

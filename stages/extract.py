@@ -7,11 +7,12 @@ killed run resumes at its first unfinished shard, and N workers may fill one sto
 from __future__ import annotations
 
 import argparse
+import sys
 
 import torch
 
 from fusesoup.cli import StageError, run_stage
-from fusesoup.logits.extract import extract_store, key_parts
+from fusesoup.logits.extract import extract_store, key_parts, run_workers
 from fusesoup.models import load_config, load_model, model_path, resolve_device_dtype
 from fusesoup.params import load_params
 from fusesoup.storage import directory_fingerprint, write_json
@@ -28,6 +29,7 @@ def main(argv: list[str] | None = None) -> None:
                                           "(default: metrics/extract/<teacher>.json)")
     parser.add_argument("--num-workers", type=int, default=1, help="processes filling this store (default: 1)")
     parser.add_argument("--worker-index", type=int, default=0, help="this process's index, 0..N-1 (default: 0)")
+    parser.add_argument("--threads", type=int, help="CPU threads of this process (default: runtime.threads)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
     teacher = args.teacher
@@ -35,12 +37,15 @@ def main(argv: list[str] | None = None) -> None:
     params = load_params(args.params)
     if teacher not in params.sources:
         raise StageError(f"{args.params}: {teacher!r} is not in sources {params.sources}")
-    if params.runtime.threads:
-        torch.set_num_threads(params.runtime.threads)
+    if args.threads or params.runtime.threads:
+        torch.set_num_threads(args.threads or params.runtime.threads)
     _, dtype = resolve_device_dtype(params.runtime)
     config = load_config(teacher, params, args.models)
     parts = key_parts(directory_fingerprint(model_path(teacher, args.models)), args.corpus, params.extract, dtype)
 
+    if params.extract.workers > 1 and args.num_workers == 1:  # the stage runs its workers, then checks the store
+        command = [sys.executable, "-m", "stages.extract", *(argv if argv is not None else sys.argv[1:])]
+        run_workers(command, params.extract.workers, params.runtime.threads)
     manifest = extract_store(lambda: load_model(teacher, params, args.models), config.vocab_size, args.corpus, out,
                              params.extract, parts, args.num_workers, args.worker_index,
                              progress=not args.no_progress)

@@ -301,3 +301,21 @@ def test_a_killed_extraction_resumes_and_matches_an_uninterrupted_run(stage_proj
     metrics = json.loads((stage_project / "resumed.json").read_text())
     assert metrics["k"] == 5 and metrics["splits"]["train"]["sequences"] == 40
     assert 0 < metrics["splits"]["train"]["bytes_per_position"] < 40
+
+
+def test_the_stage_with_two_workers_writes_the_store_one_process_writes(stage_project):
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    raw = yaml.safe_load((stage_project / "params.yaml").read_text())
+    for workers in (1, 2):
+        raw["extract"]["workers"] = workers
+        params = stage_project / f"params-{workers}.yaml"
+        params.write_text(yaml.safe_dump(raw))
+        command = [*stage_cmd(stage_project, f"workers-{workers}"), "--params", str(params)]
+        done = subprocess.run([sys.executable, "-m", "stages.extract", *command], env=env, cwd=REPO,
+                              capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr
+    assert "worker 1 of 2 done" in done.stdout or "worker 0 of 2 done" in done.stdout  # both ran, one finished
+    store = stage_project / "workers-2"
+    assert len(list((store / "train").glob("*.parquet"))) >= 2  # each worker had shards to write
+    assert shard_bytes(store) == shard_bytes(stage_project / "workers-1")
+    assert (store / "manifest.json").read_bytes() == (stage_project / "workers-1/manifest.json").read_bytes()

@@ -8,6 +8,8 @@ run resumes, and N workers (`worker_index` of `num_workers`) fill disjoint shard
 from __future__ import annotations
 
 import math
+import os
+import subprocess
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable, Sequence
@@ -224,6 +226,24 @@ def extract_store(load_teacher: Callable[[], tuple[object, object]], vocab_size:
                 written.shard_written(pending.result())
         bar.close()
     return _finish(store, key, parts, spec, plan, vocab_size)
+
+
+def run_workers(command: list[str], workers: int, threads: int | None) -> None:
+    """Run the extract stage's `command` with `--num-workers N --worker-index I` for every I at once and wait:
+    worker I takes the shards with index % N == I (so the store is the same as one process's), GPU I where there
+    are N GPUs, else 1/N of the CPU threads. ExtractionError names the first worker that failed, with its error."""
+    gpus = torch.cuda.device_count()
+    share = max(1, (threads or os.cpu_count() or 1) // workers)
+    processes = []
+    for index in range(workers):
+        env = {**os.environ, **({"CUDA_VISIBLE_DEVICES": str(index)} if gpus >= workers else {})}
+        worker = [*command, "--num-workers", str(workers), "--worker-index", str(index), "--threads", str(share)]
+        processes.append(subprocess.Popen(worker, env=env, stderr=subprocess.PIPE, text=True))
+    errors = [(index, process.communicate()[1], process.returncode) for index, process in enumerate(processes)]
+    for index, stderr, code in errors:
+        if code != 0:
+            last = next((line for line in reversed(stderr.splitlines()) if line.strip()), "no output")
+            raise ExtractionError(f"extract worker {index} of {workers} failed (exit {code}): {last}")
 
 
 def _write_logit_shard(store: Path, split: str, index: int, key: str, start: int, outputs: list[SequenceLogits],
