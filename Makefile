@@ -27,7 +27,7 @@ $(TOKENIZER_FILES)/.fetched: $(STAMP) tests/real_tokenizers.py
 	touch $@
 
 test: $(STAMP) $(TOKENIZER_FILES)/.fetched
-	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m pytest -q
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m pytest -q -n 2 --dist loadfile
 
 # The same DAG, run stage by stage as a Prefect flow.
 flow: $(STAMP)

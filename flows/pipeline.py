@@ -19,7 +19,8 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows.artifacts import publish
 from flows.stage_task import StageRunError, run_experiment, run_stage, stop_stages, workspace_lock
-from fusesoup.params import Flow, load_params
+from fusesoup.params import Flow, load_params, read_mapping
+from fusesoup.profiles import as_overrides, with_profile
 
 
 def stage_graph(repo_dir: str | os.PathLike = ".") -> dict[str, list[str]]:
@@ -137,17 +138,21 @@ def run_name() -> str:
 @flow(name="fusesoup-pipeline", flow_run_name=run_name)
 def pipeline(
     repo_dir: str = ".", settings: Flow | None = None, stages: list[str] | None = None, single: bool = False,
-    force: bool = False, overrides: list[str] | None = None,
+    force: bool = False, overrides: list[str] | None = None, profile: str | None = None,
 ) -> dict[str, list[str]]:
     """Run the DVC pipeline, each stage after the stages it depends on, at most `settings.max_parallel` at once.
 
     `stages` as `dvc repro TARGET...` takes them: those stages and every stage they need (DVC skipping what is
     current); with `single`, those stages alone (`dvc repro -s`); `force` reruns them even if nothing changed.
     `overrides` (`KEY=VALUE`, as `dvc exp run -S` takes them) run the selection as one DVC experiment instead
-    (stage_task.run_experiment), leaving params.yaml as it is. Returns each stage's (or the experiment's) output
-    lines, in completion order."""
+    (stage_task.run_experiment), leaving params.yaml as it is; `profile` (profiles/<profile>.yaml) is applied the
+    same way, before `overrides`. Returns each stage's (or the experiment's) output lines, in completion order."""
     repo_dir = str(Path(repo_dir).resolve())
     settings = settings or load_params(Path(repo_dir) / "params.yaml").flow
+    if profile:
+        profile_path, params_path = Path(repo_dir) / "profiles" / f"{profile}.yaml", Path(repo_dir) / "params.yaml"
+        with_profile(params_path, profile_path)  # validated first: a bad profile stops here in one line
+        overrides = as_overrides(read_mapping(profile_path), read_mapping(params_path)) + list(overrides or [])
     graph = stage_graph(repo_dir)
     unknown = sorted(set(stages or []) - set(graph))
     if unknown:
@@ -210,9 +215,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--force", action="store_true", help="rerun stages even if nothing changed")
     parser.add_argument("-S", "--set", action="append", dest="overrides", metavar="KEY=VALUE",
                         help="run as a DVC experiment with this param set (repeatable; params.yaml is not edited)")
+    parser.add_argument("--profile", help="run as a DVC experiment with profiles/PROFILE.yaml applied")
     args = parser.parse_args(argv)
     state = pipeline(repo_dir=args.repo, stages=args.stages, single=args.single, force=args.force,
-                     overrides=args.overrides, return_state=True)
+                     overrides=args.overrides, profile=args.profile, return_state=True)
     return 0 if state.is_completed() else 1
 
 

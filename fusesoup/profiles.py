@@ -6,6 +6,7 @@ replaces. The result is validated before anything is written, then written atomi
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 import yaml
@@ -20,6 +21,29 @@ def with_profile(params_path: Path | str, profile_path: Path | str) -> dict:
     merged = deep_merge(read_mapping(params_path), read_mapping(profile_path))
     parse_params(merged, profile_path)
     return merged
+
+
+def as_overrides(profile: dict, base: dict, prefix: str = "") -> list[str]:
+    """The profile as `dvc exp run -S` overrides (Hydra's grammar) that turn `base` into deep_merge(base, profile):
+    mappings merge key by key; a value, or a mapping where base has none, replaces (`++key=value`); an empty mapping
+    empties one (`~key`, then `+key={}`), since Hydra merges a mapping given as a value."""
+    overrides = []
+    for key, value in profile.items():
+        name, below = f"{prefix}{key}", base.get(key)
+        if isinstance(value, dict) and isinstance(below, dict):
+            overrides += as_overrides(value, below, f"{name}.") if value else [f"~{name}", f"+{name}={{}}"]
+        else:
+            overrides.append(f"++{name}={_hydra_value(value)}")
+    return overrides
+
+
+def _hydra_value(value) -> str:
+    """A YAML value in Hydra's override grammar: quoted strings, [lists], {key: value} mappings."""
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{key}: {_hydra_value(item)}" for key, item in value.items()) + "}"
+    if isinstance(value, list):
+        return "[" + ", ".join(_hydra_value(item) for item in value) + "]"
+    return json.dumps(value)  # strings double-quoted, true/false, null, numbers
 
 
 def dump(params: dict) -> str:

@@ -303,16 +303,25 @@ def test_force_reruns_a_stage_that_did_not_change(tmp_path):
     assert [name for name, event, _ in runs(repo) if event == "start"] == ["a", "a"]
 
 
-def test_overrides_run_as_a_dvc_experiment_and_leave_params_yaml_alone(tmp_path):
+def test_overrides_and_profiles_run_as_a_dvc_experiment_and_leave_params_yaml_alone(tmp_path):
     repo = make_project(tmp_path / "repo", {"echo": {"cmd": "echo seed=${seed} > seed.txt", "params": ["seed"],
                                                      "outs": ["seed.txt"]}})
     shutil.copyfile(Path(__file__).resolve().parents[1] / "params.yaml", repo / "params.yaml")
+    (repo / "profiles").mkdir()
+    (repo / "profiles/lucky.yaml").write_text("seed: 13\n")
     commit(repo)  # a DVC experiment starts from a commit
     params_before = (repo / "params.yaml").read_bytes()
+
+    def experiment_names() -> set[str]:
+        return set(subprocess.run([sys.executable, "-m", "dvc", "exp", "ls", "--name-only"], cwd=repo, text=True,
+                                  capture_output=True, check=True).stdout.split())
+
     done = pipeline(str(repo), SETTINGS, overrides=["seed=7"])
     assert list(done) == ["experiment"] and any("Running stage 'echo'" in line for line in done["experiment"])
+    [overridden] = experiment_names()
+    pipeline(str(repo), SETTINGS, profile="lucky")
+    [profiled] = experiment_names() - {overridden}
     assert (repo / "params.yaml").read_bytes() == params_before and not (repo / "seed.txt").exists()
-    [name] = subprocess.run([sys.executable, "-m", "dvc", "exp", "ls", "--name-only"], cwd=repo, capture_output=True,
-                            text=True, check=True).stdout.split()
-    subprocess.run([sys.executable, "-m", "dvc", "exp", "apply", name], cwd=repo, check=True, capture_output=True)
-    assert (repo / "seed.txt").read_text() == "seed=7\n"
+    for name, seed in ((overridden, 7), (profiled, 13)):
+        subprocess.run([sys.executable, "-m", "dvc", "exp", "apply", name], cwd=repo, check=True, capture_output=True)
+        assert (repo / "seed.txt").read_text() == f"seed={seed}\n"

@@ -76,8 +76,13 @@ def server(live_server):
 
 
 def api(api_url: str, path: str, body: dict | None = None):
-    """POST `body` to the server's REST API; the decoded answer."""
-    response = httpx.post(f"{api_url}/{path}", json=body or {}, timeout=10)
+    """POST `body` to the server's REST API; the decoded answer. A 503 (the server busy with its SQLite database
+    under load) is asked again, as Prefect's own client does."""
+    for attempt in range(5):
+        response = httpx.post(f"{api_url}/{path}", json=body or {}, timeout=30)
+        if response.status_code != 503:
+            break
+        time.sleep(1 + attempt)
     response.raise_for_status()
     return response.json() if response.content else None
 

@@ -2,14 +2,17 @@
 from __future__ import annotations
 
 import re
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
 from fusesoup.cli import run_stage
-from fusesoup.params import load_params
-from fusesoup.profiles import main, with_profile
+from fusesoup.params import load_params, parse_params, read_mapping
+from fusesoup.profiles import as_overrides, main, with_profile
 from tests.dvc_project import dvc, make_project
 
 REPO = Path(__file__).resolve().parents[1]
@@ -47,3 +50,26 @@ def test_dvc_plans_the_real_profiles_with_a_pin_per_model_and_no_bootstrap(profi
     assert {f"pin@{name}" for name in params.models} <= set(planned)
     assert {f"extract@{name}" for name in params.sources} | {"fuse", "train@fused", "soup", "evaluate"} <= set(planned)
     assert planned.index(f"pin@{params.target}") < planned.index("train@clm")
+
+
+@pytest.mark.parametrize("name", ["tiny", "fusellm-7b", "small-real"])
+def test_a_profile_as_experiment_overrides_gives_the_params_the_profile_gives(name, tmp_path):
+    """DVC's own `dvc exp run -S` (Hydra's grammar) on params.yaml with the profile's overrides leaves exactly the
+    params `with_profile` computes, empty mappings included."""
+    base = read_mapping(REPO / "params.yaml")
+    profile = read_mapping(REPO / "profiles" / f"{name}.yaml")
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    shutil.copyfile(REPO / "params.yaml", repo / "params.yaml")
+    (repo / "dvc.yaml").write_text(yaml.safe_dump({"stages": {"copy": {
+        "cmd": "cp params.yaml applied.yaml", "params": ["seed"], "outs": ["applied.yaml"]}}}))
+    for command in (["git", "init", "-q"], [sys.executable, "-m", "dvc", "init", "-q"], ["git", "add", "-A"],
+                    ["git", "-c", "user.name=t", "-c", "user.email=t@localhost", "commit", "-qm", "s"]):
+        subprocess.run(command, cwd=repo, check=True, capture_output=True)
+    overrides = [arg for item in as_overrides(profile, base) for arg in ("-S", item)]
+    done = subprocess.run([sys.executable, "-m", "dvc", "exp", "run", *overrides], cwd=repo, capture_output=True,
+                          text=True)
+    assert done.returncode == 0, done.stderr
+    # compared as the stages read them (DVC writes 1e-05, which PyYAML reads as a string and the schema as 1e-05)
+    applied = parse_params(read_mapping(repo / "applied.yaml"), "applied")
+    assert applied == parse_params(with_profile(REPO / "params.yaml", REPO / "profiles" / f"{name}.yaml"), name)
