@@ -198,7 +198,9 @@ def _run_stages(repo_dir: str, settings: Flow, graph: dict[str, list[str]], sele
             match_repro_lock_order(repo_dir, existing_lock_entries)
             publish(repo_dir, done)
             return done
-        except BaseException:  # a failed stage (all others are done by then), a cancel or an interrupt
+        except StageRunError:
+            raise  # every stage has ended: the failed ones, and those after them not run (NotReady)
+        except BaseException:  # a cancel or an interrupt
             stop_stages(str(flow_run.get_id()), list(futures.values()))
             raise
 

@@ -151,8 +151,11 @@ def run_experiment(repo_dir: str, overrides: list[str], targets: list[str], sing
 
 
 def stop_stages(run_id: str, futures: list[PrefectFuture]) -> None:
-    """Stop flow run `run_id`'s stages: none starts from now on, each running one's process group is killed,
-    and each ends (Cancelled) before the task runner is shut down, which would mark it Crashed."""
+    """Stop flow run `run_id`'s stages (it is cancelled or interrupted): none starts from now on, each running one's
+    process group is killed, and each ends Cancelled before the task runner is shut down (which would mark it
+    Crashed); a stage still waiting for its upstream (NotReady) is marked Cancelled too."""
+    from prefect import get_client
+
     with _LOCK:
         _STOPPING.add(run_id)
         live = [process for process, owner in _LIVE.items() if owner == run_id]
@@ -160,6 +163,11 @@ def stop_stages(run_id: str, futures: list[PrefectFuture]) -> None:
         _kill_group(process)
     for future in futures:
         future.wait(timeout=KILL_GRACE_SECONDS)
+    with get_client(sync_client=True) as client:
+        for future in futures:
+            if not client.read_task_run(future.task_run_id).state.is_final():
+                client.set_task_run_state(future.task_run_id, Cancelled(message="not started: the flow run was "
+                                                                                 "cancelled"), force=True)
 
 
 @contextlib.contextmanager
