@@ -48,9 +48,14 @@ def make_project(dest: Path, profile: str | None = "tiny") -> Path:
     run(["git", "init", "-q"], dest)
     dvc(dest, "init", "-q")
     dvc(dest, "config", "core.analytics", "false")
-    run(["git", "add", "-A"], dest)
-    run(["git", "-c", "user.name=test", "-c", "user.email=test@localhost", "commit", "-qm", "project"], dest)
+    commit_all(dest, "project")
     return dest
+
+
+def commit_all(repo: Path, message: str = "state") -> None:
+    """Commit everything in `repo` (as a test user: CI has no git identity)."""
+    run(["git", "add", "-A"], repo)
+    run(["git", "-c", "user.name=test", "-c", "user.email=test@localhost", "commit", "-qm", message], repo)
 
 
 def set_param(repo: Path, dotted_key: str, value) -> None:

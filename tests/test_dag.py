@@ -17,7 +17,7 @@ from fusesoup.corpus import SPLITS, read_split
 from fusesoup.logits.sparse_store import ALIGNED_EXTRAS, FUSED_EXTRAS, SparseStore
 from fusesoup.logits.store import LogitStore
 from fusesoup.params import load_params
-from tests.dvc_project import dvc, make_project, run, set_param
+from tests.dvc_project import commit_all, dvc, make_project, set_param
 
 pytestmark = pytest.mark.e2e
 
@@ -47,11 +47,6 @@ def stage_names(repo: Path) -> list[str]:
     params = load_params(repo / "params.yaml")
     return ["prepare_corpus", *(f"bootstrap@{m}" for m in params.bootstrap), *(f"extract@{m}" for m in params.sources),
             *(f"align@{m}" for m in params.sources), "fuse", "train@clm", "train@fused", "soup", "evaluate"]
-
-
-def commit_all(repo: Path) -> None:
-    run(["git", "add", "-A"], repo)
-    run(["git", "-c", "user.name=test", "-c", "user.email=test@localhost", "commit", "-qm", "state"], repo)
 
 
 def ran_stages(output: str) -> set[str]:

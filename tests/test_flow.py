@@ -21,6 +21,7 @@ from flows.pipeline import pipeline, stage_graph
 from flows.stage_task import StageRunError
 from flows.serve import build_deployment
 from fusesoup.params import Flow, Schedule
+from tests.dvc_project import commit_all
 
 pytestmark = pytest.mark.usefixtures("prefect_api")
 
@@ -282,17 +283,9 @@ def test_a_run_is_named_by_its_start_and_the_projects_git_revision(tmp_path):
 
     repo = make_project(tmp_path / "repo", {"a": DIAMOND["a"]})
     assert re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d no-commit", run_name(repo))
-    subprocess.run(["git", "add", "-A"], cwd=repo, check=True)
-    subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@localhost", "commit", "-qm", "s"], cwd=repo,
-                   check=True)
+    commit_all(repo)
     head = subprocess.run(["git", "rev-parse", "--short=7", "HEAD"], cwd=repo, capture_output=True, text=True)
     assert re.fullmatch(rf"\d{{4}}-\d\d-\d\d \d\d:\d\d {head.stdout.strip()}", run_name(repo))
-
-
-def commit(repo: Path) -> None:
-    subprocess.run(["git", "add", "-A"], cwd=repo, check=True)
-    subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@localhost", "commit", "-qm", "s"], cwd=repo,
-                   check=True)
 
 
 def test_force_reruns_a_stage_that_did_not_change(tmp_path):
@@ -309,7 +302,7 @@ def test_overrides_and_profiles_run_as_a_dvc_experiment_and_leave_params_yaml_al
     shutil.copyfile(Path(__file__).resolve().parents[1] / "params.yaml", repo / "params.yaml")
     (repo / "profiles").mkdir()
     (repo / "profiles/lucky.yaml").write_text("seed: 13\n")
-    commit(repo)  # a DVC experiment starts from a commit
+    commit_all(repo)  # a DVC experiment starts from a commit
     params_before = (repo / "params.yaml").read_bytes()
 
     def experiment_names() -> set[str]:
