@@ -103,6 +103,27 @@ def test_teacher_outputs_match_a_full_log_softmax(model, tokenizer, via_head, mo
     torch.testing.assert_close(ce.double(), -full.gather(-1, ids[:, 1:, None]).squeeze(-1), atol=1e-5, rtol=0)
 
 
+def test_a_bf16_teacher_s_log_probs_are_projected_in_float32_from_its_hidden_states(model, tokenizer):
+    """bf16 logits are rounded to 8 bits of mantissa (a logit of 4 by up to 0.016); the store keeps the float32
+    projection of the bf16 hidden states instead, i.e. the bf16 model's own distribution without that rounding."""
+    bf16 = build_model("llama", tiny_spec(context=256), tokenizer, seed=0).eval().to(torch.bfloat16)
+    with torch.no_grad():
+        bf16.lm_head.weight.mul_(8.0)  # logits of a trained model's size (|logit| up to ~10), not a random init's
+    text = ASCII_TEXTS[5]
+    got = extract_sequences(bf16, tokenizer, [text], k=6, batch_tokens=10_000)[0]
+    assert bf16.lm_head.weight.dtype == torch.bfloat16  # the float32 copy does not replace the model's head
+    ids = torch.tensor([[tokenizer.bos_token_id] + tokenizer.encode(text, add_special_tokens=False)])
+    with torch.no_grad():
+        hidden = bf16.base_model(input_ids=ids).last_hidden_state[0, :-1]
+        exact = torch.log_softmax(hidden.double() @ bf16.lm_head.weight.double().t(), dim=-1)
+        rounded = torch.log_softmax(bf16(input_ids=ids).logits[0, :-1].double(), dim=-1)
+    top = exact.topk(6, dim=-1)
+    assert np.array_equal(got.topk_ids, top.indices.numpy())
+    np.testing.assert_allclose(got.topk_logprobs, top.values.numpy(), atol=1e-5)
+    np.testing.assert_allclose(got.ce, -exact.gather(-1, ids[0, 1:, None]).squeeze(-1).numpy(), atol=1e-5)
+    assert (rounded.gather(-1, top.indices) - top.values).abs().max() > 1e-3  # what the bf16 logits would store
+
+
 @pytest.mark.parametrize("architecture", ["llama", "gpt_neox", "gpt2"])
 def test_the_output_head_shortcut_is_taken_only_when_it_gives_the_model_s_logits(architecture, tokenizer):
     model = build_model(architecture, tiny_spec(), tokenizer, seed=0).eval()
