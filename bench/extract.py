@@ -9,7 +9,14 @@ Per teacher, on --sequences rows of the train split (a fixed shuffle: both domai
 - peak_rss_mb at --sequences, 4x --sequences and the whole train split, each in a fresh process (memory must not
   grow with the corpus; the first few shards warm the allocators up; Linux only: read from /proc/self/status).
 
+With --vocab, generated Llama teachers of those vocabulary sizes instead (nothing to run first but `make test`'s
+tokenizer fetch): Mistral-7B's tokenizer for 32000, GPT-2's with its head padded to the size (as Qwen2's 151936
+is) above 50257, on chunks of the stdlib's source. The same figures, plus the bf16 run against the float32 one
+(see vocab.py): kl_full (mean over positions of KL(float32 || bf16) over the whole vocabulary, nats), for the
+store's path and for bf16 logits (what a bf16 head would give), top1_agree, topk_overlap, and the bf16 time ratio.
+
     python bench/extract.py [--teachers code-neox] [--sequences 512]
+    python bench/extract.py --vocab 32000 151936 [--hidden 512 --layers 4 --sequences 48]
 """
 from __future__ import annotations
 
@@ -37,6 +44,7 @@ from fusesoup.logits.store import LogitStore  # noqa: E402
 from fusesoup.models import load_model  # noqa: E402
 from fusesoup.params import load_params  # noqa: E402
 from fusesoup.storage import write_parquet  # noqa: E402
+from bench.generated_teachers import bf16_fidelity, generated_teacher, stdlib_corpus  # noqa: E402
 
 
 def train_only(params):
@@ -71,20 +79,18 @@ def run_extraction(model, tokenizer, corpus: Path, store: Path, spec) -> tuple[f
     return time.perf_counter() - started, manifest
 
 
-def bench_teacher(name: str, params, args, scratch: Path) -> dict:
-    model, tokenizer = load_model(name, params, args.models)
-    spec = train_only(params)
-    corpus = small_corpus(Path(args.corpus), args.sequences, scratch / f"{name}-corpus")
+def bench_model(model, tokenizer, corpus: Path, spec, repeats: int, scratch: Path) -> dict:
+    """Timing (best of `repeats`), bytes per position and the store's fidelity for one model on corpus's train split."""
     texts = pl.read_parquet(corpus / "train.parquet")["text"].to_list()
     forward_seconds(model, tokenizer, texts[:16], spec.batch_tokens)  # warm-up
     forward, extract, manifest = [], [], None
-    for repeat in range(args.repeats):
+    for repeat in range(repeats):
         forward.append(forward_seconds(model, tokenizer, texts, spec.batch_tokens))
-        seconds, manifest = run_extraction(model, tokenizer, corpus, scratch / f"{name}-store-{repeat}", spec)
+        seconds, manifest = run_extraction(model, tokenizer, corpus, scratch / f"store-{repeat}", spec)
         extract.append(seconds)
     split = manifest["splits"]["train"]
     exact = extract_sequences(model, tokenizer, texts, spec.k, spec.batch_tokens)
-    stored = [item.logits for batch in LogitStore(scratch / f"{name}-store-0").iter_batches("train") for item in batch]
+    stored = [item.logits for batch in LogitStore(scratch / "store-0").iter_batches("train") for item in batch]
     kl = np.concatenate([renormalized_kl(e.topk_logprobs, s.topk_logprobs) for e, s in zip(exact, stored)])
     positions = split["positions"]
     return {
@@ -94,9 +100,33 @@ def bench_teacher(name: str, params, args, scratch: Path) -> dict:
                              for e, s in zip(exact, stored)),
         "forward_tok_s": positions / min(forward), "extract_tok_s": positions / min(extract),
         "time_ratio": min(extract) / min(forward),
-        "peak_rss_mb": {str(n): peak_rss_mb(name, small_corpus(Path(args.corpus), n, scratch / f"{name}-rss-{n}"), args)
-                        for n in rss_sizes(args.sequences, len(read_split(Path(args.corpus), "train")))},
     }
+
+
+def bench_teacher(name: str, params, args, scratch: Path) -> dict:
+    model, tokenizer = load_model(name, params, args.models)
+    corpus = small_corpus(Path(args.corpus), args.sequences, scratch / f"{name}-corpus")
+    result = bench_model(model, tokenizer, corpus, train_only(params), args.repeats, scratch / name)
+    sizes = rss_sizes(args.sequences, len(read_split(Path(args.corpus), "train")))
+    rss = {str(n): peak_rss_mb(name, small_corpus(Path(args.corpus), n, scratch / f"{name}-rss-{n}"), args)
+           for n in sizes}
+    texts = pl.read_parquet(corpus / "train.parquet")["text"].to_list()[: args.fidelity_sequences]
+    return {**result, "peak_rss_mb": rss, "bf16": bf16_fidelity(model, tokenizer, texts, params.extract.k)}
+
+
+def bench_generated(vocab_size: int, params, args, scratch: Path) -> dict:
+    """A generated teacher of `vocab_size` rows in float32, then its bf16 copy: timing, and bf16 vs float32."""
+    scratch.mkdir(parents=True)
+    model, tokenizer = generated_teacher(vocab_size, args.hidden, args.layers, scratch)
+    corpus = stdlib_corpus(scratch / "corpus", args.sequences)
+    spec = train_only(params)
+    result = bench_model(model, tokenizer, corpus, spec, args.repeats, scratch / "float32")
+    texts = pl.read_parquet(corpus / "train.parquet")["text"].to_list()[: args.fidelity_sequences]
+    fidelity = bf16_fidelity(model, tokenizer, texts, spec.k)
+    half = bench_model(model.to(torch.bfloat16), tokenizer, corpus, spec, args.repeats, scratch / "bfloat16")
+    timing = ("forward_tok_s", "extract_tok_s", "time_ratio")
+    return {"hidden": args.hidden, "layers": args.layers, **result,
+            "bf16": {**fidelity, **{key: half[key] for key in timing}}}
 
 
 def rss_sizes(sequences: int, train_rows: int) -> list[int]:
@@ -130,6 +160,10 @@ def main() -> None:
     parser.add_argument("--teachers", nargs="*", help="default: every source in params")
     parser.add_argument("--sequences", type=int, default=512, help="train rows to extract (default: 512)")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs of each side; the best counts")
+    parser.add_argument("--vocab", type=int, nargs="*", help="generated teachers of these vocabulary sizes instead")
+    parser.add_argument("--hidden", type=int, default=512, help="--vocab: hidden size (default: 512)")
+    parser.add_argument("--layers", type=int, default=4, help="--vocab: layers (default: 4)")
+    parser.add_argument("--fidelity-sequences", type=int, default=8, help="rows of the bf16 comparison (default: 8)")
     parser.add_argument("--rss-child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     params = load_params(args.params)
@@ -139,7 +173,12 @@ def main() -> None:
         rss_child(args.rss_child, params, args)
         return
     with tempfile.TemporaryDirectory() as scratch:
-        results = {name: bench_teacher(name, params, args, Path(scratch)) for name in args.teachers or params.sources}
+        if args.vocab:
+            results = {f"generated-{size}": bench_generated(size, params, args, Path(scratch) / str(size))
+                       for size in args.vocab}
+        else:
+            results = {name: bench_teacher(name, params, args, Path(scratch))
+                       for name in args.teachers or params.sources}
     print(json.dumps({"k": params.extract.k, "batch_tokens": params.extract.batch_tokens,
                       "torch_threads": torch.get_num_threads(), "teachers": results}, indent=2))
 

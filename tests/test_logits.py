@@ -91,6 +91,7 @@ def test_blocked_top_k_equals_torch_topk(vocab):
 @pytest.mark.parametrize("via_head", [True, False])
 def test_teacher_outputs_match_a_full_log_softmax(model, tokenizer, via_head, monkeypatch):
     monkeypatch.setattr("fusesoup.logits.extract.CHUNK_ELEMENTS", 7 * model.config.vocab_size)  # 7-row chunks, the last short
+    monkeypatch.setattr("fusesoup.logits.extract.MIN_CHUNK_ROWS", 1)
     ids = torch.tensor([[tokenizer.bos_token_id] + tokenizer.encode(ASCII_TEXTS[3], add_special_tokens=False)])
     head = output_head(model, ids) if via_head else None
     assert (head is not None) == via_head

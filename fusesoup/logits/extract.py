@@ -46,6 +46,7 @@ def key_parts(model_fingerprint: dict, corpus_dir: Path | str, spec: Extract, dt
 
 
 CHUNK_ELEMENTS = 1 << 21  # logits made at once (8 MB in float32): [CHUNK_ELEMENTS // V, V], never [B, L, V]
+MIN_CHUNK_ROWS = 256  # ...but at least this many positions: each chunk reads the whole [V, H] head once
 TOPK_BLOCK = 64  # ids per block of the blocked top-k
 
 
@@ -85,6 +86,12 @@ def output_head(model, probe: torch.Tensor):
         return None
     logits = model(input_ids=probe).logits.float()
     return head if torch.allclose(via_head, logits, atol=1e-3, rtol=1e-3) else None
+
+
+def chunk_rows(vocab: int) -> int:
+    """Positions projected at once: 8 MB of logits, or MIN_CHUNK_ROWS rows for a big vocabulary (155 MB at 152k),
+    since a chunk of 13 rows would spend its time reading the head's weights rather than multiplying."""
+    return max(MIN_CHUNK_ROWS, CHUNK_ELEMENTS // vocab)
 
 
 def float32_head(head):
@@ -143,13 +150,13 @@ def teacher_outputs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor
             rows, vocab = rows.to(head.weight.dtype), head.weight.shape[0]
         else:
             vocab = model.config.vocab_size
-        step = max(1, CHUNK_ELEMENTS // vocab)
+        step = chunk_rows(vocab)
         logits_buffer = rows.new_empty(min(step, positions), vocab)
         chunks = (_project(head, chunk, logits_buffer[: len(chunk)]) for chunk in rows.split(step))
     else:
         logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
         vocab = logits.shape[-1]
-        step = max(1, CHUNK_ELEMENTS // vocab)
+        step = chunk_rows(vocab)
         chunks = logits[:, :-1].reshape(positions, -1).split(step)
     logprob_buffer = torch.empty(min(step, positions), vocab, device=input_ids.device)
     ids, logprobs, ce = [], [], []
