@@ -12,7 +12,7 @@ Per teacher, on --sequences rows of the train split (a fixed shuffle: both domai
 With --vocab, generated Llama teachers of those vocabulary sizes instead (nothing to run first but `make test`'s
 tokenizer fetch): Mistral-7B's tokenizer for 32000, GPT-2's with its head padded to the size (as Qwen2's 151936
 is) above 50257, on chunks of the stdlib's source. The same figures, plus the bf16 run against the float32 one
-(see vocab.py): kl_full (mean over positions of KL(float32 || bf16) over the whole vocabulary, nats), for the
+(see generated_teachers.py): kl_full (mean over positions of KL(float32 || bf16) over the whole vocabulary, nats), for the
 store's path and for bf16 logits (what a bf16 head would give), top1_agree, topk_overlap, and the bf16 time ratio.
 
     python bench/extract.py [--teachers code-neox] [--sequences 512]

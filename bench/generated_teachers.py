@@ -13,6 +13,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from fusesoup.corpus.builtin import stdlib_files
 from fusesoup.corpus.prepare import chunk_text
 from fusesoup.evaluate import bos_token_id
+from fusesoup.logits.codec import renormalized_kl
 from fusesoup.storage import write_parquet
 from tests.real_tokenizers import gpt2_tokenizer, mistral_tokenizer
 
@@ -74,7 +75,8 @@ def bf16_fidelity(model, tokenizer, texts: list[str], k: int) -> dict:
         top, store_top = exact.topk(k, dim=-1).indices, store.topk(k, dim=-1).indices
         rows["store"].append(kl(exact, store.double()))
         rows["logits"].append(kl(exact, rounded.double()))
-        rows["topk"].append(kl(exact.gather(-1, top).log_softmax(-1), store.double().gather(-1, top).log_softmax(-1)))
+        rows["topk"].append(torch.from_numpy(renormalized_kl(exact.gather(-1, top).numpy(),
+                                                             store.gather(-1, top).numpy())))
         rows["top1"].append((top[:, 0] == store_top[:, 0]).double())
         rows["overlap"].append((top[:, :, None] == store_top[:, None, :]).any(-1).double().mean(-1))
         rows["entropy"].append(-(exact.exp() * exact).sum(-1))

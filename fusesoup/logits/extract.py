@@ -107,9 +107,10 @@ def float32_head(head):
 
 
 @contextmanager
-def exact_tf32(device: torch.device):
-    """TF32 matmuls on CUDA inside the block (exact for inputs upcast from bf16/fp16, fp32 accumulation)."""
-    if device.type != "cuda":
+def tf32_matmuls(enabled: bool):
+    """TF32 matmuls inside the block when `enabled`: exact for inputs upcast from bf16/fp16 (fp32 accumulation),
+    so only a head copied by float32_head uses them; a float32 teacher keeps full float32 matmuls."""
+    if not enabled:
         yield
         return
     previous = torch.get_float32_matmul_precision()
@@ -120,11 +121,11 @@ def exact_tf32(device: torch.device):
         torch.set_float32_matmul_precision(previous)
 
 
-def _project(head, rows: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+def _project(head, rows: torch.Tensor, out: torch.Tensor, tf32: bool) -> torch.Tensor:
     """head(rows), written into `out` when the head is a plain Linear (most output embeddings are)."""
     if not isinstance(head, torch.nn.Linear):
         return head(rows)
-    with exact_tf32(rows.device):
+    with tf32_matmuls(tf32):
         if head.bias is None:
             return torch.mm(rows, head.weight.t(), out=out)
         return torch.addmm(head.bias, rows, head.weight.t(), out=out)
@@ -136,9 +137,9 @@ def teacher_outputs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor
 
     Log-probs are over the full vocabulary (log-softmax in float32). With `head` (see output_head; a float32 head
     projects the hidden states in float32) the logits are made a chunk of positions at a time from the hidden
-    states, so the [B, L, V] tensor never exists. Each
-    chunk's logits and log-probs go to two buffers allocated once per batch: fresh vocab-sized tensors per chunk
-    cost more in page faults than the log-softmax and top-k themselves (measured 2x on CPU).
+    states, so the [B, L, V] tensor never exists. Each chunk's logits and log-probs go to two buffers allocated
+    once per batch: fresh vocab-sized tensors per chunk cost more in page faults than the log-softmax and top-k
+    themselves (measured 2x on CPU).
     """
     batch, length = input_ids.shape
     positions = batch * (length - 1)
@@ -146,13 +147,15 @@ def teacher_outputs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor
     if head is not None:
         hidden = model.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         rows = hidden[:, :-1].reshape(positions, -1)
+        upcast = isinstance(head, torch.nn.Linear) and rows.dtype != head.weight.dtype
         if isinstance(head, torch.nn.Linear):
             rows, vocab = rows.to(head.weight.dtype), head.weight.shape[0]
         else:
             vocab = model.config.vocab_size
         step = chunk_rows(vocab)
         logits_buffer = rows.new_empty(min(step, positions), vocab)
-        chunks = (_project(head, chunk, logits_buffer[: len(chunk)]) for chunk in rows.split(step))
+        tf32 = upcast and rows.device.type == "cuda"
+        chunks = (_project(head, chunk, logits_buffer[: len(chunk)], tf32) for chunk in rows.split(step))
     else:
         logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
         vocab = logits.shape[-1]
