@@ -3,10 +3,11 @@ the statistics of who wins where for metrics/fusion.json."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import numpy as np
 import polars as pl
+import pyarrow as pa
 
 from fusesoup.cli import StageError
 from fusesoup.corpus import split_path
@@ -33,33 +34,44 @@ def check_compatible(stores: Sequence[SparseStore]) -> None:
                 raise FusionError(f"{store.directory} and {first.directory}: the {split} shards hold different rows")
 
 
-def fuse_store(stores: Sequence[SparseStore], out: Path | str, method: FuseMethod, temperature: float) -> dict:
-    """Write the fused store `out` from the sources' aligned stores (in `sources` order); returns its manifest."""
+class ShardFuser(NamedTuple):
+    """fill_store's build_shard: fused shard i from shard i of every source's aligned store (in `sources` order).
+    A picklable object, so that shards can be fused in parallel processes."""
+
+    stores: Sequence[SparseStore]
+    method: FuseMethod
+    temperature: float
+
+    def __call__(self, split: str, index: int) -> tuple[pa.Table, int]:
+        items, positions, (first, *others), vocab_size = [], 0, self.stores, self.stores[0].vocab_size
+        for batches in zip(*(s.iter_batches(split, shard=index) for s in self.stores), strict=True):
+            for sequences in zip(*batches, strict=True):
+                head = sequences[0]
+                for other, store in zip(sequences[1:], others):
+                    if other.sequence != head.sequence or not np.array_equal(other.input_ids, head.input_ids):
+                        raise FusionError(f"{store.directory}: {split} row {other.sequence} does not hold the "
+                                          f"target tokens of {first.directory} row {head.sequence}")
+                sources = [SourceRows(s.rows, dequantize_ce(s.extras["ce_codes"])) for s in sequences]
+                fused = fuse_sequence(sources, self.method, self.temperature, vocab_size)
+                items.append(SparseSequence(head.sequence, head.input_ids, fused.rows, {"source": fused.source}))
+                positions += len(head.input_ids)
+        return sparse_table(items, vocab_size, FUSED_EXTRAS), positions
+
+
+def fuse_store(stores: Sequence[SparseStore], out: Path | str, method: FuseMethod, temperature: float,
+               processes: int = 1) -> dict:
+    """Write the fused store `out` from the sources' aligned stores (in `sources` order, shards in `processes`
+    processes); returns its manifest."""
     check_compatible(stores)
     out, first, vocab_size = Path(out), stores[0], stores[0].vocab_size
     parts = {"codec": SPARSE_CODEC, "sources": [s.manifest["key"] for s in stores], "method": method,
              "temperature": temperature}
     key = content_key(parts)
-
-    def build(split: str, index: int):
-        items, positions = [], 0
-        for batches in zip(*(s.iter_batches(split, shard=index) for s in stores), strict=True):
-            for sequences in zip(*batches, strict=True):
-                head = sequences[0]
-                for other, store in zip(sequences[1:], stores[1:]):
-                    if other.sequence != head.sequence or not np.array_equal(other.input_ids, head.input_ids):
-                        raise FusionError(f"{store.directory}: {split} row {other.sequence} does not hold the "
-                                          f"target tokens of {first.directory} row {head.sequence}")
-                sources = [SourceRows(s.rows, dequantize_ce(s.extras["ce_codes"])) for s in sequences]
-                fused = fuse_sequence(sources, method, temperature, vocab_size)
-                items.append(SparseSequence(head.sequence, head.input_ids, fused.rows, {"source": fused.source}))
-                positions += len(head.input_ids)
-        return sparse_table(items, vocab_size, FUSED_EXTRAS), positions
-
     plan = {split: len(first.shards(split)) for split in sorted(first.manifest["splits"])}
+    build = ShardFuser(list(stores), method, temperature)
     manifest = {"key": key, "key_parts": parts, "codec": SPARSE_CODEC, "vocab_size": vocab_size,
                 "extras": sorted(FUSED_EXTRAS), "method": method, "temperature": temperature,
-                "splits": fill_store(out, key, plan, build)}
+                "splits": fill_store(out, key, plan, build, processes)}
     write_manifest(out, manifest)
     return manifest
 

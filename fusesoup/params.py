@@ -17,6 +17,8 @@ DomainName = Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9_-]*$")]
 PositiveInt = Annotated[int, Field(gt=0)]
 PositiveFloat = Annotated[float, Field(gt=0)]
 Fraction = Annotated[float, Field(ge=0, le=1)]
+# Processes over a store's shards (align, fuse): 0 = one per CPU core. Not part of any key: the store is the same.
+Workers = Annotated[int, Field(ge=0)]
 
 # Tokens a bootstrapped tokenizer may add beyond one per byte: a word-start marker, BOS and EOS.
 TOKENS_OVER_BYTES = 3
@@ -170,11 +172,12 @@ class Extract(Strict):
 
 
 class Align(Strict):
-    """Cross-tokenizer alignment (stages/align.py): every key is part of the aligned store's key."""
+    """Cross-tokenizer alignment (stages/align.py): every key but workers is part of the aligned store's key."""
 
     vocab: Literal["exact", "min_ed", "prefix"] = "min_ed"  # teacher id -> target id: same bytes, else nearest or prefix
     method: Literal["offsets", "dtw"] = "offsets"  # shared byte offsets (exact), or FuseLLM's DTW on token bytes
     spans: Literal["onehot", "expand"] = "onehot"  # target rows inside a span: FuseLLM's one-hot, or spans.py
+    workers: Workers = 0
 
 
 class Fuse(Strict):
@@ -182,6 +185,7 @@ class Fuse(Strict):
 
     method: Literal["min_ce", "avg_ce", "min_ce_token", "avg_ce_token"] = "min_ce"
     temperature: PositiveFloat = 1.0  # each source's softmax(logprob / T) before choosing or averaging
+    workers: Workers = 0
 
 
 class ContinuedTraining(TrainSpec):

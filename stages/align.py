@@ -13,7 +13,7 @@ from pathlib import Path
 from fusesoup.align.align_store import align_store, alignment, position_stats, vocab_stats
 from fusesoup.cli import StageError, run_stage
 from fusesoup.logits.sparse_store import ALIGNED_EXTRAS, SparseStore
-from fusesoup.logits.store import LogitStore, write_manifest
+from fusesoup.logits.store import LogitStore, available_cores, write_manifest
 from fusesoup.models import load_tokenizer
 from fusesoup.params import load_params
 from fusesoup.storage import write_json
@@ -38,11 +38,12 @@ def main(argv: list[str] | None = None) -> None:
 
     setup = alignment(load_tokenizer(teacher, params, args.models), load_tokenizer(target, params, args.models),
                       teacher_store.vocab_size, target_store.vocab_size, params.align)
-    manifest = align_store(teacher_store, target_store, args.corpus, out, setup, params.align.model_dump())
+    manifest = align_store(teacher_store, target_store, args.corpus, out, setup,
+                           processes=params.align.workers or available_cores())
 
     store = SparseStore(out, ALIGNED_EXTRAS)
     vocab = vocab_stats(setup.teacher_bytes, setup.target_bytes, setup.vocab_map)
-    metrics = {**params.align.model_dump(), "vocab_map": vocab,
+    metrics = {**params.align.model_dump(exclude={"workers"}), "vocab_map": vocab,
                "positions": {split: position_stats(store, args.corpus, split) for split in manifest["splits"]}}
     write_manifest(out, {**manifest, "stats": metrics})  # the fuse stage gathers these into metrics/alignment.json
     write_json(args.metrics or f"metrics/align/{teacher}.json", metrics)

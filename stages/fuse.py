@@ -12,6 +12,7 @@ from pathlib import Path
 from fusesoup.cli import run_stage
 from fusesoup.fusion_store import fuse_store, fusion_stats
 from fusesoup.logits.sparse_store import ALIGNED_EXTRAS, SparseStore
+from fusesoup.logits.store import available_cores
 from fusesoup.params import load_params
 from fusesoup.storage import StorageError, write_json
 
@@ -26,7 +27,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     params = load_params(args.params)
     stores = [SparseStore(Path(args.aligned) / name, ALIGNED_EXTRAS) for name in params.sources]
-    manifest = fuse_store(stores, args.out, params.fuse.method, params.fuse.temperature)
+    manifest = fuse_store(stores, args.out, params.fuse.method, params.fuse.temperature,
+                          processes=params.fuse.workers or available_cores())
 
     splits = sorted(manifest["splits"])
     fusion = {"method": params.fuse.method, "temperature": params.fuse.temperature, "sources": params.sources,

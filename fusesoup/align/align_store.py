@@ -13,6 +13,7 @@ from typing import NamedTuple
 
 import numpy as np
 import polars as pl
+import pyarrow as pa
 
 from transformers import PreTrainedTokenizerBase
 
@@ -93,13 +94,43 @@ def align_sequence(teacher: SequenceLogits, target: SequenceLogits, text: str, s
                            first_map)
 
 
+class ShardAligner(NamedTuple):
+    """fill_store's build_shard for one teacher: aligned shard i from teacher shard i, target shard i and those rows'
+    texts. A picklable object, so that shards can be aligned in parallel processes."""
+
+    teacher: LogitStore
+    target: LogitStore
+    corpus_dir: Path
+    setup: Alignment
+
+    def __call__(self, split: str, index: int) -> tuple[pa.Table, int]:
+        items, positions, corpus = [], 0, split_path(self.corpus_dir, split)
+        for teacher_batch, target_batch in zip(self.teacher.iter_batches(split, shard=index),
+                                               self.target.iter_batches(split, shard=index), strict=True):
+            first = target_batch[0].sequence
+            texts = read_texts(corpus, first, first + len(target_batch))
+            for mine, theirs, text in zip(teacher_batch, target_batch, texts, strict=True):
+                if mine.sequence != theirs.sequence:
+                    raise AlignmentError(f"{self.teacher.directory}: {split} shard {index} holds row {mine.sequence} "
+                                         f"where {self.target.directory} holds row {theirs.sequence}")
+                try:
+                    aligned = align_sequence(mine.logits, theirs.logits, text, self.setup)
+                except ValueError as error:
+                    raise AlignmentError(f"{corpus} row {theirs.sequence}: {error}") from None
+                items.append(SparseSequence(theirs.sequence, theirs.logits.input_ids, aligned.rows,
+                                            {"ce_codes": quantize_ce(aligned.ce), "status": aligned.status}))
+                positions += len(aligned.status)
+        return sparse_table(items, self.setup.target_vocab_size, ALIGNED_EXTRAS), positions
+
+
 def align_store(teacher: LogitStore, target: LogitStore, corpus_dir: Path | str, out: Path | str,
-                setup: Alignment, settings: dict) -> dict:
-    """Write the aligned store `out` (every split the target store has); returns its manifest. Its key covers both
-    stores, the settings and the vocabulary map itself, so a change in how the map is built re-aligns."""
+                setup: Alignment, processes: int = 1) -> dict:
+    """Write the aligned store `out` (every split the target store has, shards in `processes` processes); returns
+    its manifest. Its key covers both stores, the settings and the vocabulary map itself, so a change in how the map
+    is built re-aligns."""
     out = Path(out)
     parts = {"codec": SPARSE_CODEC, "rules": TRANSFER_RULES, "teacher": teacher.manifest["key"],
-             "target": target.manifest["key"], **settings,
+             "target": target.manifest["key"], **setup.settings.model_dump(exclude={"workers"}),
              "vocab_map": hashlib.sha256(np.ascontiguousarray(setup.vocab_map, np.int64).tobytes()).hexdigest()}
     key = content_key(parts)
     splits = sorted(target.manifest["splits"])
@@ -107,29 +138,10 @@ def align_store(teacher: LogitStore, target: LogitStore, corpus_dir: Path | str,
         if [s.rows for s in teacher.shards(split)] != [s.rows for s in target.shards(split)]:
             raise AlignmentError(f"{teacher.directory} and {target.directory}: the {split} shards hold different "
                                  "corpus rows; extract both with the same extract params and corpus")
-
-    def build(split: str, index: int):
-        items, positions = [], 0
-        for teacher_batch, target_batch in zip(teacher.iter_batches(split, shard=index),
-                                               target.iter_batches(split, shard=index), strict=True):
-            first = target_batch[0].sequence
-            texts = read_texts(split_path(corpus_dir, split), first, first + len(target_batch))
-            for mine, theirs, text in zip(teacher_batch, target_batch, texts, strict=True):
-                if mine.sequence != theirs.sequence:
-                    raise AlignmentError(f"{teacher.directory}: {split} shard {index} holds row {mine.sequence} "
-                                         f"where {target.directory} holds row {theirs.sequence}")
-                try:
-                    aligned = align_sequence(mine.logits, theirs.logits, text, setup)
-                except ValueError as error:
-                    raise AlignmentError(f"{split_path(corpus_dir, split)} row {theirs.sequence}: {error}") from None
-                items.append(SparseSequence(theirs.sequence, theirs.logits.input_ids, aligned.rows,
-                                            {"ce_codes": quantize_ce(aligned.ce), "status": aligned.status}))
-                positions += len(aligned.status)
-        return sparse_table(items, setup.target_vocab_size, ALIGNED_EXTRAS), positions
-
     plan = {split: len(target.shards(split)) for split in splits}
+    build = ShardAligner(teacher, target, Path(corpus_dir), setup)
     manifest = {"key": key, "key_parts": parts, "codec": SPARSE_CODEC, "vocab_size": setup.target_vocab_size,
-                "extras": sorted(ALIGNED_EXTRAS), "splits": fill_store(out, key, plan, build)}
+                "extras": sorted(ALIGNED_EXTRAS), "splits": fill_store(out, key, plan, build, processes)}
     write_manifest(out, manifest)
     return manifest
 

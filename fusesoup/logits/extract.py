@@ -276,7 +276,7 @@ def run_workers(command: list[str], workers: int, threads: int | None) -> None:
     worker I takes the shards with index % N == I (so the store is the same as one process's), GPU I where there
     are N GPUs, else 1/N of the CPU threads. ExtractionError names the first worker that failed, with its error."""
     gpus = torch.cuda.device_count()
-    share = max(1, (threads or os.cpu_count() or 1) // workers)
+    share = max(1, (threads or shards.available_cores()) // workers)
     processes = []
     for index in range(workers):
         env = {**os.environ, **({"CUDA_VISIBLE_DEVICES": str(index)} if gpus >= workers else {})}

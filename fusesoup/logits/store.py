@@ -16,9 +16,11 @@ import contextlib
 import errno
 import hashlib
 import io
+import multiprocessing
 import os
 import shutil
 import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 from typing import Callable, Iterator, NamedTuple
 
@@ -90,8 +92,8 @@ class ShardProgress:
     """The shards this run writes, timed: after the first, the bytes and time the rest will take are reported (at
     its size and pace), and a disk that cannot hold them is refused before hours are spent filling it."""
 
-    def __init__(self, store: Path, shards: int, report: Callable[[str], None] = print):
-        self.store, self.shards, self.report = store, shards, report
+    def __init__(self, store: Path, shards: int, processes: int = 1, report: Callable[[str], None] = print):
+        self.store, self.shards, self.processes, self.report = store, shards, processes, report
         self.done, self.bytes, self.started = 0, 0, time.monotonic()
 
     def shard_written(self, record: ShardRecord) -> None:
@@ -100,7 +102,8 @@ class ShardProgress:
         left = self.shards - self.done
         if self.done != 1 or left == 0:
             return
-        need, seconds, free = left * self.bytes, left * (time.monotonic() - self.started), _free_bytes(self.store)
+        seconds = -(-left // self.processes) * (time.monotonic() - self.started)  # `processes` shards at a time
+        need, free = left * self.bytes, _free_bytes(self.store)
         self.report(f"{self.store}: {left} more shards to write, about {_size(need)} and {_duration(seconds)} at "
                     f"the first one's size and pace; {_size(free)} free")
         if need > free:
@@ -192,9 +195,14 @@ def split_records(store: Path, key: str, plan: dict[str, int]) -> dict | None:
 
 
 def fill_store(store: Path, key: str, plan: dict[str, int],
-               build_shard: Callable[[str, int], tuple[pa.Table, int]]) -> dict:
+               build_shard: Callable[[str, int], tuple[pa.Table, int]], processes: int = 1) -> dict:
     """Build every shard of `plan` not already finished under `key` (build_shard(split, index) -> (table,
-    positions)), in order; returns the manifest's `splits` entry. A killed run resumes at its first missing shard."""
+    positions)); returns the manifest's `splits` entry. A killed run resumes at its first missing shard.
+
+    With `processes` > 1 the shards are built and written by that many spawned processes, one shard at a time each
+    (`build_shard` must pickle: a module-level function or an object's method); the files are the same bytes as
+    one process writes, since a shard depends on its index only.
+    """
     store.mkdir(parents=True, exist_ok=True)
     remove_manifest(store)
     remove_foreign(store, plan)
@@ -202,12 +210,35 @@ def fill_store(store: Path, key: str, plan: dict[str, int],
     for split, count in plan.items():
         finished = clear_stale(store, split, list(range(count)), key)
         todo += [(split, index) for index in range(count) if index not in finished]
-    progress = ShardProgress(store, len(todo))
-    for split, index in todo:
-        progress.shard_written(write_shard(store, split, index, key, *build_shard(split, index)))
+    processes = max(1, min(processes, len(todo)))
+    progress = ShardProgress(store, len(todo), processes)
+    if processes == 1:
+        for split, index in todo:
+            progress.shard_written(write_shard(store, split, index, key, *build_shard(split, index)))
+    else:
+        with ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("spawn")) as pool:
+            futures = [pool.submit(build_and_write_shard, build_shard, store, split, index, key)
+                       for split, index in todo]
+            try:
+                for future in as_completed(futures):
+                    progress.shard_written(future.result())
+            except BaseException:  # the shards already written stay; those not started are not
+                pool.shutdown(wait=True, cancel_futures=True)
+                raise
     splits = split_records(store, key, plan)
     assert splits is not None, "every shard was just written"
     return splits
+
+
+def build_and_write_shard(build_shard: Callable[[str, int], tuple[pa.Table, int]], store: Path, split: str,
+                          index: int, key: str) -> ShardRecord:
+    """One shard of fill_store, in a worker process: built, written, its record returned (not its table)."""
+    return write_shard(store, split, index, key, *build_shard(split, index))
+
+
+def available_cores() -> int:
+    """The CPU cores this process may run on (its affinity mask where the OS has one)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 class StoredSequence(NamedTuple):
