@@ -11,6 +11,13 @@ identical tensor by tensor. The inputs sit in the page cache (just written) and 
 each child, so the methods compete on equal terms; the load average says whether other work shared the CPUs.
 
     python bench/soup.py [--hidden 2048 --intermediate 5632 --layers 22 --vocab 32000] [--mergekit PATH] [--dir D]
+
+With `--learned N` it measures a learned per-module soup instead (fusesoup/soup/learn.py, as the soup stage runs
+it): N random checkpoints of the shape, a fresh child that maps them, learns the alphas for --steps on one batch of
+--tokens, and reports its peak RSS (which counts the mapped files' pages) and peak anonymous memory, against N x
+float32 of one model:
+
+    python bench/soup.py --learned 3 --dtype bfloat16 [--steps 2 --tokens 256]
 """
 from __future__ import annotations
 
@@ -22,6 +29,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -33,6 +41,7 @@ from safetensors.torch import load_file, save_file
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from fusesoup.soup.learn import learn_alphas, mapped_ingredients, memory_plan  # noqa: E402
 from fusesoup.soup.merge import (INDEX_NAME, check_ingredients, plan_linear, tensor_index,  # noqa: E402
                                  write_linear_merge)
 from fusesoup.soup.mergekit import mergekit_config  # noqa: E402
@@ -81,6 +90,40 @@ def write_random_model(directory: Path, args, seed: int) -> None:
     (directory / INDEX_NAME).write_text(json.dumps({"metadata": {}, "weight_map": weight_map}, indent=2))
 
 
+class PeakAnonymous(threading.Thread):
+    """The peak of this process's anonymous resident memory (RssAnon), sampled every 10 ms: the memory a run needs,
+    without the file pages of memory-mapped checkpoints, which the OS reads on use and can drop."""
+
+    def __init__(self):
+        super().__init__(daemon=True)
+        self.peak = 0
+
+    def run(self) -> None:
+        while True:
+            for line in Path("/proc/self/status").read_text().splitlines():
+                if line.startswith("RssAnon:"):
+                    self.peak = max(self.peak, int(line.split()[1]) * 1024)
+            time.sleep(0.01)
+
+
+def learned_child(work: Path, count: int, steps: int, tokens: int) -> None:
+    """A learned per-module soup of `count` ingredients as the soup stage runs it (a float32 working model, the
+    checkpoints memory-mapped), `steps` Adam steps on one batch of `tokens` random ids; prints what it measured."""
+    from transformers import AutoModelForCausalLM
+
+    sampler = PeakAnonymous()
+    sampler.start()
+    started = time.perf_counter()
+    dirs = [work / f"ingredient-{index}" for index in range(count)]
+    model = AutoModelForCausalLM.from_pretrained(dirs[0], dtype=torch.float32, use_safetensors=True).eval()
+    ingredients = mapped_ingredients(dirs, model, torch.device("cpu"))
+    print(memory_plan(ingredients, model, "module"), flush=True)
+    ids = torch.randint(0, model.config.vocab_size, (1, tokens), generator=torch.Generator().manual_seed(0))
+    fit = learn_alphas(model, ingredients, [(ids, torch.ones_like(ids))], "module", 0.0, steps, 0.05)
+    print(json.dumps({"learn_seconds": time.perf_counter() - started, "peak_anonymous_mb": sampler.peak / 2**20,
+                      "loss": [round(row["loss"], 4) for row in fit.log]}))
+
+
 def child(method: str, work: Path) -> None:
     """Run one method in this (fresh) process; print its merge seconds, imports excluded, as the last line."""
     if method == "idle":  # the startup floor: interpreter and imports only
@@ -127,8 +170,9 @@ def measured(command: list[str], log: Path) -> dict:
         raise SystemExit(f"{' '.join(command)} failed:\n{log.read_text()[-3000:]}")
     result = {"seconds": round(launched["seconds"], 2), "peak_rss_mb": round(launched["maxrss_kb"] / 1024, 1)}
     last = log.read_text().strip().splitlines()[-1:]
-    if last and last[0].startswith("{"):
-        result["merge_seconds"] = round(json.loads(last[0])["merge_seconds"], 2)
+    if last and last[0].startswith("{"):  # what the child reports of itself
+        result.update({key: round(value, 2) if isinstance(value, float) else value
+                       for key, value in json.loads(last[0]).items()})
     return result
 
 
@@ -151,6 +195,32 @@ def ratio(ours: dict, other: dict) -> dict:
             "memory": round(ours["peak_rss_mb"] / other["peak_rss_mb"], 3)}
 
 
+def bench_learned(args) -> None:
+    """The learned-soup case: N random checkpoints, then learned_child in a fresh measured process."""
+    with tempfile.TemporaryDirectory(dir=args.dir, prefix="soup-bench-") as scratch:
+        work = Path(scratch)
+        for index in range(args.learned):
+            write_random_model(work / f"ingredient-{index}", args, seed=index + 1)
+        specs = check_ingredients([work / f"ingredient-{index}" for index in range(args.learned)])
+        me = [sys.executable, __file__, "--work", str(work), "--learned", str(args.learned), "--steps",
+              str(args.steps), "--tokens", str(args.tokens), "--child"]
+        startup = measured(me + ["idle"], work / "idle.log")
+        learned = measured(me + ["learned"], work / "learned.log")
+        plan = next(line for line in (work / "learned.log").read_text().splitlines() if "memory plan" in line)
+    parameters = sum(math.prod(shape) for shape, _ in specs.values())
+    float32_gb = args.learned * parameters * 4 / 1e9
+    print(json.dumps({
+        "shape": {key: getattr(args, key) for key in ("hidden", "intermediate", "layers", "heads", "kv_heads",
+                                                       "vocab", "dtype")},
+        "ingredients": args.learned, "parameters": parameters, "steps": args.steps, "tokens": args.tokens,
+        "learned": learned, "startup": startup, "plan": plan,
+        "n_x_float32_gb": round(float32_gb, 3),
+        "ratios": {"peak_rss/n_x_float32": round(learned["peak_rss_mb"] * 2**20 / 1e9 / float32_gb, 3),
+                   "peak_anonymous/n_x_float32": round(learned["peak_anonymous_mb"] * 2**20 / 1e9 / float32_gb, 3)},
+        "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+    }, indent=2))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--hidden", type=int, default=2048)
@@ -163,11 +233,19 @@ def main() -> None:
     parser.add_argument("--in-shard-mb", type=float, default=1000, help="input shard size (MB), as save_pretrained")
     parser.add_argument("--mergekit", default=shutil.which("mergekit-yaml"), help="path of mergekit-yaml")
     parser.add_argument("--dir", default=None, help="where the temp dir goes (default: the system's)")
-    parser.add_argument("--child", choices=["ours", "naive", "idle"], help=argparse.SUPPRESS)
+    parser.add_argument("--learned", type=int, metavar="N", help="instead: a learned soup of N ingredients (peak "
+                                                                      "memory against N x float32 of one model)")
+    parser.add_argument("--steps", type=int, default=2, help="learned: Adam steps (default: 2)")
+    parser.add_argument("--tokens", type=int, default=256, help="learned: tokens of the batch (default: 256)")
+    parser.add_argument("--child", choices=["ours", "naive", "idle", "learned"], help=argparse.SUPPRESS)
     parser.add_argument("--work", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.child == "learned":
+        return learned_child(Path(args.work), args.learned, args.steps, args.tokens)
     if args.child:
         return child(args.child, Path(args.work))
+    if args.learned:
+        return bench_learned(args)
     loadavg_before = os.getloadavg()
     with tempfile.TemporaryDirectory(dir=args.dir, prefix="soup-bench-") as scratch:
         work = Path(scratch)

@@ -20,25 +20,27 @@ import yaml
 from fusesoup.cli import StageError, run_stage
 from fusesoup.corpus import read_split
 from fusesoup.evaluate import bits_per_byte, encode_texts, pad_batch, plan_batches
-from fusesoup.models import load_model, model_path
+from fusesoup.models import load_model, load_tokenizer, model_path
 from fusesoup.params import Params, load_params
-from fusesoup.soup.learn import greedy_soup, group_of, learn_alphas, load_weights, mix, stack_ingredients, uniform
+from fusesoup.soup.learn import (greedy_soup, group_of, learn_alphas, load_mix, mapped_ingredients, memory_plan,
+                                 uniform)
 from fusesoup.soup.merge import SoupError, check_ingredients, plan_linear, write_linear_merge
 from fusesoup.soup.mergekit import mergekit_config
 from fusesoup.storage import atomic_dir, write_csv, write_json
 
 
-def recipes(params: Params, stacked, names, model, tokenizer, valid: list[str], score) -> dict[str, dict]:
-    """Every soup the params ask for: name -> {"granularity", "groups" (group -> alpha per ingredient), "valid_bpb"}."""
+def recipes(params: Params, names: list[str], tokenizer, valid: list[str], learn, score) -> dict[str, dict]:
+    """Every soup the params ask for: name -> {"granularity", "groups" (group -> alpha per ingredient), "valid_bpb"}.
+    `score(alphas, granularity)` is the valid bpb of a soup; `learn(batches, l1)` fits one (learn_alphas)."""
     spec, count = params.soup, len(names)
-    own = [score(uniform(stacked, [float(i == j) for j in range(count)])) for i in range(count)]
+    own = [score(uniform([float(i == j) for j in range(count)]), "model") for i in range(count)]
     soups = {}
     if "vanilla" in spec.strategies:
         weights = [1.0 / count] * count
         soups["soup-vanilla"] = {"granularity": "model", "groups": {"model": weights},
-                                 "valid_bpb": score(uniform(stacked, weights))}
+                                 "valid_bpb": score(uniform(weights), "model")}
     if "greedy" in spec.strategies:
-        weights, best = greedy_soup(stacked, own, score)
+        weights, best = greedy_soup(own, lambda members: score(uniform(members), "model"))
         soups["soup-greedy"] = {"granularity": "model", "groups": {"model": weights}, "valid_bpb": best}
     learned = [("soup-learned", 0.0)] if "learned" in spec.strategies else []
     learned += [(f"soup-l1-{lam:g}", lam) for lam in spec.l1] if "regularized" in spec.strategies else []
@@ -50,21 +52,22 @@ def recipes(params: Params, stacked, names, model, tokenizer, valid: list[str], 
         order = np.random.default_rng(params.seed).permutation(len(batches))
         batches = [batches[i] for i in order]
     for name, lam in learned:
-        fit = learn_alphas(model, stacked, batches, spec.granularity, lam, spec.steps, spec.lr)
-        mixed = mix(stacked, {group: torch.tensor(alpha) for group, alpha in fit.alphas.items()}, spec.granularity)
-        soups[name] = {"granularity": spec.granularity, "groups": fit.alphas, "l1": lam, "valid_bpb": score(mixed),
-                       "loss": [row["loss"] for row in fit.log]}
+        fit = learn(batches, lam)
+        alphas = {group: torch.tensor(alpha) for group, alpha in fit.alphas.items()}
+        soups[name] = {"granularity": spec.granularity, "groups": fit.alphas, "l1": lam,
+                       "valid_bpb": score(alphas, spec.granularity), "loss": [row["loss"] for row in fit.log]}
     return {"ingredients": dict(zip(names, own)), "soups": soups}
 
 
-def probe_rows(params: Params, stacked, names, model, tokenizer, valid: list[str], test: list[str]) -> list[dict]:
-    """Valid and test bits per byte at soup.probe.points evenly spaced points from probe model a to model b."""
+def probe_rows(params: Params, names, load, model, tokenizer, valid: list[str], test: list[str]) -> list[dict]:
+    """Valid and test bits per byte at soup.probe.points evenly spaced points from probe model a to model b;
+    `load(alphas, granularity)` gives `model` a soup's weights."""
     first, second = (names.index(name) for name in params.soup.probe.between)
     rows = []
     for alpha in np.linspace(0.0, 1.0, params.soup.probe.points).round(6).tolist():
         weights = [0.0] * len(names)
         weights[first], weights[second] = 1.0 - alpha, alpha
-        load_weights(model, uniform(stacked, weights))
+        load(uniform(weights), "model")
         rows.append({"alpha": alpha, "model_a": names[first], "model_b": names[second],
                      "valid_bpb": bits_per_byte(model, tokenizer, valid, params.soup.batch_tokens).bpb,
                      "test_bpb": bits_per_byte(model, tokenizer, test, params.soup.batch_tokens).bpb})
@@ -98,21 +101,22 @@ def main(argv: list[str] | None = None) -> None:
     names = params.soup_ingredients()
     directories = [model_path(name, args.models) for name in names]
     dtype = next(iter(check_ingredients(directories).values()))[1]  # shapes, dtypes and names checked first
-    loaded = [load_model(name, params, args.models) for name in names]
-    tokenizer = loaded[0][1]
-    for name, (_, other) in zip(names[1:], loaded[1:]):
-        if other.get_vocab() != tokenizer.get_vocab():
+    model, tokenizer = load_model(names[0], params, args.models)  # the working model: architecture, buffers, dtype
+    for name in names[1:]:
+        if load_tokenizer(name, params, args.models).get_vocab() != tokenizer.get_vocab():
             raise StageError(f"soup ingredients {names[0]!r} and {name!r} have different tokenizers; a soup mixes "
                              "weights token by token, so they must share one")
-    models = [model.float() for model, _ in loaded]
-    stacked = stack_ingredients(models, names)
-    model = models[0]  # the working copy: the stacks hold every ingredient's weights
+    ingredients = mapped_ingredients(directories, model, next(model.parameters()).device)
+    print(memory_plan(ingredients, model, params.soup.granularity), flush=True)
     valid = read_split(args.corpus, "valid")["text"].to_list()
     test = read_split(args.corpus, "test")["text"].to_list()
-    score = lambda weights: bits_per_byte(load_weights(model, weights), tokenizer, valid,  # noqa: E731
-                                          params.soup.batch_tokens).bpb
-    scores = recipes(params, stacked, names, model, tokenizer, valid, score)
-    rows = probe_rows(params, stacked, names, model, tokenizer, valid, test)
+    load = lambda alphas, granularity: load_mix(model, ingredients, alphas, granularity)  # noqa: E731
+    score = lambda alphas, granularity: bits_per_byte(load(alphas, granularity), tokenizer, valid,  # noqa: E731
+                                                      params.soup.batch_tokens).bpb
+    learn = lambda batches, l1: learn_alphas(model, ingredients, batches, params.soup.granularity, l1,  # noqa: E731
+                                             params.soup.steps, params.soup.lr)
+    scores = recipes(params, names, tokenizer, valid, learn, score)
+    rows = probe_rows(params, names, load, model, tokenizer, valid, test)
 
     num_layers = getattr(model.config, "num_hidden_layers", 0)
     with atomic_dir(args.out) as tmp:

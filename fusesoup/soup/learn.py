@@ -1,4 +1,4 @@
-"""Soups as functions of the ingredients' stacked weights: theta = sum_i alpha_i * theta_i per group of tensors.
+"""Soups as functions of the ingredients' weights: theta = sum_i alpha_i * theta_i per group of tensors.
 
 SoupLM's learnable soup parametrises alpha = softmax(logits) per group (one group for the whole model, one per
 layer, or one per module, i.e. per linear mapping / norm of each layer) and learns the logits on a held-out split
@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Literal, NamedTuple
 
 import torch
 from torch.func import functional_call
 
+from fusesoup.soup.merge import SoupError, read_tensor, tensor_index
 from fusesoup.train.loss import clm_loss, student_log_probs
 
 Granularity = Literal["model", "layer", "module"]
@@ -32,10 +34,13 @@ def group_of(name: str, granularity: Granularity) -> str:
     return module
 
 
-def stack_ingredients(models: Sequence[torch.nn.Module], names: Sequence[str]) -> dict[str, torch.Tensor]:
-    """name -> [N, *shape] float32 stack of every ingredient's parameter, detached (ingredients stay frozen).
-    Raises ValueError naming the tensor and the ingredient when names or shapes differ."""
-    parameters = [dict(model.named_parameters()) for model in models]
+Ingredients = dict[str, tuple[torch.Tensor, ...]]  # parameter name -> every ingredient's tensor (frozen, own dtype)
+
+
+def model_ingredients(models: Sequence[torch.nn.Module], names: Sequence[str]) -> Ingredients:
+    """The ingredients of in-memory models: their parameters as they are (no copy, no cast). Raises ValueError naming
+    the tensor and the ingredient when names or shapes differ."""
+    parameters = [{name: p.detach() for name, p in model.named_parameters()} for model in models]
     reference = parameters[0]
     for name, other in zip(names[1:], parameters[1:]):
         if other.keys() != reference.keys():
@@ -45,43 +50,103 @@ def stack_ingredients(models: Sequence[torch.nn.Module], names: Sequence[str]) -
             if value.shape != reference[tensor].shape:
                 raise ValueError(f"ingredients {names[0]!r} and {name!r} differ: tensor {tensor!r} has shape "
                                  f"{tuple(reference[tensor].shape)} vs {tuple(value.shape)}")
-    return {tensor: torch.stack([p[tensor].detach().float() for p in parameters]) for tensor in reference}
+    return {tensor: tuple(p[tensor] for p in parameters) for tensor in reference}
 
 
-def groups(stacked: dict[str, torch.Tensor], granularity: Granularity) -> list[str]:
-    """The alpha groups of the stacked parameters, in parameter order."""
-    return list(dict.fromkeys(group_of(name, granularity) for name in stacked))
+def mapped_ingredients(model_dirs: Sequence[Path], model: torch.nn.Module, device: torch.device) -> Ingredients:
+    """Each parameter of `model` from every ingredient's safetensors, in its stored dtype: on the CPU zero-copy views
+    of the files' memory maps (pages the OS reads on use and may drop, not N copies in memory), else copied to
+    `device`. SoupError names a parameter that a checkpoint lacks or holds in another shape."""
+    indexes = [tensor_index(Path(directory)) for directory in model_dirs]
+    ingredients = {}
+    for name, parameter in model.named_parameters():
+        tensors = []
+        for directory, index in zip(model_dirs, indexes):
+            if name not in index:
+                raise SoupError(f"parameter {name} of the {type(model).__name__} is not in {directory}'s safetensors "
+                                f"(it holds e.g. {next(iter(index))}); save the ingredient with save_pretrained")
+            file, shape, _ = index[name]
+            if shape != tuple(parameter.shape):
+                raise SoupError(f"tensor {name}: shape {list(shape)} in {file}, but the model has "
+                                f"{list(parameter.shape)}")
+            tensor = read_tensor(file, name)
+            tensors.append(tensor if device.type == "cpu" else tensor.to(device))
+        ingredients[name] = tuple(tensors)
+    return ingredients
 
 
-def mix(stacked: dict[str, torch.Tensor], alphas: dict[str, torch.Tensor], granularity: Granularity
-        ) -> dict[str, torch.Tensor]:
-    """The soup's parameters: each tensor's stack contracted with its group's alpha vector [N]."""
-    return {name: torch.tensordot(alphas[group_of(name, granularity)], stack, dims=1) for name, stack in stacked.items()}
+class WeightedSum(torch.autograd.Function):
+    """sum_i alphas[i] * tensors[i], accumulated in the alphas' dtype from tensors of any dtype, one cast of one
+    tensor at a time. Backward gives d/d alphas[i] = <grad, tensors[i]> and nothing to the frozen tensors, so no
+    float32 copy of any ingredient outlives the call."""
+
+    @staticmethod
+    def forward(ctx, alphas: torch.Tensor, *tensors: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(*tensors)  # references, not copies
+        total = tensors[0].to(alphas.dtype, copy=True).mul_(alphas[0])
+        for alpha, tensor in zip(alphas[1:], tensors[1:]):
+            total.add_(tensor.to(alphas.dtype, copy=True).mul_(alpha))
+        return total
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        flat = grad.reshape(-1)
+        grads = torch.stack([torch.dot(flat, tensor.reshape(-1).to(grad.dtype)) for tensor in ctx.saved_tensors])
+        return (grads, *[None] * len(ctx.saved_tensors))
 
 
-def uniform(stacked: dict[str, torch.Tensor], weights: Sequence[float]) -> dict[str, torch.Tensor]:
-    """One alpha vector for every tensor (the vanilla soup, a greedy soup's members, a probe point)."""
-    vector = torch.tensor(list(weights), dtype=torch.float32)
-    return mix(stacked, {"model": vector}, "model")
+def ingredient_count(ingredients: Ingredients) -> int:
+    return len(next(iter(ingredients.values())))
 
 
-def load_weights(model: torch.nn.Module, weights: dict[str, torch.Tensor]) -> torch.nn.Module:
-    """Copy `weights` into `model`'s parameters in place (so it can be scored or saved) and return it."""
+def groups(ingredients: Ingredients, granularity: Granularity) -> list[str]:
+    """The alpha groups of the ingredients' parameters, in parameter order."""
+    return list(dict.fromkeys(group_of(name, granularity) for name in ingredients))
+
+
+def mixed_tensor(ingredients: Ingredients, name: str, alphas: dict[str, torch.Tensor], granularity: Granularity,
+                 dtype: torch.dtype) -> torch.Tensor:
+    """Parameter `name` of the soup (differentiable in its group's alpha vector [N]), in `dtype`."""
+    return WeightedSum.apply(alphas[group_of(name, granularity)], *ingredients[name]).to(dtype)
+
+
+def mix(ingredients: Ingredients, alphas: dict[str, torch.Tensor], granularity: Granularity,
+        dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+    """The soup's parameters: each tensor the weighted sum of the ingredients' by its group's alpha vector."""
+    return {name: mixed_tensor(ingredients, name, alphas, granularity, dtype) for name in ingredients}
+
+
+def uniform(weights: Sequence[float]) -> dict[str, torch.Tensor]:
+    """One alpha vector for every tensor (the vanilla soup, a greedy soup's members, a probe point), at granularity
+    `model`."""
+    return {"model": torch.tensor(list(weights), dtype=torch.float32)}
+
+
+def load_mix(model: torch.nn.Module, ingredients: Ingredients, alphas: dict[str, torch.Tensor],
+             granularity: Granularity) -> torch.nn.Module:
+    """Give `model` the soup's weights, one tensor at a time (each replaces the parameter's storage, so the model
+    never holds two copies), in the model's own dtype; returns it for scoring or saving."""
     with torch.no_grad():
         for name, parameter in model.named_parameters():
-            parameter.copy_(weights[name])
+            parameter.data = mixed_tensor(ingredients, name, alphas, granularity, parameter.dtype)
     return model
 
 
-def greedy_soup(stacked: dict[str, torch.Tensor], own_scores: Sequence[float],
-                score: Callable[[dict[str, torch.Tensor]], float]) -> tuple[list[float], float]:
+def release_weights(model: torch.nn.Module) -> None:
+    """Drop `model`'s own parameter storage (it only supplies the architecture and buffers while alphas are learned
+    through functional_call); load_mix gives it weights again."""
+    for parameter in model.parameters():
+        parameter.data = torch.empty(0, dtype=parameter.dtype, device=parameter.device)
+
+
+def greedy_soup(own_scores: Sequence[float], score: Callable[[list[float]], float]) -> tuple[list[float], float]:
     """Model soups' greedy recipe: ingredients in order of their own score (lower is better, ties by position), each
-    added to the uniform soup of those kept so far only if `score` of the result improves. (weights, its score)."""
+    added to the uniform soup of those kept so far only if `score` (of a weight per ingredient) improves."""
     order = sorted(range(len(own_scores)), key=lambda i: (own_scores[i], i))
     kept, best = [order[0]], own_scores[order[0]]
     for candidate in order[1:]:
         trial = kept + [candidate]
-        value = score(uniform(stacked, members(trial, len(own_scores))))
+        value = score(members(trial, len(own_scores)))
         if value < best:
             kept, best = trial, value
     return members(kept, len(own_scores)), best
@@ -97,21 +162,24 @@ class LearnedSoup(NamedTuple):
     log: list[dict]  # per step: step, loss (valid CE in nats per token), penalty
 
 
-def learn_alphas(model: torch.nn.Module, stacked: dict[str, torch.Tensor],
+def learn_alphas(model: torch.nn.Module, ingredients: Ingredients,
                  batches: Sequence[tuple[torch.Tensor, torch.Tensor]], granularity: Granularity, l1: float,
                  steps: int, lr: float) -> LearnedSoup:
     """Adam on the alpha logits (zeros: the uniform soup) over `batches` of (input_ids, attention_mask) in turn,
-    minimising next-token CE + l1 * sum |alpha - 1/N|; `model` supplies the architecture and buffers only."""
-    names = groups(stacked, granularity)
-    count = next(iter(stacked.values())).shape[0]
-    logits = torch.zeros(len(names), count, requires_grad=True)
+    minimising next-token CE + l1 * sum |alpha - 1/N|. `model` supplies the architecture, buffers and compute dtype:
+    its own weights are released (release_weights), so memory is the ingredients, one mixed model and activations."""
+    names = groups(ingredients, granularity)
+    count = ingredient_count(ingredients)
+    dtype = next(model.parameters()).dtype
+    logits = torch.zeros(len(names), count, device=next(model.parameters()).device, requires_grad=True)
     optimizer = torch.optim.Adam([logits], lr=lr)
     model.eval().requires_grad_(False)
+    release_weights(model)
     log = []
     for step in range(steps):
-        input_ids, mask = batches[step % len(batches)]
+        input_ids, mask = (tensor.to(logits.device) for tensor in batches[step % len(batches)])
         alphas = logits.softmax(dim=-1)
-        weights = mix(stacked, dict(zip(names, alphas)), granularity)
+        weights = mix(ingredients, dict(zip(names, alphas)), granularity, dtype)
         out = functional_call(model, weights, args=(), kwargs={"input_ids": input_ids, "attention_mask": mask})
         loss = clm_loss(student_log_probs(out.logits[:, :-1]), input_ids[:, 1:], mask[:, 1:])
         penalty = l1 * (alphas - 1.0 / count).abs().sum()
@@ -119,5 +187,22 @@ def learn_alphas(model: torch.nn.Module, stacked: dict[str, torch.Tensor],
         (loss + penalty).backward()
         optimizer.step()
         log.append({"step": step, "loss": loss.item(), "penalty": penalty.item()})
-    final = logits.detach().softmax(dim=-1)
+        del weights, out, loss
+    final = logits.detach().softmax(dim=-1).cpu()
     return LearnedSoup({name: final[i].tolist() for i, name in enumerate(names)}, log)
+
+
+def memory_plan(ingredients: Ingredients, model: torch.nn.Module, granularity: Granularity) -> str:
+    """One line before the first step: where the ingredients live and what each part of a learned soup holds."""
+    first = [tensors[0] for tensors in ingredients.values()]
+    parameters, count = sum(t.numel() for t in first), ingredient_count(ingredients)
+    stored = sum(t.numel() * t.element_size() for t in first)
+    dtype = next(model.parameters()).dtype
+    working = parameters * dtype.itemsize
+    where = ("memory-mapped from their safetensors (read on use, not copied)" if first[0].device.type == "cpu"
+             else f"copied to {first[0].device}: {count * stored / 1e9:.2f} GB")
+    return (f"soup memory plan: {count} ingredients of {parameters:,} parameters ({first[0].dtype}, "
+            f"{stored / 1e9:.2f} GB each), {where}; working model {dtype} {working / 1e9:.2f} GB, released while "
+            f"alphas are learned; learning holds one mixed model ({working / 1e9:.2f} GB), "
+            f"{len(groups(ingredients, granularity))} x {count} alphas and one batch's activations "
+            f"(for scale: {count} x float32 of one model is {count * parameters * 4 / 1e9:.2f} GB)")

@@ -188,7 +188,7 @@ def _shards(plan: Sequence[MergeStep], shard_bytes: int) -> list[list[MergeStep]
     return shards
 
 
-def _read(file: Path, name: str) -> torch.Tensor:
+def read_tensor(file: Path, name: str) -> torch.Tensor:
     """Tensor `name` as a zero-copy view of `file`'s mmap, which the view keeps alive (and closes when dropped)."""
     try:
         with safe_open(file, framework="pt") as handle:
@@ -205,7 +205,7 @@ def _merged(step: MergeStep, sources: Sequence[dict[str, Path]]) -> torch.Tensor
     seconds). Same float32 operations as mergekit's linear merge: its outputs were bit-identical in bench/soup.py.
     """
     stored, accumulate = DTYPES[step.dtype]
-    flat = [_read(files[step.name], step.name).reshape(-1) for files in sources]
+    flat = [read_tensor(files[step.name], step.name).reshape(-1) for files in sources]
     out = torch.empty(math.prod(step.shape), dtype=stored)
     buffer = torch.empty(min(BLOCK, out.numel()), dtype=accumulate)
     for start in range(0, out.numel(), BLOCK):
