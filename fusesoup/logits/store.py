@@ -214,11 +214,13 @@ def fill_store(store: Path, key: str, plan: dict[str, int],
     progress = ShardProgress(store, len(todo), processes)
     if processes == 1:
         for split, index in todo:
-            progress.shard_written(write_shard(store, split, index, key, *build_shard(split, index)))
+            progress.shard_written(build_and_write_shard(build_shard, store, split, index, key))
     else:
-        with ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("spawn")) as pool:
-            futures = [pool.submit(build_and_write_shard, build_shard, store, split, index, key)
-                       for split, index in todo]
+        # build_shard travels once per worker (the initializer), not once per shard: a builder's caches filled by
+        # its first shard (e.g. an alignment's first-row vocabulary maps) then serve every later shard of that worker
+        with ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("spawn"),
+                                 initializer=_set_worker_builder, initargs=(build_shard,)) as pool:
+            futures = [pool.submit(_worker_build_and_write, store, split, index, key) for split, index in todo]
             try:
                 for future in as_completed(futures):
                     progress.shard_written(future.result())
@@ -232,8 +234,21 @@ def fill_store(store: Path, key: str, plan: dict[str, int],
 
 def build_and_write_shard(build_shard: Callable[[str, int], tuple[pa.Table, int]], store: Path, split: str,
                           index: int, key: str) -> ShardRecord:
-    """One shard of fill_store, in a worker process: built, written, its record returned (not its table)."""
+    """One shard of fill_store: built, written, its record returned (not its table)."""
     return write_shard(store, split, index, key, *build_shard(split, index))
+
+
+_worker_builder: Callable[[str, int], tuple[pa.Table, int]] | None = None  # fill_store's build_shard, in a worker
+
+
+def _set_worker_builder(build_shard: Callable[[str, int], tuple[pa.Table, int]]) -> None:
+    global _worker_builder
+    _worker_builder = build_shard
+
+
+def _worker_build_and_write(store: Path, split: str, index: int, key: str) -> ShardRecord:
+    assert _worker_builder is not None, "the pool's initializer sets the builder"
+    return build_and_write_shard(_worker_builder, store, split, index, key)
 
 
 def available_cores() -> int:
