@@ -35,15 +35,14 @@ from pathlib import Path
 
 import torch
 import yaml
-from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from fusesoup.soup.learn import learn_alphas, mapped_ingredients, memory_plan  # noqa: E402
-from fusesoup.soup.merge import (INDEX_NAME, check_ingredients, plan_linear, tensor_index,  # noqa: E402
-                                 write_linear_merge)
+from fusesoup.soup.checkpoint import INDEX_NAME, compare_checkpoints, tensor_index  # noqa: E402
+from fusesoup.soup.merge import check_ingredients, plan_linear, write_linear_merge  # noqa: E402
 from fusesoup.soup.mergekit import mergekit_config  # noqa: E402
 from fusesoup.storage import atomic_dir  # noqa: E402
 
@@ -176,20 +175,6 @@ def measured(command: list[str], log: Path) -> dict:
     return result
 
 
-def compare(first: Path, second: Path) -> dict:
-    """How many tensors are bit-identical, and the largest absolute difference, reading one tensor at a time."""
-    left, right = tensor_index(first), tensor_index(second)
-    if set(left) != set(right):
-        return {"same_names": False, "only_in_one": sorted(set(left) ^ set(right))[:5]}
-    identical, largest = 0, 0.0
-    for name in left:
-        with safe_open(left[name][0], framework="pt") as a, safe_open(right[name][0], framework="pt") as b:
-            x, y = a.get_tensor(name), b.get_tensor(name)
-            identical += torch.equal(x, y)
-            largest = max(largest, (x.float() - y.float()).abs().max().item())
-    return {"identical_tensors": identical, "tensors": len(left), "max_abs_diff": largest}
-
-
 def ratio(ours: dict, other: dict) -> dict:
     return {"time": round(ours["seconds"] / other["seconds"], 3),
             "memory": round(ours["peak_rss_mb"] / other["peak_rss_mb"], 3)}
@@ -268,7 +253,8 @@ def main() -> None:
             outputs["mergekit"] = work / "out-mergekit"
         else:
             methods["mergekit"] = "not installed"
-        identical = {f"ours~{other}": compare(outputs["ours"], outputs[other]) for other in outputs if other != "ours"}
+        identical = {f"ours~{other}": compare_checkpoints(outputs["ours"], outputs[other])
+                     for other in outputs if other != "ours"}
     print(json.dumps({
         "shape": {key: getattr(args, key) for key in ("hidden", "intermediate", "layers", "heads", "kv_heads",
                                                        "vocab", "dtype")},

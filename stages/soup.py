@@ -6,7 +6,8 @@ learned (alpha = softmax(logits) per model / layer / module, learned on the vali
 frozen) and regularized (learned + lambda * sum |alpha - 1/N| per soup.l1). Each soup is written by a streaming
 merge of the ingredients' safetensors into data/soups/soup-<name>/ (config, tokenizer, soup.json with its alphas
 and a mergekit config that replays it); metrics/soup.json holds every valid score; plots/interpolation.csv the
-valid and test bits per byte along the line between the two soup.probe models.
+valid and test bits per byte along the line between the two soup.probe models. With a vision-language ingredient
+(LLaVA-style) each soup also holds multimodal/: the same mix of the language model, in that ingredient's class.
 """
 from __future__ import annotations
 
@@ -24,8 +25,10 @@ from fusesoup.models import load_model, load_tokenizer, model_path
 from fusesoup.params import Params, load_params
 from fusesoup.soup.learn import (greedy_soup, group_of, learn_alphas, load_mix, mapped_ingredients, memory_plan,
                                  uniform)
-from fusesoup.soup.merge import SoupError, check_ingredients, plan_linear, write_linear_merge
+from fusesoup.soup.checkpoint import SoupError, language_model_prefixes
+from fusesoup.soup.merge import check_ingredients, plan_linear, write_linear_merge
 from fusesoup.soup.mergekit import mergekit_config
+from fusesoup.soup.multimodal import multimodal_position, write_multimodal_merge
 from fusesoup.storage import atomic_dir, write_csv, write_json
 
 
@@ -85,6 +88,24 @@ def coefficients(recipe: dict):
     return lookup
 
 
+NO_MERGEKIT_REPLAY = """\
+# No mergekit replay: ingredient {0!r} is a vision-language checkpoint, and mergekit (0.1.5 and its
+# architecture list) has no LLaVA-style architecture, nor a way to read one model's tensors under another's names.
+# The text soup here is the linear merge of soup.json's coefficients over the ingredients' language models; the
+# multimodal soup in multimodal/ is the same mix written back under the multimodal names.
+"""
+
+
+def check_same_tokens(text: str, vocab: dict[str, int], name: str, other: dict[str, int], extra_allowed: bool) -> None:
+    """A soup mixes weights token by token: every ingredient must give each token the text model's id; a multimodal
+    ingredient may add tokens of its own (LLaVA's <image>) after them."""
+    same = other == vocab or (extra_allowed and all(other.get(token) == index for token, index in vocab.items()))
+    if not same:
+        kind = "do not give the text tokens the same ids" if extra_allowed else "have different tokenizers"
+        raise StageError(f"soup ingredients {text!r} and {name!r} {kind}; a soup mixes weights token by token, so "
+                         "they must share one")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m stages.soup", description=__doc__)
     parser.add_argument("--params", default="params.yaml", help="the params file (default: params.yaml)")
@@ -101,11 +122,12 @@ def main(argv: list[str] | None = None) -> None:
     names = params.soup_ingredients()
     directories = [model_path(name, args.models) for name in names]
     dtype = next(iter(check_ingredients(directories).values()))[1]  # shapes, dtypes and names checked first
-    model, tokenizer = load_model(names[0], params, args.models)  # the working model: architecture, buffers, dtype
-    for name in names[1:]:
-        if load_tokenizer(name, params, args.models).get_vocab() != tokenizer.get_vocab():
-            raise StageError(f"soup ingredients {names[0]!r} and {name!r} have different tokenizers; a soup mixes "
-                             "weights token by token, so they must share one")
+    multimodal = multimodal_position(directories)
+    text = next(name for position, name in enumerate(names) if position != multimodal)
+    model, tokenizer = load_model(text, params, args.models)  # the working model: architecture, buffers, dtype
+    for position, name in enumerate(names):
+        check_same_tokens(text, tokenizer.get_vocab(), name, load_tokenizer(name, params, args.models).get_vocab(),
+                          extra_allowed=position == multimodal)
     ingredients = mapped_ingredients(directories, model, next(model.parameters()).device)
     print(memory_plan(ingredients, model, params.soup.granularity), flush=True)
     valid = read_split(args.corpus, "valid")["text"].to_list()
@@ -127,10 +149,18 @@ def main(argv: list[str] | None = None) -> None:
             write_linear_merge(plan, directories, directory)
             model.config.save_pretrained(directory)
             tokenizer.save_pretrained(directory)
-            config = mergekit_config([str(d) for d in directories], coefficients(recipe),
-                                     [step.name for step in plan], num_layers, dtype=dtype)
-            (directory / "mergekit.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
-            write_json(directory / "soup.json", {"ingredients": names, **recipe})
+            extra = {}
+            if multimodal is None:
+                config = mergekit_config([str(d) for d in directories], coefficients(recipe),
+                                         [step.name for step in plan], num_layers, dtype=dtype)
+                (directory / "mergekit.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+            else:
+                (directory / "mergekit.yaml").write_text(NO_MERGEKIT_REPLAY.format(names[multimodal]))
+                (directory / "multimodal").mkdir()
+                write_multimodal_merge(plan, directories, directory / "multimodal")
+                extra["multimodal"] = {"ingredient": names[multimodal], "directory": "multimodal",
+                                       "language_model": language_model_prefixes(directories[multimodal])}
+            write_json(directory / "soup.json", {"ingredients": names, **recipe, **extra})
     write_json(args.metrics, {"ingredients": scores["ingredients"],
                               "soups": {soup: {"valid_bpb": r["valid_bpb"]} for soup, r in scores["soups"].items()}})
     write_csv(args.plots, rows, list(rows[0]))

@@ -137,6 +137,70 @@ def test_continued_training_outputs(built):
     assert not (built / "data/checkpoints/clm").exists()  # removed once the model is saved
 
 
+def test_a_llava_ingredient_gives_a_multimodal_soup(built, tmp_path):
+    """SoupLM's setting in miniature: target-base, target-clm and a LLaVA whose language model is target-clm's (its
+    vocabulary grown by <image>), souped by the soup stage into a text soup and a LLaVA soup that generates."""
+    import subprocess
+    import sys
+
+    import torch
+    from safetensors.torch import load_file
+    from transformers import (AutoConfig, AutoTokenizer, CLIPVisionConfig, LlamaForCausalLM, LlavaConfig,
+                              LlavaForConditionalGeneration)
+
+    models = tmp_path / "models"
+    models.mkdir()
+    for name in ("target-base", "target-clm"):
+        (models / name).symlink_to(built / "data/models" / name)
+    tokenizer = AutoTokenizer.from_pretrained(built / "data/models/target-clm")
+    tokenizer.add_tokens(["<image>"], special_tokens=True)
+    text = AutoConfig.from_pretrained(built / "data/models/target-clm")
+    rows = text.vocab_size + 1
+    text.vocab_size = rows
+    vision = CLIPVisionConfig(hidden_size=8, intermediate_size=16, num_hidden_layers=1, num_attention_heads=2,
+                              image_size=32, patch_size=8)
+    torch.manual_seed(0)
+    llava = LlavaForConditionalGeneration(LlavaConfig(vision_config=vision, text_config=text.to_dict(),
+                                                      image_token_index=rows - 1, image_seq_length=16))
+    clm = LlamaForCausalLM.from_pretrained(built / "data/models/target-clm")
+    clm.resize_token_embeddings(rows)
+    llava.model.language_model.load_state_dict(clm.model.state_dict())
+    llava.lm_head.load_state_dict(clm.lm_head.state_dict())
+    llava.save_pretrained(models / "llava")
+    tokenizer.save_pretrained(models / "llava")
+
+    raw = yaml.safe_load((built / "params.yaml").read_text())
+    raw["models"] = {"llava": {"source": "path", "path": str(models / "llava")}}
+    raw["soup"].update(ingredients=["target-base", "target-clm", "llava"], strategies=["vanilla", "learned"],
+                       steps=2, probe={"between": ["target-base", "llava"], "points": 2})
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
+    out = tmp_path / "soups"
+    subprocess.run([sys.executable, "-m", "stages.soup", "--params", str(tmp_path / "params.yaml"), "--corpus",
+                    str(built / "data/corpus"), "--models", str(models), "--out", str(out), "--metrics",
+                    str(tmp_path / "soup.json"), "--plots", str(tmp_path / "probe.csv")], cwd=built, check=True)
+
+    for soup in ("soup-vanilla", "soup-learned"):
+        recipe = json.loads((out / soup / "soup.json").read_text())
+        assert recipe["multimodal"] == {"ingredient": "llava", "directory": "multimodal", "language_model": {
+            "language_model.model.": "model.", "language_model.lm_head.": "lm_head."}}
+        assert "No mergekit replay" in (out / soup / "mergekit.yaml").read_text()
+        mixed = load_file(out / soup / "model.safetensors")
+        soup_model = LlavaForConditionalGeneration.from_pretrained(out / soup / "multimodal").eval()
+        head = soup_model.lm_head.weight.detach()
+        assert torch.equal(head[: rows - 1], mixed["lm_head.weight"])
+        assert torch.equal(head[rows - 1], llava.lm_head.weight[rows - 1].detach())  # <image>: LLaVA's own row
+        norm = soup_model.model.language_model.norm.weight.detach()
+        assert torch.equal(norm, mixed["model.norm.weight"])
+    vanilla = load_file(out / "soup-vanilla/model.safetensors")
+    parts = [load_file(models / name / "model.safetensors")["model.norm.weight"] for name in ("target-base", "target-clm")]
+    torch.testing.assert_close(vanilla["model.norm.weight"], (parts[0] + 2 * parts[1]) / 3, rtol=0, atol=1e-6)
+    prompt = tokenizer(" def f(x):", return_tensors="pt", add_special_tokens=False).input_ids
+    ids = torch.cat([torch.full((1, 16), rows - 1), prompt], dim=1)  # 16 image features: 32 px in 8 px patches
+    generated = soup_model.generate(input_ids=ids, pixel_values=torch.zeros(1, 3, 32, 32), max_new_tokens=3,
+                                    do_sample=False)
+    assert generated.shape[1] == ids.shape[1] + 3
+
+
 def test_soups_probe_and_evaluation(built):
     from safetensors.numpy import load_file
 

@@ -8,7 +8,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from fusesoup.soup.learn import (WeightedSum, greedy_soup, group_of, groups, learn_alphas, load_mix,
                                  mapped_ingredients, members, memory_plan, mix, model_ingredients, uniform)
-from fusesoup.soup.merge import SoupError
+from fusesoup.soup.checkpoint import SoupError
 
 
 def tiny_llama(seed: int, intermediate: int = 48) -> LlamaForCausalLM:

@@ -11,8 +11,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from fusesoup.soup.merge import (INDEX_NAME, SoupError, check_ingredients, format_plan, plan_linear, tensor_index,
-                                 weight_files, write_linear_merge)
+from fusesoup.soup.checkpoint import INDEX_NAME, SoupError, tensor_index, weight_files
+from fusesoup.soup.merge import check_ingredients, format_plan, plan_linear, write_linear_merge
 from fusesoup.soup.mergekit import mergekit_config
 from fusesoup.storage import atomic_dir
 

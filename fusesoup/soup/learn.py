@@ -16,7 +16,7 @@ from typing import Literal, NamedTuple
 import torch
 from torch.func import functional_call
 
-from fusesoup.soup.merge import SoupError, read_tensor, tensor_index
+from fusesoup.soup.checkpoint import SoupError, ingredient_indexes, read_entry
 from fusesoup.train.loss import clm_loss, student_log_probs
 
 Granularity = Literal["model", "layer", "module"]
@@ -54,10 +54,11 @@ def model_ingredients(models: Sequence[torch.nn.Module], names: Sequence[str]) -
 
 
 def mapped_ingredients(model_dirs: Sequence[Path], model: torch.nn.Module, device: torch.device) -> Ingredients:
-    """Each parameter of `model` from every ingredient's safetensors, in its stored dtype: on the CPU zero-copy views
+    """Each parameter of `model` from every ingredient's safetensors (a multimodal one's language model under the
+    text names: checkpoint.ingredient_indexes), in its stored dtype: on the CPU zero-copy views
     of the files' memory maps (pages the OS reads on use and may drop, not N copies in memory), else copied to
     `device`. SoupError names a parameter that a checkpoint lacks or holds in another shape."""
-    indexes = [tensor_index(Path(directory)) for directory in model_dirs]
+    indexes = ingredient_indexes(model_dirs)
     ingredients = {}
     for name, parameter in model.named_parameters():
         tensors = []
@@ -65,11 +66,11 @@ def mapped_ingredients(model_dirs: Sequence[Path], model: torch.nn.Module, devic
             if name not in index:
                 raise SoupError(f"parameter {name} of the {type(model).__name__} is not in {directory}'s safetensors "
                                 f"(it holds e.g. {next(iter(index))}); save the ingredient with save_pretrained")
-            file, shape, _ = index[name]
-            if shape != tuple(parameter.shape):
-                raise SoupError(f"tensor {name}: shape {list(shape)} in {file}, but the model has "
+            entry = index[name]
+            if entry.shape != tuple(parameter.shape):
+                raise SoupError(f"tensor {name}: shape {list(entry.shape)} in {entry.file}, but the model has "
                                 f"{list(parameter.shape)}")
-            tensor = read_tensor(file, name)
+            tensor = read_entry(entry)
             tensors.append(tensor if device.type == "cpu" else tensor.to(device))
         ingredients[name] = tuple(tensors)
     return ingredients

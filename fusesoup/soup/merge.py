@@ -16,23 +16,17 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
-from safetensors import SafetensorError, safe_open
 
-from fusesoup.cli import StageError
-from fusesoup.storage import read_json, write_json
+from fusesoup.soup.checkpoint import (INDEX_NAME, SINGLE_NAME, SoupError, TensorEntry, ingredient_indexes, read_entry,
+                                      text_model_type)
+from fusesoup.storage import write_json
 
-INDEX_NAME = "model.safetensors.index.json"
-SINGLE_NAME = "model.safetensors"
 # Soupable dtypes by safetensors header name -> (stored dtype, dtype the weighted sum accumulates in).
 DTYPES = {"F64": (torch.float64, torch.float64), "F32": (torch.float32, torch.float32),
           "F16": (torch.float16, torch.float32), "BF16": (torch.bfloat16, torch.float32)}
 # Elements summed per step: 128 KiB of float32 accumulator, and no more than torch's grain size (32768), under
 # which an element-wise op does not start its thread pool.
 BLOCK = 32768
-
-
-class SoupError(StageError, ValueError):
-    """Ingredients that cannot be souped together; the message names the tensor and the files."""
 
 
 @dataclass(frozen=True)
@@ -48,76 +42,35 @@ class MergeStep:
         return math.prod(self.shape) * DTYPES[self.dtype][0].itemsize
 
 
-def weight_files(model_dir: Path) -> list[Path]:
-    """The safetensors files of a save_pretrained directory: those its index names if sharded, else *.safetensors."""
-    model_dir = Path(model_dir)
-    index = model_dir / INDEX_NAME
-    if index.is_file():
-        content = read_json(index)
-        weight_map = content.get("weight_map") if isinstance(content, dict) else None
-        if not isinstance(weight_map, dict):
-            raise SoupError(f"{index}: no weight_map; not a safetensors index")
-        files = [model_dir / name for name in sorted(set(weight_map.values()))]
-        missing = [file.name for file in files if not file.is_file()]
-        if missing:
-            raise SoupError(f"{index} names {', '.join(missing)}, which {model_dir} does not hold")
-    else:
-        files = sorted(model_dir.glob("*.safetensors"))
-    if not files:
-        raise SoupError(f"{model_dir}: no safetensors weights (*.safetensors); save the model with save_pretrained")
-    return files
-
-
-def tensor_index(model_dir: Path) -> dict[str, tuple[Path, tuple[int, ...], str]]:
-    """Tensor name -> (file, shape, dtype) from the safetensors headers alone, in file order, then storage order."""
-    index: dict[str, tuple[Path, tuple[int, ...], str]] = {}
-    for file in weight_files(model_dir):
-        try:
-            with safe_open(file, framework="pt") as handle:
-                for name in handle.offset_keys():
-                    if name in index:
-                        raise SoupError(f"tensor {name} is stored twice: in {index[name][0]} and {file}")
-                    view = handle.get_slice(name)
-                    index[name] = (file, tuple(view.get_shape()), view.get_dtype())
-        except SafetensorError as error:
-            raise SoupError(f"{file}: not a readable safetensors file ({error})") from None
-    return index
-
-
 def _describe(shape: tuple[int, ...], dtype: str) -> str:
     return f"shape {list(shape)} {dtype}"
 
 
-def _model_type(model_dir: Path) -> str | None:
-    """config.json's model_type, or None for a bare directory of safetensors."""
-    config = model_dir / "config.json"
-    return json.loads(config.read_text(encoding="utf-8")).get("model_type") if config.is_file() else None
-
-
 def check_ingredients(model_dirs: Sequence[Path]) -> dict[str, tuple[tuple[int, ...], str]]:
-    """Name -> (shape, dtype) shared by all ingredients, in the first one's order; SoupError at the first difference
-    (of architecture, from config.json, before any tensor)."""
+    """Name -> (shape, dtype) shared by all ingredients, in the first one's order (a multimodal ingredient's language
+    model under the text names: checkpoint.ingredient_indexes); SoupError at the first difference (of architecture,
+    from config.json, before any tensor)."""
     if not model_dirs:
         raise SoupError("no ingredients to soup")
     first_dir = Path(model_dirs[0])
-    first = tensor_index(first_dir)
-    for other_dir in map(Path, model_dirs[1:]):
-        kinds = _model_type(first_dir), _model_type(other_dir)
+    indexes = ingredient_indexes(model_dirs)
+    first = indexes[0]
+    for other_dir, other in zip(map(Path, model_dirs[1:]), indexes[1:]):
+        kinds = text_model_type(first_dir), text_model_type(other_dir)
         if None not in kinds and kinds[0] != kinds[1]:
             raise SoupError(f"soup ingredients {first_dir} ({kinds[0]}) and {other_dir} ({kinds[1]}) are different "
                             "architectures: a soup mixes variants of one base; give soup.ingredients of one architecture")
-        other = tensor_index(other_dir)
-        for name, (file, shape, dtype) in first.items():
+        for name, entry in first.items():
             if name not in other:
-                raise SoupError(f"tensor {name} is in {file} but not in {other_dir}")
-            other_file, other_shape, other_dtype = other[name]
-            if (other_shape, other_dtype) != (shape, dtype):
-                raise SoupError(f"tensor {name}: {_describe(shape, dtype)} in {file}, but "
-                                f"{_describe(other_shape, other_dtype)} in {other_file}")
+                raise SoupError(f"tensor {name} is in {entry.file} but not in {other_dir}")
+            theirs = other[name]
+            if (theirs.shape, theirs.dtype) != (entry.shape, entry.dtype):
+                raise SoupError(f"tensor {name}: {_describe(entry.shape, entry.dtype)} in {entry.file}, but "
+                                f"{_describe(theirs.shape, theirs.dtype)} in {theirs.file}")
         extra = next((name for name in other if name not in first), None)
         if extra is not None:
-            raise SoupError(f"tensor {extra} is in {other[extra][0]} but not in {first_dir}")
-    return {name: (shape, dtype) for name, (_, shape, dtype) in first.items()}
+            raise SoupError(f"tensor {extra} is in {other[extra].file} but not in {first_dir}")
+    return {name: (entry.shape, entry.dtype) for name, entry in first.items()}
 
 
 def coefficient_vector(name: str, coefficients: Callable[[str], Sequence[float]], count: int) -> tuple[float, ...]:
@@ -156,22 +109,20 @@ def format_plan(plan: Sequence[MergeStep], names: Sequence[str]) -> str:
     return "\n".join(lines)
 
 
-def _sources(plan: Sequence[MergeStep], model_dirs: Sequence[Path]) -> list[dict[str, Path]]:
-    """Each ingredient's file per tensor, after checking that the files still hold what the plan expects."""
+def checked_sources(plan: Sequence[MergeStep], model_dirs: Sequence[Path]) -> list[dict[str, TensorEntry]]:
+    """Each ingredient's entry per tensor, after checking that the files still hold what the plan expects."""
     if any(len(step.weights) != len(model_dirs) for step in plan):
         raise SoupError(f"the plan has {len(plan[0].weights)} coefficients per tensor, but {len(model_dirs)} "
                         "ingredients were given")
-    sources = []
-    for model_dir in model_dirs:
-        index = tensor_index(model_dir)
+    sources = ingredient_indexes(model_dirs)
+    for model_dir, index in zip(model_dirs, sources):
         for step in plan:
             if step.name not in index:
                 raise SoupError(f"tensor {step.name} is in the plan but not in {model_dir}")
-            file, shape, dtype = index[step.name]
-            if (shape, dtype) != (step.shape, step.dtype):
-                raise SoupError(f"tensor {step.name}: planned as {_describe(step.shape, step.dtype)}, but {file} "
-                                f"holds {_describe(shape, dtype)}")
-        sources.append({name: entry[0] for name, entry in index.items()})
+            entry = index[step.name]
+            if (entry.shape, entry.dtype) != (step.shape, step.dtype):
+                raise SoupError(f"tensor {step.name}: planned as {_describe(step.shape, step.dtype)}, but "
+                                f"{entry.file} holds {_describe(entry.shape, entry.dtype)}")
     return sources
 
 
@@ -188,37 +139,39 @@ def _shards(plan: Sequence[MergeStep], shard_bytes: int) -> list[list[MergeStep]
     return shards
 
 
-def read_tensor(file: Path, name: str) -> torch.Tensor:
-    """Tensor `name` as a zero-copy view of `file`'s mmap, which the view keeps alive (and closes when dropped)."""
-    try:
-        with safe_open(file, framework="pt") as handle:
-            return handle.get_tensor(name)
-    except SafetensorError as error:
-        raise SoupError(f"{file}: cannot read tensor {name} ({error})") from None
-
-
-def _merged(step: MergeStep, sources: Sequence[dict[str, Path]]) -> torch.Tensor:
+def _merged(step: MergeStep, sources: Sequence[dict[str, TensorEntry]]) -> torch.Tensor:
     """sum_i w_i * t_i accumulated in float32 (float64 for F64) and cast back to the tensor's dtype.
 
-    The sum runs over blocks of BLOCK elements: the accumulator stays in cache, each step is one pass over each
-    ingredient, and ops this small run on the calling thread (a 2-thread pool on a busy machine stalls for
-    seconds). Same float32 operations as mergekit's linear merge: its outputs were bit-identical in bench/soup.py.
+    An ingredient without the tensor must have weight 0. Where the ingredients' tensors hold fewer rows than the
+    step (the text models' vocabulary inside a multimodal one's), those rows are mixed and the rest are copied from
+    the one ingredient that holds them all. The sum runs over blocks of BLOCK elements: the accumulator stays in
+    cache, each step is one pass over each ingredient, and ops this small run on the calling thread (a 2-thread
+    pool on a busy machine stalls for seconds). Same float32 operations as mergekit's linear merge: its outputs
+    were bit-identical in bench/soup.py.
     """
     stored, accumulate = DTYPES[step.dtype]
-    flat = [read_tensor(files[step.name], step.name).reshape(-1) for files in sources]
+    terms = []
+    for position, (entries, weight) in enumerate(zip(sources, step.weights)):
+        if step.name in entries:
+            terms.append((read_entry(entries[step.name]).reshape(-1), weight))
+        elif weight != 0.0:
+            raise SoupError(f"tensor {step.name}: ingredient {position} lacks it but has weight {weight}")
     out = torch.empty(math.prod(step.shape), dtype=stored)
-    buffer = torch.empty(min(BLOCK, out.numel()), dtype=accumulate)
-    for start in range(0, out.numel(), BLOCK):
-        stop = min(start + BLOCK, out.numel())
+    mixed = min(tensor.numel() for tensor, _ in terms)
+    if mixed < out.numel():
+        out[mixed:].copy_(next(tensor for tensor, _ in terms if tensor.numel() == out.numel())[mixed:])
+    buffer = torch.empty(min(BLOCK, mixed), dtype=accumulate)
+    for start in range(0, mixed, BLOCK):
+        stop = min(start + BLOCK, mixed)
         total = buffer[: stop - start]
-        total.copy_(flat[0][start:stop]).mul_(step.weights[0])
-        for tensor, weight in zip(flat[1:], step.weights[1:]):
+        total.copy_(terms[0][0][start:stop]).mul_(terms[0][1])
+        for tensor, weight in terms[1:]:
             total.add_(tensor[start:stop], alpha=weight)
         out[start:stop].copy_(total)
     return out
 
 
-def _write_shard(path: Path, steps: Sequence[MergeStep], sources: Sequence[dict[str, Path]]) -> None:
+def _write_shard(path: Path, steps: Sequence[MergeStep], sources: Sequence[dict[str, TensorEntry]]) -> None:
     """One safetensors file: the header (offsets known from the plan), then each tensor as soon as it is merged."""
     # Widest items first, as safetensors orders its own files: every tensor then starts aligned to its item size.
     steps = sorted(steps, key=lambda step: -DTYPES[step.dtype][0].itemsize)
@@ -247,13 +200,18 @@ def write_linear_merge(plan: Sequence[MergeStep], model_dirs: Sequence[Path], ou
     `atomic_dir` it holds (config and tokenizer saved beside the weights), so a failed merge leaves nothing behind.
     A directory that already holds weights is refused, so stale shards can never mix in.
     """
+    return write_merge(plan, checked_sources(plan, model_dirs), out_dir, shard_bytes)
+
+
+def write_merge(plan: Sequence[MergeStep], sources: Sequence[dict[str, TensorEntry]], out_dir: Path,
+                shard_bytes: int = 2 * 1024**3) -> list[Path]:
+    """write_linear_merge over checked `sources` (per ingredient, step name -> where that ingredient holds it)."""
     out_dir = Path(out_dir)
     if not plan:
         raise SoupError(f"nothing to merge into {out_dir}: the plan is empty")
     stale = sorted(path.name for path in out_dir.glob("*.safetensors*"))
     if stale:
         raise SoupError(f"{out_dir} already holds weights ({', '.join(stale)}); merge into an empty directory")
-    sources = _sources(plan, model_dirs)
     shards = _shards(plan, shard_bytes)
     names = [SINGLE_NAME] if len(shards) == 1 else [
         f"model-{number:05d}-of-{len(shards):05d}.safetensors" for number in range(1, len(shards) + 1)]

@@ -15,7 +15,8 @@ import re
 from collections import Counter
 from typing import Callable, Sequence
 
-from fusesoup.soup.merge import SoupError, coefficient_vector
+from fusesoup.soup.checkpoint import SoupError
+from fusesoup.soup.merge import coefficient_vector
 
 # A layer tensor: `<stack>.<layer index>.<module>`, e.g. model.layers.3.self_attn.q_proj.weight.
 _LAYER = re.compile(r"^(?P<stack>.+?)\.(?P<layer>\d+)\.(?P<module>.+)$")
