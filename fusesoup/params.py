@@ -196,6 +196,8 @@ class ContinuedTraining(TrainSpec):
     fusion_loss: Literal["ce", "kl"] = "ce"  # soft-label cross-entropy or KL against the fused distribution
     checkpoint_every: PositiveInt = 50  # steps between atomic checkpoints (resume point of a killed run)
     micro_batch_tokens: PositiveInt | None = None  # padded tokens per forward pass (gradients accumulated); None: all
+    distributed: Literal["ddp", "fsdp"] = "ddp"  # the engine on several processes (fusesoup/train/engine.py)
+    activation_checkpointing: bool = False  # recompute each decoder layer's activations in backward
 
 
 TRAINED_MODELS = ("target-clm", "target-fused")  # what train@clm and train@fused write to data/models/

@@ -5,7 +5,8 @@ from the seed) with the same budget and schedule; train@fused adds (1 - lambda) 
 data/fused. Writes data/models/target-<variant> (safetensors + tokenizer), plots/train/<variant>.csv (loss
 curves) and metrics/train/<variant>.json (valid and test bits per byte). Checkpoints go to
 data/checkpoints/<variant> (not a DVC output, so a killed run keeps them) and are removed once the model is saved.
-Data parallel: `accelerate launch --num_processes N -m stages.train fused` (or torchrun); rank 0 writes the outputs.
+Data parallel: `accelerate launch --num_processes N -m stages.train fused` (or torchrun), DDP or FSDP2 per
+train.distributed; rank 0 writes the outputs.
 """
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ from fusesoup.logits.store import LogitStore
 from fusesoup.models import load_model, model_path, stored_dtype
 from fusesoup.params import load_params
 from fusesoup.storage import atomic_dir, content_key, directory_fingerprint, write_csv, write_json
+from fusesoup.train.engine import full_state_dict
 from fusesoup.train.launch import init_distributed
 from fusesoup.train.loop import TrainSequence, train_target
 
@@ -73,13 +75,17 @@ def main(argv: list[str] | None = None) -> None:
     checkpoints = Path(args.checkpoints or f"data/checkpoints/{variant}")
     started = time.perf_counter()
     log = train_target(model, sequences, spec, lam, spec.fusion_loss, params.seed, checkpoints, key,
-                       spec.checkpoint_every, progress=not args.no_progress)
+                       progress=not args.no_progress)
     seconds = time.perf_counter() - started
     if dist.is_initialized():
+        weights = full_state_dict(model) if spec.distributed == "fsdp" else None  # gathered onto rank 0's CPU
         rank = dist.get_rank()
         dist.destroy_process_group()
         if rank:
             return
+        if weights is not None:  # the sharded model cannot run without its process group: a whole one instead
+            model, tokenizer = load_model(target, params, args.models)
+            model.float().load_state_dict(weights)
 
     model.to(stored_dtype(model_path(target, args.models)))  # saved as the base is (soups mix them tensor by tensor)
     with atomic_dir(args.out or f"data/models/target-{variant}") as tmp:

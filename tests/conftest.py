@@ -21,5 +21,6 @@ def prefect_api(tmp_path_factory):
     from prefect.testing.utilities import prefect_test_harness
 
     offline = {PREFECT_HOME: tmp_path_factory.mktemp("prefect-home"), PREFECT_SERVER_ANALYTICS_ENABLED: False}
-    with temporary_settings(offline), prefect_test_harness():
+    # 120 s, not the harness's 30: on 2 busy cores the server's first start (migrations) can take longer
+    with temporary_settings(offline), prefect_test_harness(server_startup_timeout=120):
         yield

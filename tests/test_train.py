@@ -15,6 +15,7 @@ from fusesoup.train.loop import TrainSequence, micro_batches, plan_steps, train_
 
 VOCAB = 64
 SPEC = ContinuedTraining(steps=6, batch_tokens=48, lr=3e-3, warmup_steps=1, checkpoint_every=2)
+UNCHECKPOINTED = SPEC.model_copy(update={"checkpoint_every": 100})
 
 
 class SpecialIds(SimpleNamespace):
@@ -72,7 +73,7 @@ def test_plan_is_fixed_by_seed_and_fills_the_token_budget():
 def test_killed_run_resumes_to_the_same_weights(tmp_path):
     data = sequences(with_targets=True)
     straight = tiny_model()
-    log = train_target(straight, data, SPEC, 0.9, "ce", 0, tmp_path / "a", "key", SPEC.checkpoint_every, False)
+    log = train_target(straight, data, SPEC, 0.9, "ce", 0, tmp_path / "a", "key", False)
     assert [row["step"] for row in log] == list(range(6)) and all(row["fusion"] != "" for row in log)
     assert all(row["tok_s"] > 0 for row in log)  # throughput of each step, for the plots and the progress bar
 
@@ -80,22 +81,22 @@ def test_killed_run_resumes_to_the_same_weights(tmp_path):
     plan = plan_steps([len(s.input_ids) for s in data], SPEC.batch_tokens, SPEC.steps, 0)
     with pytest.raises(Killed):  # dies inside step 4, after the checkpoint at step 4
         train_target(resumed, KilledAfter(data, sum(map(len, plan[:4])) + 1), SPEC, 0.9, "ce", 0, tmp_path / "b",
-                     "key", SPEC.checkpoint_every, False)
+                     "key", False)
     assert (tmp_path / "b/state.json").is_file()
     resumed = tiny_model()
-    log_resumed = train_target(resumed, data, SPEC, 0.9, "ce", 0, tmp_path / "b", "key", SPEC.checkpoint_every, False)
+    log_resumed = train_target(resumed, data, SPEC, 0.9, "ce", 0, tmp_path / "b", "key", False)
     assert [row["loss"] for row in log_resumed] == [row["loss"] for row in log]
     for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
         assert torch.equal(a, b), name
     # a checkpoint of another run (another key) is not resumed from
     other = tiny_model()
-    assert len(train_target(other, data, SPEC, 0.9, "ce", 0, tmp_path / "b", "other", 2, False)) == 6
+    assert len(train_target(other, data, SPEC, 0.9, "ce", 0, tmp_path / "b", "other", False)) == 6
 
 
 def test_clm_and_fused_see_the_same_tokens_and_differ_only_by_the_fusion_term(tmp_path):
     fused, clm = sequences(with_targets=True), sequences(with_targets=False)
-    fused_log = train_target(tiny_model(), fused, SPEC, 1.0, "ce", 0, tmp_path / "f", "k", 100, False)
-    clm_log = train_target(tiny_model(), clm, SPEC, 1.0, "ce", 0, tmp_path / "c", "k", 100, False)
+    fused_log = train_target(tiny_model(), fused, UNCHECKPOINTED, 1.0, "ce", 0, tmp_path / "f", "k", False)
+    clm_log = train_target(tiny_model(), clm, UNCHECKPOINTED, 1.0, "ce", 0, tmp_path / "c", "k", False)
     assert [r["tokens"] for r in fused_log] == [r["tokens"] for r in clm_log]
     assert [r["loss"] for r in fused_log] == [r["loss"] for r in clm_log]  # lambda = 1: the fusion term is off
 
@@ -107,36 +108,83 @@ def test_a_non_finite_loss_stops_with_the_step_and_saves_nothing(tmp_path):
     plan = plan_steps([len(s.input_ids) for s in data], SPEC.batch_tokens, SPEC.steps, 0)
     first_bad = next(step for step, batch in enumerate(plan) if 0 in batch)
     with pytest.raises(TrainingError, match=f"loss is nan at step {first_bad} "):
-        train_target(tiny_model(), data, SPEC, 0.9, "ce", 0, tmp_path / "n", "k", 100, False)
+        train_target(tiny_model(), data, UNCHECKPOINTED, 0.9, "ce", 0, tmp_path / "n", "k", False)
     assert not (tmp_path / "n").exists()
 
 
-def _rank(rank: int, world: int, init: str, out: str) -> None:
+def _rank(rank: int, world: int, init: str, out: str, engine: str, kill_after: int | None) -> None:
+    """One rank of a `world`-process run with engine `engine` in `out`; rank 0 saves the log and the gathered
+    weights to out/result.pt, unless the data kills the run after `kill_after` sequences (every rank alike)."""
     import torch.distributed as dist
+
+    from fusesoup.train.engine import full_state_dict
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
     try:
-        model = tiny_model()
-        log = train_target(model, sequences(with_targets=True), SPEC, 0.9, "ce", 0, Path(out) / "ckpt", "k", 2, False)
+        model, data = tiny_model(), sequences(with_targets=True)
+        spec = SPEC.model_copy(update={"distributed": engine})
+        try:
+            log = train_target(model, data if kill_after is None else KilledAfter(data, kill_after), spec, 0.9, "ce",
+                               0, Path(out) / "ckpt", "k", False)
+        except Killed:
+            return
+        weights = full_state_dict(model)
         if rank == 0:
-            torch.save({"log": log, "weights": model.state_dict()}, Path(out) / "result.pt")
+            torch.save({"log": log, "weights": weights}, Path(out) / "result.pt")
     finally:
         dist.destroy_process_group()
 
 
-def test_two_processes_follow_the_single_process_trajectory(tmp_path):
-    """2 CPU processes (gloo), each half of every global batch, against 1 process on the same global batches.
-    Tolerance: 1e-5 relative on the losses and 1e-4 absolute on the weights (float summation order differs)."""
-    torch.set_num_threads(1)
-    single = tiny_model()
-    log = train_target(single, sequences(with_targets=True), SPEC, 0.9, "ce", 0, tmp_path / "one", "k", 2, False)
-    torch.multiprocessing.spawn(_rank, args=(2, f"file://{tmp_path / 'rendezvous'}", str(tmp_path)), nprocs=2)
-    result = torch.load(tmp_path / "result.pt", weights_only=True)
+def run_ranks(out: Path, world: int, engine: str, kill_after: int | None = None) -> dict | None:
+    """A run of `world` processes (gloo on the CPU) in `out`; its result.pt, None for a killed run."""
+    out.mkdir(exist_ok=True)
+    rendezvous = out / f"rendezvous-{len(list(out.glob('rendezvous-*')))}"
+    torch.multiprocessing.spawn(_rank, args=(world, f"file://{rendezvous}", str(out), engine, kill_after),
+                                nprocs=world)
+    return None if kill_after is not None else torch.load(out / "result.pt", weights_only=True)
+
+
+def assert_same_trajectory(result: dict, log: list[dict], weights: dict, atol: float) -> None:
     assert [r["tokens"] for r in result["log"]] == [r["tokens"] for r in log]
     np.testing.assert_allclose([r["loss"] for r in result["log"]], [r["loss"] for r in log], rtol=1e-5)
     np.testing.assert_allclose([r["fusion"] for r in result["log"]], [r["fusion"] for r in log], rtol=1e-5)
-    for name, weight in single.state_dict().items():
-        torch.testing.assert_close(result["weights"][name], weight, atol=1e-4, rtol=0)
+    assert set(result["weights"]) <= set(weights) and "model.layers.0.mlp.up_proj.weight" in result["weights"]
+    for name, weight in result["weights"].items():
+        torch.testing.assert_close(weight, weights[name], atol=atol, rtol=0)
+
+
+@pytest.mark.parametrize("engine", ["ddp", "fsdp"])
+def test_two_processes_follow_the_single_process_trajectory(tmp_path, engine):
+    """2 CPU processes (gloo; DDP, or FSDP2 sharding params, grads and optimizer state), each half of every global
+    batch, against 1 process on the same global batches. Tolerance: 1e-5 relative on the losses and 1e-4 absolute
+    on the weights (float summation order differs)."""
+    torch.set_num_threads(1)
+    single = tiny_model()
+    log = train_target(single, sequences(with_targets=True), SPEC, 0.9, "ce", 0, tmp_path / "one", "k", False)
+    assert_same_trajectory(run_ranks(tmp_path / "two", 2, engine), log, single.state_dict(), atol=1e-4)
+
+
+def test_a_killed_fsdp_run_resumes_to_the_same_weights_on_two_processes_and_on_one(tmp_path):
+    """Killed inside step 4 (after the sharded checkpoint of step 4): resumed on 2 processes it ends bit-identical to
+    an unkilled 2-process run; resumed on 1 process (DCP reshards the checkpoint) within 1e-4 of it."""
+    straight = run_ranks(tmp_path / "straight", 2, "fsdp")
+    plan = plan_steps([len(s.input_ids) for s in sequences(True)], SPEC.batch_tokens, SPEC.steps, 0)
+    for resumed_on in (2, 1):
+        out = tmp_path / f"resumed-on-{resumed_on}"
+        run_ranks(out, 2, "fsdp", kill_after=sum(map(len, plan[:4])) + 1)
+        assert (out / "ckpt/state.json").is_file() and list((out / "ckpt").glob("*.distcp"))
+        if resumed_on == 2:
+            result = run_ranks(out, 2, "fsdp")
+            assert [r["loss"] for r in result["log"]] == [r["loss"] for r in straight["log"]]
+            for name, weight in straight["weights"].items():
+                assert torch.equal(result["weights"][name], weight), name
+        else:
+            model = tiny_model()
+            log = train_target(model, sequences(True), SPEC.model_copy(update={"distributed": "fsdp"}), 0.9, "ce", 0,
+                               out / "ckpt", "k", False)
+            assert [r["step"] for r in log] == list(range(6))
+            np.testing.assert_allclose([r["loss"] for r in log[:4]], [r["loss"] for r in straight["log"][:4]], rtol=0)
+            assert_same_trajectory(straight, log, model.state_dict(), atol=1e-4)
 
 
 def test_micro_batches_fit_the_budget_in_order_and_a_long_sequence_goes_alone():
@@ -151,13 +199,13 @@ def test_the_trajectory_does_not_depend_on_the_micro_batch_size(tmp_path):
     """One forward pass per step against micro-batches of at most 20 padded tokens (4 or more per step here):
     losses within 1e-5 relative, weights within 1e-5 absolute after 6 steps (float summation order differs)."""
     torch.set_num_threads(1)
-    data, spec = sequences(with_targets=True, n=24), SPEC.model_copy(update={"batch_tokens": 96})
+    data, spec = sequences(with_targets=True, n=24), UNCHECKPOINTED.model_copy(update={"batch_tokens": 96})
     plan = plan_steps([len(s.input_ids) for s in data], spec.batch_tokens, spec.steps, 0)
     assert min(len(micro_batches([data[i] for i in step], 20)) for step in plan) >= 4
     whole, split = tiny_model(), tiny_model()
-    log = train_target(whole, data, spec, 0.9, "ce", 0, tmp_path / "whole", "k", 100, False)
+    log = train_target(whole, data, spec, 0.9, "ce", 0, tmp_path / "whole", "k", False)
     micro_log = train_target(split, data, spec.model_copy(update={"micro_batch_tokens": 20}), 0.9, "ce", 0,
-                             tmp_path / "micro", "k", 100, False)
+                             tmp_path / "micro", "k", False)
     np.testing.assert_allclose([r["loss"] for r in micro_log], [r["loss"] for r in log], rtol=1e-5)
     np.testing.assert_allclose([r["fusion"] for r in micro_log], [r["fusion"] for r in log], rtol=1e-5)
     for name, weight in whole.state_dict().items():

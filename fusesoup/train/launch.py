@@ -1,7 +1,8 @@
 """How train@ runs under a launcher: what it honours of the launch configuration, and its process group.
 
 Training is data parallel over torch.distributed (one process per device, launched by `accelerate launch` or
-torchrun), with bf16 autocast on CUDA. A launch option the code does not implement is refused, never ignored.
+torchrun), DDP or FSDP2 as train.distributed says (engine.py), with bf16 on CUDA. A launch option the code does not
+implement (accelerate's own FSDP or DeepSpeed wrapping) is refused, never ignored.
 """
 from __future__ import annotations
 
@@ -23,8 +24,9 @@ def check_launch(env: Mapping[str, str] = os.environ) -> None:
     """StageError naming the first launch option in `env` that training would otherwise silently ignore."""
     for variable, option in _UNSUPPORTED_ENGINES.items():
         if env.get(variable, "").lower() == "true":
-            raise StageError(f"train: accelerate launch {option} is not supported: training runs data parallel "
-                             "(DDP-style, one full model per process); launch without it")
+            hint = ("set train.distributed: fsdp in params instead (FSDP2 fully_shard, fusesoup/train/engine.py)"
+                    if variable == "ACCELERATE_USE_FSDP" else "train.distributed runs ddp or fsdp")
+            raise StageError(f"train: accelerate launch {option} is not supported: {hint}; launch without it")
     precision = env.get("ACCELERATE_MIXED_PRECISION", "no").lower()
     if precision not in _HONOURED_PRECISION:
         raise StageError(f"train: accelerate launch --mixed_precision {precision} is not supported: training uses "

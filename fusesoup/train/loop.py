@@ -2,16 +2,18 @@
 
 `plan_steps` fixes which sequences each step sees from the seed and the sequence lengths alone, so train@clm and
 train@fused see the same tokens in the same order. Data parallel (a torch.distributed process group, as
-`accelerate launch` or torchrun set up): rank r takes every world-th sequence of each step's batch, divides its loss
-sums by the global batch's position count and the gradients are summed, so every rank applies the gradient of
-the whole batch: the same trajectory as one process, up to float summation order. Each rank's share runs in
-micro-batches of at most `micro_batch_tokens` padded tokens, their gradients accumulated (the same trajectory
-again). Every `checkpoint_every` steps the model (safetensors), the optimizer, the RNG and the log are swapped into
-the checkpoint directory atomically; a run started again with the same key resumes after the last checkpoint and
-ends with the same weights as a run that was never stopped.
+`accelerate launch` or torchrun set up; DDP or FSDP2 per `train.distributed`, engine.py): rank r takes every
+world-th sequence of each step's batch and divides its loss sums by the global batch's position count, so the
+gradient the engine reduces is the whole batch's: the same trajectory as one process, up to float summation order.
+Each rank's share runs in micro-batches of at most `micro_batch_tokens` padded tokens, their gradients accumulated
+(the same trajectory again). Every `checkpoint_every` steps the model and optimizer (a DCP checkpoint, sharded
+under FSDP), each rank's RNG and the log are swapped into the checkpoint directory atomically; a run started again
+with the same key, on any world size, resumes after the last checkpoint and ends with the same weights as a run
+that was never stopped.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from pathlib import Path
@@ -20,15 +22,18 @@ from typing import NamedTuple, Sequence
 import numpy as np
 import torch
 import torch.distributed as dist
-from safetensors.torch import load_model, save_model
 from tqdm.auto import tqdm
 
 from fusesoup.bootstrap import GRAD_CLIP, TrainingError, lr_at, make_optimizer
 from fusesoup.evaluate import pad_batch
 from fusesoup.logits.sparse import SparseRows
-from fusesoup.params import TrainSpec
+from fusesoup.params import ContinuedTraining
 from fusesoup.storage import atomic_dir, read_json
+from fusesoup.train.engine import (accumulating, distribute, load_training_state, rank_and_world,
+                                   save_training_state)
 from fusesoup.train.loss import FusionLoss, clm_loss, fusion_loss, pad_targets, student_log_probs
+
+CHECKPOINT_FORMAT = "dcp-v1"  # a checkpoint of another format (or key) is not resumed from
 
 
 class TrainSequence(NamedTuple):
@@ -98,50 +103,58 @@ def batch_losses(model, micro: Sequence[TrainSequence], bos: int, pad: int, devi
 
 
 def save_checkpoint(directory: Path, key: str, model, optimizer, step: int, log: list[dict]) -> None:
-    if dist.is_initialized():
-        dist.barrier()
-        if dist.get_rank() != 0:
-            dist.barrier()  # wait until rank 0 has swapped the checkpoint in
-            return
-    with atomic_dir(directory) as tmp:
-        save_model(model, tmp / "model.safetensors")  # tied embeddings (one tensor under two names) saved once
-        torch.save({"optimizer": optimizer.state_dict(), "rng": torch.get_rng_state()}, tmp / "optimizer.pt")
-        (tmp / "state.json").write_text(json.dumps({"key": key, "step": step, "log": log}))
-    if dist.is_initialized():
+    """Swap a DCP checkpoint (engine.save_training_state, every rank's RNG, the log) into `directory` atomically:
+    every rank writes into rank 0's temporary sibling, which rank 0 swaps in once all have written."""
+    rank, world = rank_and_world()
+    with contextlib.ExitStack() as stack:
+        tmp = [stack.enter_context(atomic_dir(directory)) if rank == 0 else None]
+        if world > 1:
+            dist.broadcast_object_list(tmp, src=0)  # one shared directory (the checkpoints live on a shared disk)
+        save_training_state(tmp[0], model, optimizer)
+        torch.save(torch.get_rng_state(), tmp[0] / f"rng-{rank}.pt")
+        if world > 1:
+            dist.barrier()  # every rank's files are in before rank 0 swaps the directory in
+        if rank == 0:
+            (tmp[0] / "state.json").write_text(json.dumps({"format": CHECKPOINT_FORMAT, "key": key, "step": step,
+                                                           "log": log}))
+    if world > 1:
         dist.barrier()
 
 
 def load_checkpoint(directory: Path, key: str, model, optimizer) -> tuple[int, list[dict]]:
-    """(next step, log so far) from a checkpoint made under `key`; (0, []) if there is none or it is another run's."""
+    """(next step, log so far) from a checkpoint made under `key`, on any world size; (0, []) if there is none or it
+    is another run's (or another format's)."""
     if not (directory / "state.json").is_file():
         return 0, []
     state = read_json(directory / "state.json")
-    if state.get("key") != key:
+    if state.get("key") != key or state.get("format") != CHECKPOINT_FORMAT:
         return 0, []
-    load_model(model, directory / "model.safetensors")
-    saved = torch.load(directory / "optimizer.pt", weights_only=True)
-    optimizer.load_state_dict(saved["optimizer"])
-    torch.set_rng_state(saved["rng"])
+    load_training_state(directory, model, optimizer)
+    rng = directory / f"rng-{rank_and_world()[0]}.pt"
+    if rng.is_file():  # a rank the saving run did not have keeps its seeded RNG
+        torch.set_rng_state(torch.load(rng, weights_only=True))
     return state["step"], state["log"]
 
 
-def train_target(model, sequences: Sequence[TrainSequence], spec: TrainSpec, lam: float, kind: FusionLoss,
-                 seed: int, checkpoints: Path, key: str, checkpoint_every: int, progress: bool = True) -> list[dict]:
-    """Train `model` in place; returns one log row per step (total, clm and fusion loss, lr, tokens seen, and the
-    step's throughput in tokens per second: wall time, so the one column that differs between identical runs)."""
+def train_target(model, sequences: Sequence[TrainSequence], spec: ContinuedTraining, lam: float, kind: FusionLoss,
+                 seed: int, checkpoints: Path, key: str, progress: bool = True) -> list[dict]:
+    """Train `model` in place (sharded in place under fsdp: engine.full_state_dict gathers it); returns one log row
+    per step (total, clm and fusion loss, lr, tokens seen, and the step's throughput in tokens per second: wall time,
+    so the one column that differs between identical runs)."""
     config = model.config
     bos = config.bos_token_id if config.bos_token_id is not None else config.eos_token_id
     pad = config.pad_token_id if config.pad_token_id is not None else bos
     device = next(model.parameters()).device
     plan = plan_steps([len(s.input_ids) for s in sequences], spec.batch_tokens, spec.steps, seed)
     torch.manual_seed(seed)
+    engine = distribute(model, spec.distributed, spec.activation_checkpointing)
     optimizer = make_optimizer(model, spec)
-    start, log = load_checkpoint(checkpoints, key, model, optimizer)
-    model.train()
+    start, log = load_checkpoint(checkpoints, key, engine, optimizer)
+    engine.train()
     seen = log[-1]["tokens"] if log else 0
     bar = tqdm(range(start, spec.steps), desc="train", unit="step", disable=None if progress else True,
                dynamic_ncols=True, initial=start, total=spec.steps)
-    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    rank, world = rank_and_world()
     for step in bar:
         step_started = time.perf_counter()
         batch = [sequences[i] for i in plan[step]]
@@ -151,12 +164,19 @@ def train_target(model, sequences: Sequence[TrainSequence], spec: TrainSpec, lam
         for group in optimizer.param_groups:
             group["lr"] = lr
         optimizer.zero_grad(set_to_none=True)
+        micros = [(micro, not mine) for micro in micro_batches(mine or batch[:1], spec.micro_batch_tokens)]
+        if world > 1:  # every rank runs as many forward/backward passes (FSDP's gathers are collective)
+            count = torch.tensor([len(micros)], device=device)
+            dist.all_reduce(count, op=dist.ReduceOp.MAX)
+            micros += [(batch[:1], True)] * (int(count.item()) - len(micros))
         terms, fused_term = torch.zeros(3, device=device), False
         # gradient accumulation: every micro-batch's loss sums are divided by the global batch's position count,
-        # so the accumulated gradient is the whole batch's, whatever the micro-batch size
-        for micro in micro_batches(mine or batch[:1], spec.micro_batch_tokens):
-            loss, clm, fusion = batch_losses(model, micro, bos, pad, device, lam, kind, positions, silent=not mine)
-            loss.backward()
+        # so the accumulated gradient is the whole batch's, whatever the micro-batch size; the engines average
+        # over ranks, hence the loss x world
+        for index, (micro, silent) in enumerate(micros):
+            loss, clm, fusion = batch_losses(engine, micro, bos, pad, device, lam, kind, positions, silent=silent)
+            with accumulating(engine, last=index == len(micros) - 1):
+                (loss * world).backward()
             terms += torch.stack([loss.detach(), clm.detach(), (clm if fusion is None else fusion).detach()])
             fused_term = fusion is not None
         if world > 1:
@@ -164,11 +184,7 @@ def train_target(model, sequences: Sequence[TrainSequence], spec: TrainSpec, lam
         if not torch.isfinite(terms[0]):
             raise TrainingError(f"loss is {terms[0].item()} at step {step} (clm {terms[1].item()}, fusion "
                                 f"{terms[2].item() if fused_term else None}, lr {lr:.3g}); nothing was saved")
-        if world > 1:
-            for parameter in model.parameters():
-                if parameter.grad is not None:
-                    dist.all_reduce(parameter.grad)
-        torch.nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP)
+        torch.nn.utils.clip_grad_norm_(engine.parameters(), GRAD_CLIP)
         optimizer.step()
 
         seen += int(positions)
@@ -177,8 +193,8 @@ def train_target(model, sequences: Sequence[TrainSequence], spec: TrainSpec, lam
                     "fusion": terms[2].item() if fused_term else "", "lr": lr, "tokens": seen,
                     "tok_s": round(tokens_per_second, 1)})
         bar.set_postfix(loss=f"{terms[0].item():.3f}", tok_s=f"{tokens_per_second:.0f}", refresh=False)
-        if (step + 1) % checkpoint_every == 0 and step + 1 < spec.steps:
-            save_checkpoint(checkpoints, key, model, optimizer, step + 1, log)
+        if (step + 1) % spec.checkpoint_every == 0 and step + 1 < spec.steps:
+            save_checkpoint(checkpoints, key, engine, optimizer, step + 1, log)
     bar.close()
     model.eval()
     return log
