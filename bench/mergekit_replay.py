@@ -4,10 +4,12 @@ Three random Llama checkpoints are saved with save_pretrained; alphas are learne
 tokens (fusesoup.soup.learn, as the soup stage runs it), so every module of every layer has its own weights; our
 streaming merge writes the soup and mergekit_config exports its config. Then `mergekit-yaml` (mergekit lives in its
 own venv: it pins its own torch and transformers) merges the same checkpoints from that config, and the two outputs
-are compared tensor by tensor (bit-identical count, largest absolute difference).
+are compared tensor by tensor (bit-identical count, largest absolute difference). With --method task_arithmetic or
+ties the same is done for those merges relative to ingredient 0 (weights 0.7 and 0.4, TIES density --density).
 
     python -m venv /tmp/mergekit && /tmp/mergekit/bin/pip install torch==2.13.0 mergekit==0.1.5
     python bench/mergekit_replay.py --mergekit /tmp/mergekit/bin/mergekit-yaml [--dtype bfloat16 --layers 4]
+                                    [--method linear|task_arithmetic|ties --density 0.5]
 """
 from __future__ import annotations
 
@@ -28,8 +30,12 @@ sys.path.insert(0, str(ROOT))
 
 from fusesoup.soup.checkpoint import compare_checkpoints  # noqa: E402
 from fusesoup.soup.learn import group_of, learn_alphas, mapped_ingredients  # noqa: E402
-from fusesoup.soup.merge import check_ingredients, plan_linear, write_linear_merge  # noqa: E402
-from fusesoup.soup.mergekit import mergekit_config  # noqa: E402
+from fusesoup.soup.merge import (check_ingredients, checked_sources, plan_linear, write_linear_merge,  # noqa: E402
+                                 write_merge)
+from fusesoup.soup.mergekit import mergekit_config, task_vector_config  # noqa: E402
+from fusesoup.soup.task_vectors import TASK_VECTOR_METHODS, task_vector_combine  # noqa: E402
+
+TASK_WEIGHTS = (0.7, 0.4)  # of ingredients 1 and 2 relative to ingredient 0
 
 
 def main() -> None:
@@ -39,6 +45,8 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--hidden", type=int, default=64)
     parser.add_argument("--steps", type=int, default=20, help="Adam steps of the per-module alphas")
+    parser.add_argument("--method", default="linear", choices=["linear", *TASK_VECTOR_METHODS])
+    parser.add_argument("--density", type=float, default=0.5, help="ties: the share of each task vector kept")
     args = parser.parse_args()
     if not args.mergekit or not Path(args.mergekit).exists():
         raise SystemExit(f"mergekit-yaml not found ({args.mergekit}); install it as the docstring says")
@@ -52,27 +60,35 @@ def main() -> None:
             torch.manual_seed(seed)
             dirs.append(work / f"ingredient-{seed}")
             LlamaForCausalLM(config).to(dtype).save_pretrained(dirs[-1])
-        torch.manual_seed(0)
-        model = LlamaForCausalLM(config).to(dtype)
-        ingredients = mapped_ingredients(dirs, model, torch.device("cpu"))
-        batches = [(torch.randint(0, 256, (4, 32), generator=torch.Generator().manual_seed(i)),
-                    torch.ones(4, 32, dtype=torch.long)) for i in range(4)]
-        fit = learn_alphas(model, ingredients, batches, "module", l1=0.0, steps=args.steps, lr=0.5)
-        lookup = lambda name: fit.alphas[group_of(name, "module")]  # noqa: E731
         specs = check_ingredients(dirs)
-        write_linear_merge(plan_linear(dirs, lookup), dirs, work / "ours")
-        exported = mergekit_config([str(d) for d in dirs], lookup, list(specs), args.layers,
-                                   dtype=next(iter(specs.values()))[1])
+        stored = next(iter(specs.values()))[1]
+        if args.method == "linear":
+            torch.manual_seed(0)
+            model = LlamaForCausalLM(config).to(dtype)
+            ingredients = mapped_ingredients(dirs, model, torch.device("cpu"))
+            batches = [(torch.randint(0, 256, (4, 32), generator=torch.Generator().manual_seed(i)),
+                        torch.ones(4, 32, dtype=torch.long)) for i in range(4)]
+            fit = learn_alphas(model, ingredients, batches, "module", l1=0.0, steps=args.steps, lr=0.5)
+            lookup = lambda name: fit.alphas[group_of(name, "module")]  # noqa: E731
+            write_linear_merge(plan_linear(dirs, lookup), dirs, work / "ours")
+            exported = mergekit_config([str(d) for d in dirs], lookup, list(specs), args.layers, dtype=stored)
+            distinct = len({tuple(alpha) for alpha in fit.alphas.values()})
+            learned = {"groups": len(fit.alphas), "distinct_alpha_vectors": distinct,
+                       "loss_first_last": [round(fit.log[0]["loss"], 4), round(fit.log[-1]["loss"], 4)]}
+        else:
+            plan = plan_linear(dirs, lambda name: (0.0, *TASK_WEIGHTS))
+            write_merge(plan, checked_sources(plan, dirs), work / "ours",
+                        combine=task_vector_combine(args.method, 0, args.density))
+            exported = task_vector_config(args.method, str(dirs[0]), [str(d) for d in dirs[1:]], TASK_WEIGHTS,
+                                          args.density, 1.0, dtype=stored)
+            learned = {"weights": TASK_WEIGHTS, "density": args.density if args.method == "ties" else None}
         (work / "mergekit.yaml").write_text(yaml.safe_dump(exported, sort_keys=False))
         done = subprocess.run([args.mergekit, str(work / "mergekit.yaml"), str(work / "theirs"), "--no-cuda",
                                "--no-copy-tokenizer", "--no-write-model-card", "--quiet"],
                               capture_output=True, text=True)
         if done.returncode != 0:
             raise SystemExit(f"mergekit-yaml failed:\n{done.stderr[-3000:]}")
-        distinct = {tuple(alpha) for alpha in fit.alphas.values()}
-        print(json.dumps({"dtype": args.dtype, "layers": args.layers, "groups": len(fit.alphas),
-                          "distinct_alpha_vectors": len(distinct),
-                          "loss_first_last": [round(fit.log[0]["loss"], 4), round(fit.log[-1]["loss"], 4)],
+        print(json.dumps({"method": args.method, "dtype": args.dtype, "layers": args.layers, **learned,
                           "ours~mergekit": compare_checkpoints(work / "ours", work / "theirs")}, indent=2))
 
 

@@ -46,6 +46,9 @@ def _describe(shape: tuple[int, ...], dtype: str) -> str:
     return f"shape {list(shape)} {dtype}"
 
 
+Combine = Callable[[MergeStep, Sequence[dict[str, TensorEntry]]], torch.Tensor]  # one output tensor
+
+
 def check_ingredients(model_dirs: Sequence[Path]) -> dict[str, tuple[tuple[int, ...], str]]:
     """Name -> (shape, dtype) shared by all ingredients, in the first one's order (a multimodal ingredient's language
     model under the text names: checkpoint.ingredient_indexes); SoupError at the first difference (of architecture,
@@ -139,7 +142,7 @@ def _shards(plan: Sequence[MergeStep], shard_bytes: int) -> list[list[MergeStep]
     return shards
 
 
-def _merged(step: MergeStep, sources: Sequence[dict[str, TensorEntry]]) -> torch.Tensor:
+def linear_combine(step: MergeStep, sources: Sequence[dict[str, TensorEntry]]) -> torch.Tensor:
     """sum_i w_i * t_i accumulated in float32 (float64 for F64) and cast back to the tensor's dtype.
 
     An ingredient without the tensor must have weight 0. Where the ingredients' tensors hold fewer rows than the
@@ -171,7 +174,8 @@ def _merged(step: MergeStep, sources: Sequence[dict[str, TensorEntry]]) -> torch
     return out
 
 
-def _write_shard(path: Path, steps: Sequence[MergeStep], sources: Sequence[dict[str, TensorEntry]]) -> None:
+def _write_shard(path: Path, steps: Sequence[MergeStep], sources: Sequence[dict[str, TensorEntry]],
+                 combine: Combine) -> None:
     """One safetensors file: the header (offsets known from the plan), then each tensor as soon as it is merged."""
     # Widest items first, as safetensors orders its own files: every tensor then starts aligned to its item size.
     steps = sorted(steps, key=lambda step: -DTYPES[step.dtype][0].itemsize)
@@ -186,7 +190,7 @@ def _write_shard(path: Path, steps: Sequence[MergeStep], sources: Sequence[dict[
     with open(path, "xb") as handle:
         handle.write(struct.pack("<Q", len(encoded)) + encoded)
         for step in steps:
-            handle.write(_merged(step, sources).view(torch.uint8).numpy())
+            handle.write(combine(step, sources).reshape(-1).view(torch.uint8).numpy())
         handle.flush()
         os.fsync(handle.fileno())
 
@@ -204,8 +208,9 @@ def write_linear_merge(plan: Sequence[MergeStep], model_dirs: Sequence[Path], ou
 
 
 def write_merge(plan: Sequence[MergeStep], sources: Sequence[dict[str, TensorEntry]], out_dir: Path,
-                shard_bytes: int = 2 * 1024**3) -> list[Path]:
-    """write_linear_merge over checked `sources` (per ingredient, step name -> where that ingredient holds it)."""
+                shard_bytes: int = 2 * 1024**3, combine: Combine = linear_combine) -> list[Path]:
+    """write_linear_merge over checked `sources` (per ingredient, step name -> where that ingredient holds it), each
+    tensor made by `combine(step, sources)` (linear by default; task_vectors.py's merges relative to a base)."""
     out_dir = Path(out_dir)
     if not plan:
         raise SoupError(f"nothing to merge into {out_dir}: the plan is empty")
@@ -219,7 +224,7 @@ def write_merge(plan: Sequence[MergeStep], sources: Sequence[dict[str, TensorEnt
     files = []
     for name, steps in zip(names, shards):
         files.append(out_dir / name)
-        _write_shard(files[-1], steps, sources)
+        _write_shard(files[-1], steps, sources, combine)
     if len(shards) > 1:
         weight_map = {step.name: name for name, steps in zip(names, shards) for step in steps}
         write_json(out_dir / INDEX_NAME, {"metadata": {"total_size": sum(step.nbytes for step in plan)},

@@ -83,3 +83,21 @@ def mergekit_config(model_refs: Sequence[str], coefficients: Callable[[str], Seq
         models.append({"model": ref, "parameters": {"weight": conditions + [{"value": default}]}})
     return {"merge_method": "linear", "dtype": MERGEKIT_DTYPES[dtype], "parameters": {"normalize": False},
             "models": models}
+
+
+def task_vector_config(method: str, base_ref: str, model_refs: Sequence[str], weights: Sequence[float],
+                       density: float, lam: float, dtype: str = "F32") -> dict:
+    """The mergekit config of a task_arithmetic or ties merge of `model_refs` (weights w_i) relative to `base_ref`.
+    mergekit computes these in its `dtype`; float32 with `out_dtype` the ingredients' own gives task_vectors.py's
+    float32 arithmetic and final cast."""
+    if dtype not in MERGEKIT_DTYPES:
+        raise SoupError(f"dtype {dtype}: mergekit replays only {', '.join(MERGEKIT_DTYPES)}")
+    parameters = {"normalize": method == "ties", "lambda": lam}
+    models = [{"model": ref, "parameters": {"weight": float(w), **({"density": density} if method == "ties" else {})}}
+              for ref, w in zip(model_refs, weights, strict=True)]
+    accumulate = "float64" if dtype == "F64" else "float32"
+    config = {"merge_method": method, "base_model": base_ref, "dtype": accumulate, "parameters": parameters,
+              "models": models}
+    if MERGEKIT_DTYPES[dtype] != accumulate:
+        config["out_dtype"] = MERGEKIT_DTYPES[dtype]
+    return config

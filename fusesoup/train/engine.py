@@ -42,12 +42,13 @@ def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
 def distribute(model: torch.nn.Module, engine: Engine, activation_checkpointing: bool = False) -> torch.nn.Module:
     """The module the loop calls: `model` itself in one process, else wrapped (ddp) or sharded in place (fsdp)."""
     if activation_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     if rank_and_world()[1] == 1:
         return model
     device = next(model.parameters()).device
     if engine == "ddp":
-        return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                       gradient_as_bucket_view=True)  # no second copy of the gradients
     policy = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
               if device.type == "cuda" else MixedPrecisionPolicy())
     for layer in decoder_layers(model):

@@ -32,6 +32,7 @@ from fusesoup.storage import atomic_dir, read_json
 from fusesoup.train.engine import (accumulating, distribute, load_training_state, rank_and_world,
                                    save_training_state)
 from fusesoup.train.loss import FusionLoss, clm_loss, fusion_loss, pad_targets, student_log_probs
+from fusesoup.train.memory import check_fits, device_memory, format_memory_plan, plan_memory
 
 CHECKPOINT_FORMAT = "dcp-v1"  # a checkpoint of another format (or key) is not resumed from
 
@@ -147,6 +148,12 @@ def train_target(model, sequences: Sequence[TrainSequence], spec: ContinuedTrain
     device = next(model.parameters()).device
     plan = plan_steps([len(s.input_ids) for s in sequences], spec.batch_tokens, spec.steps, seed)
     torch.manual_seed(seed)
+    rank, world = rank_and_world()
+    plan_bytes = plan_memory(model, spec.distributed, world, spec.micro_batch_tokens or -(-spec.batch_tokens // world),
+                             2 if device.type == "cuda" else 4, spec.activation_checkpointing)
+    if rank == 0:
+        print(format_memory_plan(plan_bytes), flush=True)
+    check_fits(plan_bytes, device_memory(device), device)
     engine = distribute(model, spec.distributed, spec.activation_checkpointing)
     optimizer = make_optimizer(model, spec)
     start, log = load_checkpoint(checkpoints, key, engine, optimizer)
@@ -154,7 +161,6 @@ def train_target(model, sequences: Sequence[TrainSequence], spec: ContinuedTrain
     seen = log[-1]["tokens"] if log else 0
     bar = tqdm(range(start, spec.steps), desc="train", unit="step", disable=None if progress else True,
                dynamic_ncols=True, initial=start, total=spec.steps)
-    rank, world = rank_and_world()
     for step in bar:
         step_started = time.perf_counter()
         batch = [sequences[i] for i in plan[step]]
