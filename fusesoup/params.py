@@ -210,18 +210,27 @@ class Probe(Strict):
     points: Annotated[int, Field(ge=2)] = 11
 
 
+class TaskVectors(Strict):
+    """The task_arithmetic and ties soups: the other ingredients' task vectors relative to the first (the base)."""
+
+    weight: PositiveFloat = 1.0  # of each non-base ingredient (mergekit's `weight`)
+    density: Annotated[float, Field(gt=0, le=1)] = 0.5  # ties: the share of each task vector kept (trim)
+    lambdas: Annotated[list[PositiveFloat], Field(min_length=1)] = [0.5, 1.0]  # scalings tried; the best on valid
+
+
 class Soup(Strict):
     """Soups of the target's variants (stages/soup.py): which ingredients, which strategies, how alphas are learned."""
 
     ingredients: list[ModelName] = []  # models of one architecture; empty = [target, target-clm, target-fused]
-    strategies: Annotated[list[Literal["vanilla", "greedy", "learned", "regularized"]], Field(min_length=1)] = [
-        "vanilla", "greedy", "learned", "regularized"]
+    strategies: Annotated[list[Literal["vanilla", "greedy", "learned", "regularized", "task_arithmetic", "ties"]],
+                          Field(min_length=1)] = ["vanilla", "greedy", "learned", "regularized"]
     granularity: Literal["model", "layer", "module"] = "module"  # one alpha vector per model, layer or mapping
     l1: Annotated[list[PositiveFloat], Field(min_length=1)] = [1e-4, 1e-3]  # regularized: lambda * sum |alpha - 1/N|
     steps: PositiveInt = 60  # optimizer steps on the valid split per learned soup
     lr: PositiveFloat = 0.05  # Adam on the alpha logits
     batch_tokens: PositiveInt = 4096  # padded tokens per batch, for learning and for scoring
     probe: Probe = Probe()
+    task_vectors: TaskVectors = TaskVectors()
 
     @model_validator(mode="after")
     def _distinct(self) -> "Soup":

@@ -26,15 +26,20 @@ from fusesoup.params import Params, load_params
 from fusesoup.soup.learn import (greedy_soup, group_of, learn_alphas, load_mix, mapped_ingredients, memory_plan,
                                  uniform)
 from fusesoup.soup.checkpoint import SoupError, language_model_prefixes
-from fusesoup.soup.merge import check_ingredients, plan_linear, write_linear_merge
-from fusesoup.soup.mergekit import mergekit_config
+from fusesoup.soup.merge import (check_ingredients, checked_sources, plan_linear, write_linear_merge,
+                                 write_merge)
+from fusesoup.soup.mergekit import mergekit_config, task_vector_config
 from fusesoup.soup.multimodal import multimodal_position, write_multimodal_merge
+from fusesoup.soup.task_vectors import TASK_VECTOR_METHODS, load_task_vector_merge, task_vector_combine
 from fusesoup.storage import atomic_dir, write_csv, write_json
 
 
-def recipes(params: Params, names: list[str], tokenizer, valid: list[str], learn, score) -> dict[str, dict]:
-    """Every soup the params ask for: name -> {"granularity", "groups" (group -> alpha per ingredient), "valid_bpb"}.
-    `score(alphas, granularity)` is the valid bpb of a soup; `learn(batches, l1)` fits one (learn_alphas)."""
+def recipes(params: Params, names: list[str], tokenizer, valid: list[str], learn, score, score_merge
+            ) -> dict[str, dict]:
+    """Every soup the params ask for: name -> {"granularity", "groups" (group -> alpha per ingredient), "valid_bpb"},
+    or for a merge relative to the first ingredient {"method", "weights", "density", "lambda", "valid_bpb"}.
+    `score(alphas, granularity)` is the valid bpb of a soup; `learn(batches, l1)` fits one (learn_alphas);
+    `score_merge(method, weights, lam)` the valid bpb of a task_arithmetic or ties merge."""
     spec, count = params.soup, len(names)
     own = [score(uniform([float(i == j) for j in range(count)]), "model") for i in range(count)]
     soups = {}
@@ -59,6 +64,14 @@ def recipes(params: Params, names: list[str], tokenizer, valid: list[str], learn
         alphas = {group: torch.tensor(alpha) for group, alpha in fit.alphas.items()}
         soups[name] = {"granularity": spec.granularity, "groups": fit.alphas, "l1": lam,
                        "valid_bpb": score(alphas, spec.granularity), "loss": [row["loss"] for row in fit.log]}
+    vectors = spec.task_vectors
+    weights = [0.0] + [vectors.weight] * (count - 1)  # the first ingredient is the base
+    for method in (m for m in TASK_VECTOR_METHODS if m in spec.strategies):
+        trials = {lam: score_merge(method, weights, lam) for lam in vectors.lambdas}
+        best = min(trials, key=trials.get)
+        soups[f"soup-{method}"] = {"method": method, "base": names[0], "weights": weights,
+                                   "density": vectors.density if method == "ties" else 1.0, "lambda": best,
+                                   "valid_bpb": trials[best], "valid_bpb_by_lambda": trials}
     return {"ingredients": dict(zip(names, own)), "soups": soups}
 
 
@@ -123,6 +136,9 @@ def main(argv: list[str] | None = None) -> None:
     directories = [model_path(name, args.models) for name in names]
     dtype = next(iter(check_ingredients(directories).values()))[1]  # shapes, dtypes and names checked first
     multimodal = multimodal_position(directories)
+    if multimodal is not None and set(TASK_VECTOR_METHODS) & set(params.soup.strategies):
+        raise StageError(f"{args.params}: soup.strategies {', '.join(TASK_VECTOR_METHODS)} do not take a multimodal "
+                         f"ingredient ({names[multimodal]!r}); the linear strategies do")
     text = next(name for position, name in enumerate(names) if position != multimodal)
     model, tokenizer = load_model(text, params, args.models)  # the working model: architecture, buffers, dtype
     for position, name in enumerate(names):
@@ -137,7 +153,12 @@ def main(argv: list[str] | None = None) -> None:
                                                       params.soup.batch_tokens).bpb
     learn = lambda batches, l1: learn_alphas(model, ingredients, batches, params.soup.granularity, l1,  # noqa: E731
                                              params.soup.steps, params.soup.lr)
-    scores = recipes(params, names, tokenizer, valid, learn, score)
+    density = params.soup.task_vectors.density
+
+    def score_merge(method: str, weights: list[float], lam: float) -> float:
+        merged = load_task_vector_merge(model, directories, method, weights, density if method == "ties" else 1.0, lam)
+        return bits_per_byte(merged, tokenizer, valid, params.soup.batch_tokens).bpb
+    scores = recipes(params, names, tokenizer, valid, learn, score, score_merge)
     rows = probe_rows(params, names, load, model, tokenizer, valid, test)
 
     num_layers = getattr(model.config, "num_hidden_layers", 0)
@@ -145,16 +166,25 @@ def main(argv: list[str] | None = None) -> None:
         for soup, recipe in scores["soups"].items():
             directory = Path(tmp) / soup
             directory.mkdir()
-            plan = plan_linear(directories, coefficients(recipe))
-            write_linear_merge(plan, directories, directory)
+            extra = {}
             model.config.save_pretrained(directory)
             tokenizer.save_pretrained(directory)
-            extra = {}
-            if multimodal is None:
+            if "method" in recipe:  # relative to the first ingredient: mergekit replays its own method
+                plan = plan_linear(directories, lambda _: recipe["weights"])
+                write_merge(plan, checked_sources(plan, directories), directory, combine=task_vector_combine(
+                    recipe["method"], 0, recipe["density"], recipe["lambda"]))
+                config = task_vector_config(recipe["method"], str(directories[0]), [str(d) for d in directories[1:]],
+                                            recipe["weights"][1:], recipe["density"], recipe["lambda"], dtype=dtype)
+                (directory / "mergekit.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+            elif multimodal is None:
+                plan = plan_linear(directories, coefficients(recipe))
+                write_linear_merge(plan, directories, directory)
                 config = mergekit_config([str(d) for d in directories], coefficients(recipe),
                                          [step.name for step in plan], num_layers, dtype=dtype)
                 (directory / "mergekit.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
             else:
+                plan = plan_linear(directories, coefficients(recipe))
+                write_linear_merge(plan, directories, directory)
                 (directory / "mergekit.yaml").write_text(NO_MERGEKIT_REPLAY.format(names[multimodal]))
                 (directory / "multimodal").mkdir()
                 write_multimodal_merge(plan, directories, directory / "multimodal")

@@ -201,6 +201,45 @@ def test_a_llava_ingredient_gives_a_multimodal_soup(built, tmp_path):
     assert generated.shape[1] == ids.shape[1] + 3
 
 
+def test_task_arithmetic_and_ties_soups_relative_to_the_base(built, tmp_path):
+    """The opt-in baselines: each lambda of soup.task_vectors scored on valid, the best written as mergekit's
+    method would write it, with its mergekit config."""
+    import subprocess
+    import sys
+
+    import torch
+    from safetensors.torch import load_file
+
+    from fusesoup.soup.task_vectors import task_arithmetic, ties
+
+    raw = yaml.safe_load((built / "params.yaml").read_text())
+    raw["soup"].update(strategies=["task_arithmetic", "ties"], task_vectors={"weight": 0.5, "density": 0.4,
+                                                                             "lambdas": [0.5, 1.0]})
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
+    out = tmp_path / "soups"
+    subprocess.run([sys.executable, "-m", "stages.soup", "--params", str(tmp_path / "params.yaml"), "--out", str(out),
+                    "--metrics", str(tmp_path / "soup.json"), "--plots", str(tmp_path / "probe.csv")], cwd=built,
+                   check=True)
+    names = load_params(built / "params.yaml").soup_ingredients()
+    states = [load_file(built / "data/models" / name / "model.safetensors") for name in names]
+    for method in ("task_arithmetic", "ties"):
+        recipe = json.loads((out / f"soup-{method}/soup.json").read_text())
+        assert recipe["base"] == names[0] and recipe["weights"] == [0.0, 0.5, 0.5]
+        trials = {float(lam): bpb for lam, bpb in recipe["valid_bpb_by_lambda"].items()}
+        assert set(trials) == {0.5, 1.0} and recipe["valid_bpb"] == min(trials.values())
+        assert trials[recipe["lambda"]] == recipe["valid_bpb"]
+        merged = load_file(out / f"soup-{method}/model.safetensors")
+        name = "model.layers.0.mlp.down_proj.weight"
+        others = [state[name] for state in states[1:]]
+        expected = (ties(states[0][name], others, [0.5, 0.5], 0.4, recipe["lambda"]) if method == "ties" else
+                    task_arithmetic(states[0][name], others, [0.5, 0.5], recipe["lambda"]))
+        assert torch.equal(merged[name], expected)
+        config = yaml.safe_load((out / f"soup-{method}/mergekit.yaml").read_text())
+        assert config["merge_method"] == method and config["base_model"].endswith(names[0])
+        assert [m["parameters"]["weight"] for m in config["models"]] == [0.5, 0.5]
+    assert set(json.loads((tmp_path / "soup.json").read_text())["soups"]) == {"soup-task_arithmetic", "soup-ties"}
+
+
 def test_soups_probe_and_evaluation(built):
     from safetensors.numpy import load_file
 

@@ -10,12 +10,15 @@ All in float32 (float64 for float64 tensors), cast back to the tensor's dtype at
 """
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Sequence
 
 import torch
 
-from fusesoup.soup.checkpoint import SoupError, TensorEntry, read_entry
+from fusesoup.soup.checkpoint import SoupError, TensorEntry, ingredient_indexes, read_entry
 from fusesoup.soup.merge import Combine, MergeStep
+
+TASK_VECTOR_METHODS = ("task_arithmetic", "ties")  # mergekit's merge_method names
 
 
 def _deltas(base: torch.Tensor, tensors: Sequence[torch.Tensor], accumulate: torch.dtype) -> torch.Tensor:
@@ -82,4 +85,17 @@ def task_vector_combine(method: str, base: int, density: float = 1.0, lam: float
     return combine
 
 
-TASK_VECTOR_METHODS = ("task_arithmetic", "ties")
+
+def load_task_vector_merge(model: torch.nn.Module, model_dirs: Sequence[Path], method: str, weights: Sequence[float],
+                           density: float, lam: float) -> torch.nn.Module:
+    """Give `model` the merge of `model_dirs` relative to the first (task_vector_combine), one parameter at a time,
+    in the model's dtype; returns it for scoring."""
+    sources = ingredient_indexes(model_dirs)
+    combine = task_vector_combine(method, 0, density, lam)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if name not in sources[0]:
+                raise SoupError(f"parameter {name} of the {type(model).__name__} is not in {model_dirs[0]}")
+            step = MergeStep(name, tuple(parameter.shape), sources[0][name].dtype, tuple(weights))
+            parameter.data = combine(step, sources).to(parameter.dtype)
+    return model

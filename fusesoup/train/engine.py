@@ -35,7 +35,8 @@ def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
     names = set(getattr(model, "_no_split_modules", None) or ())
     layers = [module for module in model.modules() if type(module).__name__ in names]
     if not layers:
-        raise ValueError(f"{type(model).__name__}: no decoder layers to shard (its _no_split_modules is {names or None})")
+        raise ValueError(f"{type(model).__name__}: no decoder layers to shard "
+                         f"(its _no_split_modules is {names or None})")
     return layers
 
 
