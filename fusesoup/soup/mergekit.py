@@ -16,7 +16,7 @@ from collections import Counter
 from typing import Callable, Sequence
 
 from fusesoup.soup.checkpoint import SoupError
-from fusesoup.soup.merge import coefficient_vector
+from fusesoup.soup.merge import DTYPES, coefficient_vector
 
 # A layer tensor: `<stack>.<layer index>.<module>`, e.g. model.layers.3.self_attn.q_proj.weight.
 _LAYER = re.compile(r"^(?P<stack>.+?)\.(?P<layer>\d+)\.(?P<module>.+)$")
@@ -95,7 +95,7 @@ def task_vector_config(method: str, base_ref: str, model_refs: Sequence[str], we
     parameters = {"normalize": method == "ties", "lambda": lam}
     models = [{"model": ref, "parameters": {"weight": float(w), **({"density": density} if method == "ties" else {})}}
               for ref, w in zip(model_refs, weights, strict=True)]
-    accumulate = "float64" if dtype == "F64" else "float32"
+    accumulate = str(DTYPES[dtype][1]).removeprefix("torch.")  # what merge.py sums in
     config = {"merge_method": method, "base_model": base_ref, "dtype": accumulate, "parameters": parameters,
               "models": models}
     if MERGEKIT_DTYPES[dtype] != accumulate:

@@ -16,9 +16,10 @@ from typing import Sequence
 import torch
 
 from fusesoup.soup.checkpoint import SoupError, TensorEntry, ingredient_indexes, read_entry
-from fusesoup.soup.merge import Combine, MergeStep
+from fusesoup.soup.merge import DTYPES, Combine, MergeStep
 
 TASK_VECTOR_METHODS = ("task_arithmetic", "ties")  # mergekit's merge_method names
+ACCUMULATE = {stored: accumulate for stored, accumulate in DTYPES.values()}  # torch dtype -> the one sums run in
 
 
 def _deltas(base: torch.Tensor, tensors: Sequence[torch.Tensor], accumulate: torch.dtype) -> torch.Tensor:
@@ -44,7 +45,7 @@ def trim(delta: torch.Tensor, density: float) -> torch.Tensor:
 def task_arithmetic(base: torch.Tensor, tensors: Sequence[torch.Tensor], weights: Sequence[float],
                     lam: float = 1.0, normalize: bool = False) -> torch.Tensor:
     """base + lam * sum_i w_i (t_i - base) (over sum_i w_i when normalize), in base's dtype."""
-    accumulate = torch.float64 if base.dtype == torch.float64 else torch.float32
+    accumulate = ACCUMULATE[base.dtype]
     weight = torch.tensor(list(weights), dtype=accumulate).reshape(-1, *[1] * base.dim())
     mixed = (_deltas(base, tensors, accumulate) * weight).sum(dim=0)
     if normalize:
@@ -56,7 +57,7 @@ def task_arithmetic(base: torch.Tensor, tensors: Sequence[torch.Tensor], weights
 def ties(base: torch.Tensor, tensors: Sequence[torch.Tensor], weights: Sequence[float], density: float,
          lam: float = 1.0, normalize: bool = True) -> torch.Tensor:
     """TIES-merging of `tensors` relative to `base`: trim, elect sign, disjoint (weighted) mean; in base's dtype."""
-    accumulate = torch.float64 if base.dtype == torch.float64 else torch.float32
+    accumulate = ACCUMULATE[base.dtype]
     deltas = torch.stack([trim(delta, density) for delta in _deltas(base, tensors, accumulate)])
     weight = torch.tensor(list(weights), dtype=accumulate).reshape(-1, *[1] * base.dim())
     deltas *= weight
