@@ -1,11 +1,11 @@
 """Bootstrapping a small causal LM from scratch: the offline default's stand-in for a pretrained source model.
 
 `build_model` makes a fresh Llama, GPT-NeoX or GPT-2 from a ModelSpec and a tokenizer; `train_causal_lm` is a
-nanoGPT-style training loop (AdamW, warmup + cosine, gradient clipping) over documents sampled by domain weight.
+nanoGPT-style training loop (the shared recipe: AdamW, warmup + cosine, clipping) over documents sampled by domain
+weight and packed into blocks.
 """
 from __future__ import annotations
 
-import math
 import time
 
 import numpy as np
@@ -13,20 +13,13 @@ import torch
 from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, GPT2Config, GPTNeoXConfig, LlamaConfig, PreTrainedModel
 
-from fusesoup.cli import StageError
-from fusesoup.models import context_length
-from fusesoup.params import ModelSpec, TrainSpec
+from fusesoup.params import BootstrapTrain, ModelSpec
+from fusesoup.train.packing import BlockPacker
+from fusesoup.train.recipe import GRAD_CLIP, TrainingError, lr_at, make_optimizer, set_lr, special_ids
 
 VOCAB_MULTIPLE = 64  # embedding rows are rounded up to this (faster matmuls, room for added tokens)
-MIN_LR_FRACTION = 0.1  # the cosine schedule ends at this fraction of the peak lr
-GRAD_CLIP = 1.0
-BETAS = (0.9, 0.95)
 # sdpa is the fastest attention for these shapes on CPU (and works on GPU); eager is 1.5-4x slower there.
 ATTENTION = "sdpa"
-
-
-class TrainingError(StageError):
-    """Training cannot go on (a non-finite loss, a domain without data); the message names the step or domain."""
 
 
 def padded_vocab_size(tokenizer) -> int:
@@ -64,32 +57,14 @@ def build_model(architecture: str, spec: ModelSpec, tokenizer, seed: int) -> Pre
     return model
 
 
-def lr_at(step: int, spec: TrainSpec) -> float:
-    """Linear warmup to spec.lr over warmup_steps, then cosine decay to MIN_LR_FRACTION * lr at the last step."""
-    if step < spec.warmup_steps:
-        return spec.lr * (step + 1) / spec.warmup_steps
-    decay_steps = max(1, spec.steps - 1 - spec.warmup_steps)
-    progress = min(1.0, (step - spec.warmup_steps) / decay_steps)
-    floor = MIN_LR_FRACTION * spec.lr
-    return floor + 0.5 * (1 + math.cos(math.pi * progress)) * (spec.lr - floor)
-
-
-def make_optimizer(model: PreTrainedModel, spec: TrainSpec) -> torch.optim.AdamW:
-    """AdamW(BETAS) at spec.lr, weight decay on matrices only (not on biases and norm gains)."""
-    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
-    return torch.optim.AdamW([{"params": decay, "weight_decay": spec.weight_decay},
-                              {"params": no_decay, "weight_decay": 0.0}], lr=spec.lr, betas=BETAS)
-
-
 def train_causal_lm(model: PreTrainedModel, sequences_by_domain: dict[str, list[list[int]]],
-                    weights: dict[str, float], spec: TrainSpec, seed: int, progress: bool = True) -> list[dict]:
+                    weights: dict[str, float], spec: BootstrapTrain, seed: int, progress: bool = True) -> list[dict]:
     """Train `model` in place on documents (token ids without specials); returns one log dict per step.
 
-    Each step draws documents (a domain by `weights`, then one of its sequences uniformly) until the batch holds
-    spec.batch_tokens real tokens; each is [BOS] + ids + [EOS] cut to the model context, right-padded to the
-    longest in the batch (labels -100 and attention mask 0 on padding). Same inputs and seed on the same device
-    and thread count give identical weights. `tokens` in the log counts real tokens seen up to and including the step.
+    Each step draws documents (a domain by `weights`, then one of its sequences uniformly) into a packed stream
+    (packing.BlockPacker: [BOS] doc [EOS] ..., no loss across a document boundary) and trains on
+    batch_tokens / block_size rows of block_size tokens: every token real, none padding. Same inputs and seed on the
+    same device and thread count give identical weights. `tokens` in the log counts tokens trained on so far.
     """
     domains = sorted(weights)
     for domain in domains:
@@ -98,13 +73,9 @@ def train_causal_lm(model: PreTrainedModel, sequences_by_domain: dict[str, list[
                                 f"(domains with data: {sorted(d for d, s in sequences_by_domain.items() if s)})")
     probabilities = np.array([weights[d] for d in domains], dtype=np.float64)
     probabilities /= probabilities.sum()
-    config = model.config
-    eos = config.eos_token_id
-    bos = config.bos_token_id if config.bos_token_id is not None else eos  # as evaluate.bos_token_id does
-    if eos is None:
-        raise TrainingError(f"{config.model_type} config has no eos_token_id to end training sequences with")
-    pad = config.pad_token_id if config.pad_token_id is not None else eos
-    context = context_length(config)
+    ids = special_ids(model.config)
+    packer = BlockPacker(ids.bos, ids.eos, spec.block_size)
+    rows = spec.batch_tokens // spec.block_size
     device = next(model.parameters()).device
 
     rng = np.random.default_rng(seed)
@@ -115,25 +86,14 @@ def train_causal_lm(model: PreTrainedModel, sequences_by_domain: dict[str, list[
     seen_tokens, started = 0, time.perf_counter()
     bar = tqdm(range(spec.steps), desc="train", unit="step", disable=not progress, dynamic_ncols=True)
     for step in bar:
-        samples, batch_real = [], 0
-        while batch_real < spec.batch_tokens:
-            domain = domains[rng.choice(len(domains), p=probabilities)]
-            pool = sequences_by_domain[domain]
-            sample = ([bos] + list(pool[rng.integers(len(pool))]) + [eos])[:context]
-            samples.append(sample)
-            batch_real += len(sample)
-        width = max(len(s) for s in samples)
-        input_ids = torch.full((len(samples), width), pad, dtype=torch.long)
-        labels = torch.full((len(samples), width), -100, dtype=torch.long)
-        mask = torch.zeros((len(samples), width), dtype=torch.long)
-        for row, sample in enumerate(samples):
-            input_ids[row, : len(sample)] = labels[row, : len(sample)] = torch.tensor(sample)
-            mask[row, : len(sample)] = 1
+        while packer.buffered() < rows * spec.block_size:
+            pool = sequences_by_domain[domains[rng.choice(len(domains), p=probabilities)]]
+            packer.add(pool[rng.integers(len(pool))])
+        input_ids, labels = packer.take(rows)  # [rows, block_size] each
 
         lr = lr_at(step, spec)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        loss = model(input_ids=input_ids.to(device), attention_mask=mask.to(device), labels=labels.to(device)).loss
+        set_lr(optimizer, lr)
+        loss = model(input_ids=input_ids.to(device), labels=labels.to(device)).loss
         if not torch.isfinite(loss):
             raise TrainingError(f"loss is {loss.item()} at step {step} (lr {lr:.3g}): training diverged; "
                                 "lower bootstrap.<name>.train.lr")
@@ -142,7 +102,7 @@ def train_causal_lm(model: PreTrainedModel, sequences_by_domain: dict[str, list[
         torch.nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP)
         optimizer.step()
 
-        seen_tokens += batch_real
+        seen_tokens += input_ids.numel()
         log.append({"step": step, "loss": loss.item(), "lr": lr, "tokens": seen_tokens})
         bar.set_postfix(loss=f"{log[-1]['loss']:.3f}",
                         tok_s=f"{seen_tokens / (time.perf_counter() - started):.0f}", refresh=False)

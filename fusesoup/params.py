@@ -152,12 +152,31 @@ class TrainSpec(Strict):
     weight_decay: Annotated[float, Field(ge=0)] = 0.1
 
 
+class BootstrapTrain(TrainSpec):
+    """A bootstrapped model's budget: each step is batch_tokens / block_size packed rows of block_size tokens."""
+
+    block_size: PositiveInt = 512  # tokens per packed row (fusesoup/train/packing.py)
+
+    @model_validator(mode="after")
+    def _blocks_divide_the_batch(self) -> "BootstrapTrain":
+        if self.batch_tokens % self.block_size:
+            raise ValueError(f"batch_tokens {self.batch_tokens} is not a multiple of block_size {self.block_size}")
+        return self
+
+
 class Bootstrap(Strict):
     architecture: Literal["llama", "gpt_neox", "gpt2"]
     tokenizer: TokenizerSpec
     domains: Annotated[dict[DomainName, PositiveFloat], Field(min_length=1)]  # sampling weights
     model: ModelSpec
-    train: TrainSpec
+    train: BootstrapTrain
+
+    @model_validator(mode="after")
+    def _blocks_fit_the_context(self) -> "Bootstrap":
+        if self.train.block_size > self.model.context:
+            raise ValueError(f"train.block_size {self.train.block_size} is longer than model.context "
+                             f"{self.model.context}")
+        return self
 
 
 class Extract(Strict):

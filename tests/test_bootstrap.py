@@ -9,11 +9,13 @@ import pytest
 import torch
 import yaml
 
-from fusesoup.bootstrap import TrainingError, build_model, lr_at, train_causal_lm
+from fusesoup.bootstrap import build_model, train_causal_lm
 from fusesoup.corpus import CORPUS_SCHEMA
 from fusesoup.models import load_model
-from fusesoup.params import TrainSpec, load_params
+from fusesoup.params import Bootstrap, BootstrapTrain, TrainSpec, load_params
 from fusesoup.storage import write_parquet
+from fusesoup.train.packing import IGNORE, BlockPacker
+from fusesoup.train.recipe import TrainingError, lr_at
 from tests.test_models import TEXTS, make_tokenizer, tiny_spec
 
 ARCHITECTURES = ["llama", "gpt_neox", "gpt2"]
@@ -30,8 +32,9 @@ def sequences(tokenizer) -> dict[str, list[list[int]]]:
     return {"code": [ids[0], ids[2], ids[5]], "prose": [ids[1], ids[3], ids[4]]}
 
 
-def short_spec(**changes) -> TrainSpec:
-    return TrainSpec(**{"steps": 3, "batch_tokens": 96, "lr": 3e-3, "warmup_steps": 1, **changes})
+def short_spec(**changes) -> BootstrapTrain:
+    return BootstrapTrain(**{"steps": 3, "batch_tokens": 96, "block_size": 32, "lr": 3e-3, "warmup_steps": 1,
+                             **changes})
 
 
 @pytest.mark.parametrize("architecture", ARCHITECTURES)
@@ -85,32 +88,55 @@ def test_training_is_deterministic(tokenizer, sequences):
     assert not all(torch.equal(first[key], untrained[key]) for key in first)
 
 
-def test_log_counts_real_tokens_and_follows_the_schedule(tokenizer, sequences):
+def test_log_counts_packed_tokens_and_follows_the_schedule(tokenizer, sequences):
     model = build_model("gpt2", tiny_spec(), tokenizer, seed=0)
     spec = short_spec(steps=4, warmup_steps=2)
     log = train_causal_lm(model, sequences, {"code": 1.0}, spec, seed=0, progress=False)
     assert [entry["step"] for entry in log] == [0, 1, 2, 3]
     assert [entry["lr"] for entry in log] == [lr_at(step, spec) for step in range(4)]
-    tokens = [entry["tokens"] for entry in log]
-    steps = [b - a for a, b in zip([0] + tokens, tokens)]
-    longest_code = max(len(s) for s in sequences["code"]) + 2
-    assert all(spec.batch_tokens <= n < spec.batch_tokens + longest_code for n in steps)
+    assert [entry["tokens"] for entry in log] == [96, 192, 288, 384]  # every step exactly batch_tokens, no padding
     assert not model.training
+
+
+def test_the_packer_joins_documents_and_masks_each_bos():
+    packer = BlockPacker(bos=1, eos=2, block=4)
+    packer.add([10, 11, 12, 13])
+    packer.add([20])
+    packer.add([30, 31])
+    assert packer.buffered() == 13
+    input_ids, labels = packer.take(rows=2)
+    assert input_ids.tolist() == [[1, 10, 11, 12], [13, 2, 1, 20]]
+    assert labels.tolist() == [[IGNORE, 10, 11, 12], [13, 2, IGNORE, 20]]  # EOS -> next BOS is not a prediction
+    assert packer.buffered() == 5  # 2, BOS, 30, 31, 2 wait for the next batch
+    input_ids, labels = packer.take(rows=1)
+    assert input_ids.tolist() == [[2, 1, 30, 31]] and labels.tolist() == [[2, IGNORE, 30, 31]]
+    with pytest.raises(ValueError, match="the stream holds 1 tokens, fewer than 1 x 4"):
+        packer.take(rows=1)
+
+
+def test_block_size_must_divide_the_batch_and_fit_the_context():
+    with pytest.raises(ValueError, match="batch_tokens 100 is not a multiple of block_size 32"):
+        short_spec(batch_tokens=100)
+    entry = {"architecture": "llama", "tokenizer": {"kind": "unigram", "vocab_size": 300}, "domains": {"code": 1.0},
+             "model": {"hidden_size": 32, "layers": 1, "heads": 2, "intermediate_size": 64, "context": 16},
+             "train": {"steps": 1, "batch_tokens": 64, "block_size": 32, "lr": 1e-3}}
+    with pytest.raises(ValueError, match="train.block_size 32 is longer than model.context 16"):
+        Bootstrap(**entry)
 
 
 def test_loss_decreases_on_a_repetitive_corpus(tokenizer):
     ids = tokenizer.encode("abc abd abe " * 6, add_special_tokens=False)
     model = build_model("gpt_neox", tiny_spec(), tokenizer, seed=0)
-    spec = TrainSpec(steps=40, batch_tokens=128, lr=1e-2, warmup_steps=4)
+    spec = BootstrapTrain(steps=40, batch_tokens=128, block_size=64, lr=1e-2, warmup_steps=4)
     log = train_causal_lm(model, {"toy": [ids]}, {"toy": 1.0}, spec, seed=0, progress=False)
     assert log[-1]["loss"] < 0.3 * log[0]["loss"]
 
 
-def test_sequences_longer_than_the_context_are_truncated(tokenizer, sequences):
+def test_documents_longer_than_a_block_run_on_into_the_next_row(tokenizer, sequences):
     model = build_model("gpt2", tiny_spec(context=16), tokenizer, seed=0)
     assert max(len(s) for s in sequences["code"]) > 16
-    log = train_causal_lm(model, sequences, {"code": 1.0}, short_spec(steps=1), seed=0, progress=False)
-    assert len(log) == 1 and log[0]["tokens"] >= 96
+    log = train_causal_lm(model, sequences, {"code": 1.0}, short_spec(steps=1, block_size=16), seed=0, progress=False)
+    assert len(log) == 1 and log[0]["tokens"] == 96
 
 
 def test_divergence_stops_with_the_step(tokenizer, sequences):
@@ -161,7 +187,7 @@ def test_bootstrap_stage(tmp_path, monkeypatch):
     entry = {"architecture": "gpt2", "tokenizer": {"kind": "unigram", "vocab_size": 300},
              "domains": {"code": 1.0},
              "model": {"hidden_size": 32, "layers": 1, "heads": 2, "intermediate_size": 64, "context": 259},
-             "train": {"steps": 3, "batch_tokens": 256, "lr": 3e-3, "warmup_steps": 1}}
+             "train": {"steps": 3, "batch_tokens": 256, "block_size": 128, "lr": 3e-3, "warmup_steps": 1}}
     raw = {"target": "spec", "sources": ["spec"],
            "corpus": {"sources": [{"kind": "builtin_code"}], "max_chunk_bytes": 256},
            "runtime": {"device": "cpu", "threads": torch.get_num_threads()}, "bootstrap": {"spec": entry}}

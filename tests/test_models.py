@@ -50,7 +50,7 @@ def make_params(models_section: dict, bootstrap: dict | None = None):
 BOOTSTRAP_ENTRY = {"architecture": "llama", "tokenizer": {"kind": "byte_level_bpe", "vocab_size": 300},
                    "domains": {"code": 1.0},
                    "model": {"hidden_size": 32, "layers": 1, "heads": 2, "intermediate_size": 64, "context": 80},
-                   "train": {"steps": 1, "batch_tokens": 64, "lr": 1e-3}}
+                   "train": {"steps": 1, "batch_tokens": 64, "block_size": 64, "lr": 1e-3}}
 
 
 @pytest.fixture(scope="module")

@@ -8,10 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-from fusesoup.bootstrap import TrainingError, build_model
+from fusesoup.bootstrap import build_model
 from fusesoup.logits.sparse import merge_entries
 from fusesoup.params import ContinuedTraining, ModelSpec
 from fusesoup.train.loop import TrainSequence, micro_batches, plan_steps, train_target
+from fusesoup.train.recipe import TrainingError
 
 VOCAB = 64
 SPEC = ContinuedTraining(steps=6, batch_tokens=48, lr=3e-3, warmup_steps=1, checkpoint_every=2)

@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from fusesoup.bootstrap import TrainingError
+from fusesoup.train.recipe import TrainingError
 from fusesoup.train import loop
 from fusesoup.train.loss import clm_loss, student_log_probs
 from fusesoup.train.memory import MemoryPlan, check_fits, format_memory_plan, plan_memory

@@ -24,7 +24,6 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
-from fusesoup.bootstrap import GRAD_CLIP, TrainingError, lr_at, make_optimizer
 from fusesoup.evaluate import pad_batch
 from fusesoup.logits.sparse import SparseRows
 from fusesoup.params import ContinuedTraining
@@ -33,6 +32,7 @@ from fusesoup.train.engine import (accumulating, distribute, load_training_state
                                    save_training_state)
 from fusesoup.train.loss import FusionLoss, clm_loss, fusion_loss, pad_targets, student_log_probs
 from fusesoup.train.memory import check_fits, device_memory, format_memory_plan, plan_memory
+from fusesoup.train.recipe import GRAD_CLIP, TrainingError, lr_at, make_optimizer, set_lr, special_ids
 
 CHECKPOINT_FORMAT = "dcp-v1"  # a checkpoint of another format (or key) is not resumed from
 
@@ -142,9 +142,7 @@ def train_target(model, sequences: Sequence[TrainSequence], spec: ContinuedTrain
     """Train `model` in place (sharded in place under fsdp: engine.full_state_dict gathers it); returns one log row
     per step (total, clm and fusion loss, lr, tokens seen, and the step's throughput in tokens per second: wall time,
     so the one column that differs between identical runs)."""
-    config = model.config
-    bos = config.bos_token_id if config.bos_token_id is not None else config.eos_token_id
-    pad = config.pad_token_id if config.pad_token_id is not None else bos
+    bos, _, pad = special_ids(model.config)
     device = next(model.parameters()).device
     plan = plan_steps([len(s.input_ids) for s in sequences], spec.batch_tokens, spec.steps, seed)
     torch.manual_seed(seed)
@@ -167,8 +165,7 @@ def train_target(model, sequences: Sequence[TrainSequence], spec: ContinuedTrain
         positions = float(sum(len(s.input_ids) for s in batch))  # of the global batch
         mine = batch[rank::world]
         lr = lr_at(step, spec)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
+        set_lr(optimizer, lr)
         optimizer.zero_grad(set_to_none=True)
         micros = [(micro, not mine) for micro in micro_batches(mine or batch[:1], spec.micro_batch_tokens)]
         if world > 1:  # every rank runs as many forward/backward passes (FSDP's gathers are collective)

@@ -18,7 +18,7 @@ from typing import NamedTuple
 import psutil
 import torch
 
-from fusesoup.bootstrap import TrainingError
+from fusesoup.train.recipe import TrainingError
 from fusesoup.train.engine import Engine, decoder_layers
 
 FLOAT32 = 4
