@@ -219,7 +219,8 @@ class ContinuedTraining(TrainSpec):
     activation_checkpointing: bool = False  # recompute each decoder layer's activations in backward
 
 
-TRAINED_MODELS = ("target-clm", "target-fused")  # what train@clm and train@fused write to data/models/
+TRAINED_VARIANTS = ("clm", "fused")  # train@clm (lambda 1) and train@fused
+TRAINED_MODELS = tuple(f"target-{variant}" for variant in TRAINED_VARIANTS)  # what they write to data/models/
 
 
 class Probe(Strict):

@@ -13,13 +13,13 @@ import polars as pl
 
 from fusesoup import report_figures as figures
 from fusesoup.cli import StageError
+from fusesoup.params import TRAINED_MODELS
 from fusesoup.storage import atomic_dir, atomic_write_bytes
 
 EVAL_FILE = "metrics/eval.json"
 INTERPOLATION_FILE = "plots/interpolation.csv"
 INTERPOLATION_COLUMNS = ("alpha", "model_a", "model_b", "valid_bpb", "test_bpb")
 TRAINING_COLUMNS = ("step", "loss", "clm", "fusion")
-TARGETS = ("target-base", "target-clm", "target-fused")
 GRANULARITIES = ("module", "layer", "model")
 # (metric key in eval.json, column heading, best of a column)
 METRICS = (("bpb", "bpb", min), ("accuracy", "acc", max))
@@ -29,10 +29,11 @@ LEGEND = ("Lower bpb (bits per byte) is better, higher acc (next-token accuracy)
 
 
 def write_report(out_dir: Path, evaluation: dict, interpolation: pl.DataFrame,
-                 training: dict[str, pl.DataFrame], alphas: dict[str, dict]) -> Path:
+                 training: dict[str, pl.DataFrame], alphas: dict[str, dict], target: str) -> Path:
     """Write out_dir/report.md and out_dir/figures/*.png, replacing out_dir at once; returns the report's path.
 
-    `alphas` maps a learned soup's model name to its {"ingredients", "granularity", "groups"} dict.
+    `alphas` maps a learned soup's model name to its {"ingredients", "granularity", "groups"} dict; `target` is the
+    model the trained variants (params.TRAINED_MODELS) continue from.
     """
     _check_evaluation(evaluation)
     _check_columns(interpolation, INTERPOLATION_COLUMNS, INTERPOLATION_FILE)
@@ -42,8 +43,8 @@ def write_report(out_dir: Path, evaluation: dict, interpolation: pl.DataFrame,
         _check_alphas(soup, soup_alphas)
 
     pngs: dict[str, bytes] = {}
-    lines = ["# fusesoup report", "", "## Baselines", "", LEGEND, "", *baselines_table(evaluation), "",
-             "## Findings", "", *(f"- {finding}" for finding in findings(evaluation, alphas))]
+    lines = ["# fusesoup report", "", "## Baselines", "", LEGEND, "", *baselines_table(evaluation, target), "",
+             "## Findings", "", *(f"- {finding}" for finding in findings(evaluation, alphas, target))]
     if interpolation.height:
         pngs["interpolation.png"] = figures.interpolation_png(interpolation)
         lines += _figure_section("Interpolation", "interpolation.png", (
@@ -105,13 +106,15 @@ def _check_alphas(soup: str, alphas: dict) -> None:
                              f"{len(alphas['ingredients'])} ingredients")
 
 
-def model_order(models: list[str]) -> list[str]:
-    """Teachers, then target-base, target-clm, target-fused (other targets after them), then soups."""
+def model_order(models: list[str], target: str) -> list[str]:
+    """Teachers, then the target and its trained variants (target-clm, target-fused), then soups."""
+    targets = (target, *TRAINED_MODELS)
+
     def key(model: str) -> tuple:
         if model.startswith("soup-"):
             return (2, 0, model)
-        if model.startswith("target-"):
-            return (1, TARGETS.index(model) if model in TARGETS else len(TARGETS), model)
+        if model in targets:
+            return (1, targets.index(model), model)
         return (0, 0, model)
     return sorted(models, key=key)
 
@@ -122,10 +125,10 @@ def _domains(evaluation: dict) -> list[str]:
     return sorted(found - {"all"}) + (["all"] if "all" in found else [])
 
 
-def baselines_table(evaluation: dict) -> list[str]:
+def baselines_table(evaluation: dict, target: str) -> list[str]:
     """Markdown rows: one per model, bpb per domain then accuracy per domain, the best of each column in bold."""
     domains = _domains(evaluation)
-    models = model_order(list(evaluation))
+    models = model_order(list(evaluation), target)
     columns = [(metric, heading, best, domain) for metric, heading, best in METRICS for domain in domains
                if any(metric in evaluation[model].get(domain, {}) for model in models)]
     cells = {model: [evaluation[model].get(domain, {}).get(metric) for metric, _, _, domain in columns]
@@ -148,20 +151,21 @@ def _bpb(evaluation: dict, model: str, domain: str) -> float | None:
     return evaluation.get(model, {}).get(domain, {}).get("bpb")
 
 
-def findings(evaluation: dict, alphas: dict[str, dict]) -> list[str]:
+def findings(evaluation: dict, alphas: dict[str, dict], target: str) -> list[str]:
     """Sentences read off the numbers: the best `all` bpb, fused against its baselines, soups against ingredients."""
     out = []
-    overall = {model: _bpb(evaluation, model, "all") for model in model_order(list(evaluation))}
+    overall = {model: _bpb(evaluation, model, "all") for model in model_order(list(evaluation), target)}
     overall = {model: value for model, value in overall.items() if value is not None}
     if overall:
         best = min(overall, key=overall.__getitem__)
         out.append(f"Lowest `all` bpb: {best} ({overall[best]:.3f}).")
     for domain in _domains(evaluation):
-        fused = _bpb(evaluation, "target-fused", domain)
-        for baseline in ("target-clm", "target-base"):
+        clm_model, fused_model = TRAINED_MODELS
+        fused = _bpb(evaluation, fused_model, domain)
+        for baseline in (clm_model, target):
             other = _bpb(evaluation, baseline, domain)
             if fused is not None and other is not None:
-                out.append(f"On `{domain}`, target-fused {_versus(fused, other, baseline)}.")
+                out.append(f"On `{domain}`, {fused_model} {_versus(fused, other, baseline)}.")
     union = list(dict.fromkeys(name for soup in alphas.values() for name in soup["ingredients"]))
     for soup in [model for model in overall if model.startswith("soup-")]:
         ingredients = alphas[soup]["ingredients"] if soup in alphas else union

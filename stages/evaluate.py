@@ -20,7 +20,7 @@ from fusesoup.corpus import read_split
 from fusesoup.evaluate import score_by_domain
 from fusesoup.harness import run_harness
 from fusesoup.models import load_model, model_path, resolve_device_dtype
-from fusesoup.params import TRAINED_MODELS, load_params
+from fusesoup.params import TRAINED_MODELS, TRAINED_VARIANTS, load_params
 from fusesoup.report import write_report
 from fusesoup.storage import read_json, write_csv, write_json
 
@@ -87,13 +87,14 @@ def main(argv: list[str] | None = None) -> None:
     write_json(args.harness, harness_models(evaluation, locations, params, Path(args.params).parent))
 
     plots = Path(args.plots)
-    training = {variant: pl.read_csv(plots / "train" / f"{variant}.csv") for variant in ("clm", "fused")}
+    training = {variant: pl.read_csv(plots / "train" / f"{variant}.csv") for variant in TRAINED_VARIANTS}
     alphas = {}
     for soup in params.soup.soup_names():
         recipe = read_json(Path(args.soups) / soup / "soup.json")
         if "l1" in recipe:  # the learned ones (soup-learned has l1 0)
             alphas[soup] = {key: recipe[key] for key in ("ingredients", "granularity", "groups")}
-    report = write_report(Path(args.report), evaluation, pl.read_csv(plots / "interpolation.csv"), training, alphas)
+    report = write_report(Path(args.report), evaluation, pl.read_csv(plots / "interpolation.csv"), training, alphas,
+                          params.target)
     print(f"evaluate: {len(evaluation)} models; report at {report}", flush=True)
 
 

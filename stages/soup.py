@@ -173,19 +173,17 @@ def main(argv: list[str] | None = None) -> None:
                 plan = plan_linear(directories, lambda _: recipe["weights"])
                 write_merge(plan, checked_sources(plan, directories), directory, combine=task_vector_combine(
                     recipe["method"], 0, recipe["density"], recipe["lambda"]))
-                config = task_vector_config(recipe["method"], str(directories[0]), [str(d) for d in directories[1:]],
-                                            recipe["weights"][1:], recipe["density"], recipe["lambda"], dtype=dtype)
-                (directory / "mergekit.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
-            elif multimodal is None:
-                plan = plan_linear(directories, coefficients(recipe))
-                write_linear_merge(plan, directories, directory)
-                config = mergekit_config([str(d) for d in directories], coefficients(recipe),
-                                         [step.name for step in plan], num_layers, dtype=dtype)
-                (directory / "mergekit.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+                replay = yaml.safe_dump(task_vector_config(
+                    recipe["method"], str(directories[0]), [str(d) for d in directories[1:]], recipe["weights"][1:],
+                    recipe["density"], recipe["lambda"], dtype=dtype), sort_keys=False)
             else:
                 plan = plan_linear(directories, coefficients(recipe))
                 write_linear_merge(plan, directories, directory)
-                (directory / "mergekit.yaml").write_text(NO_MERGEKIT_REPLAY.format(names[multimodal]))
+                replay = NO_MERGEKIT_REPLAY.format(names[multimodal]) if multimodal is not None else yaml.safe_dump(
+                    mergekit_config([str(d) for d in directories], coefficients(recipe), [step.name for step in plan],
+                                    num_layers, dtype=dtype), sort_keys=False)
+            (directory / "mergekit.yaml").write_text(replay)
+            if multimodal is not None:  # linear strategies only (checked above)
                 (directory / "multimodal").mkdir()
                 write_multimodal_merge(plan, directories, directory / "multimodal")
                 extra["multimodal"] = {"ingredient": names[multimodal], "directory": "multimodal",

@@ -24,14 +24,11 @@ from fusesoup.evaluate import score_by_domain
 from fusesoup.logits.sparse_store import FUSED_EXTRAS, SparseStore
 from fusesoup.logits.store import LogitStore
 from fusesoup.models import load_model, model_path, stored_dtype
-from fusesoup.params import load_params
+from fusesoup.params import TRAINED_VARIANTS, load_params
 from fusesoup.storage import atomic_dir, content_key, directory_fingerprint, write_csv, write_json
 from fusesoup.train.engine import full_state_dict
 from fusesoup.train.launch import init_distributed
 from fusesoup.train.loop import TrainSequence, train_target
-
-VARIANTS = ("clm", "fused")
-
 
 def load_sequences(variant: str, fused: Path, target_logits: Path) -> tuple[list[TrainSequence], str]:
     """The train split's sequences (with fused targets for `fused`) and the key of the store they come from."""
@@ -46,7 +43,7 @@ def load_sequences(variant: str, fused: Path, target_logits: Path) -> tuple[list
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m stages.train", description=__doc__)
-    parser.add_argument("variant", choices=VARIANTS, help="clm: CLM loss only; fused: CLM + fusion (params train)")
+    parser.add_argument("variant", choices=TRAINED_VARIANTS, help="clm: CLM loss only; fused: CLM + fusion (params train)")
     parser.add_argument("--params", default="params.yaml", help="the params file (default: params.yaml)")
     parser.add_argument("--corpus", default="data/corpus", help="the corpus directory (default: data/corpus)")
     parser.add_argument("--models", default="data/models", help="where models live (default: data/models)")

@@ -55,7 +55,7 @@ def training() -> dict[str, pl.DataFrame]:
 def report(tmp_path, **changes) -> str:
     inputs = {"evaluation": evaluation(), "interpolation": interpolation(), "training": training(),
               "alphas": {"soup-learned": module_alphas()}} | changes
-    return write_report(tmp_path / "report", **inputs).read_text()
+    return write_report(tmp_path / "report", **inputs, target="target-base").read_text()
 
 
 def row(text: str, model: str) -> list[str]:

@@ -1,6 +1,7 @@
 """Continued training: the step plan, checkpoint/resume to identical weights, and a clear stop on a bad loss."""
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -154,38 +155,45 @@ def assert_same_trajectory(result: dict, log: list[dict], weights: dict, atol: f
         torch.testing.assert_close(weight, weights[name], atol=atol, rtol=0)
 
 
+@pytest.fixture(scope="module")
+def fsdp_two_processes(tmp_path_factory) -> dict:
+    """An unkilled 2-process FSDP run: the reference of the trajectory and resume tests below."""
+    return run_ranks(tmp_path_factory.mktemp("fsdp-straight"), 2, "fsdp")
+
+
 @pytest.mark.parametrize("engine", ["ddp", "fsdp"])
-def test_two_processes_follow_the_single_process_trajectory(tmp_path, engine):
+def test_two_processes_follow_the_single_process_trajectory(tmp_path, engine, request):
     """2 CPU processes (gloo; DDP, or FSDP2 sharding params, grads and optimizer state), each half of every global
     batch, against 1 process on the same global batches. Tolerance: 1e-5 relative on the losses and 1e-4 absolute
     on the weights (float summation order differs)."""
     torch.set_num_threads(1)
     single = tiny_model()
     log = train_target(single, sequences(with_targets=True), SPEC, 0.9, "ce", 0, tmp_path / "one", "k", False)
-    assert_same_trajectory(run_ranks(tmp_path / "two", 2, engine), log, single.state_dict(), atol=1e-4)
+    two = request.getfixturevalue("fsdp_two_processes") if engine == "fsdp" else run_ranks(tmp_path / "two", 2, engine)
+    assert_same_trajectory(two, log, single.state_dict(), atol=1e-4)
 
 
-def test_a_killed_fsdp_run_resumes_to_the_same_weights_on_two_processes_and_on_one(tmp_path):
+def test_a_killed_fsdp_run_resumes_to_the_same_weights_on_two_processes_and_on_one(tmp_path, fsdp_two_processes):
     """Killed inside step 4 (after the sharded checkpoint of step 4): resumed on 2 processes it ends bit-identical to
-    an unkilled 2-process run; resumed on 1 process (DCP reshards the checkpoint) within 1e-4 of it."""
-    straight = run_ranks(tmp_path / "straight", 2, "fsdp")
+    an unkilled 2-process run; resumed on 1 process (DCP reshards the same checkpoint) within 1e-4 of it."""
+    straight = fsdp_two_processes
     plan = plan_steps([len(s.input_ids) for s in sequences(True)], SPEC.batch_tokens, SPEC.steps, 0)
-    for resumed_on in (2, 1):
-        out = tmp_path / f"resumed-on-{resumed_on}"
-        run_ranks(out, 2, "fsdp", kill_after=sum(map(len, plan[:4])) + 1)
-        assert (out / "ckpt/state.json").is_file() and list((out / "ckpt").glob("*.distcp"))
-        if resumed_on == 2:
-            result = run_ranks(out, 2, "fsdp")
-            assert [r["loss"] for r in result["log"]] == [r["loss"] for r in straight["log"]]
-            for name, weight in straight["weights"].items():
-                assert torch.equal(result["weights"][name], weight), name
-        else:
-            model = tiny_model()
-            log = train_target(model, sequences(True), SPEC.model_copy(update={"distributed": "fsdp"}), 0.9, "ce", 0,
-                               out / "ckpt", "k", False)
-            assert [r["step"] for r in log] == list(range(6))
-            np.testing.assert_allclose([r["loss"] for r in log[:4]], [r["loss"] for r in straight["log"][:4]], rtol=0)
-            assert_same_trajectory(straight, log, model.state_dict(), atol=1e-4)
+    killed = tmp_path / "killed"
+    run_ranks(killed, 2, "fsdp", kill_after=sum(map(len, plan[:4])) + 1)
+    assert (killed / "ckpt/state.json").is_file() and list((killed / "ckpt").glob("*.distcp"))
+    shutil.copytree(killed / "ckpt", tmp_path / "ckpt-for-one")
+
+    result = run_ranks(killed, 2, "fsdp")
+    assert [r["loss"] for r in result["log"]] == [r["loss"] for r in straight["log"]]
+    for name, weight in straight["weights"].items():
+        assert torch.equal(result["weights"][name], weight), name
+
+    model = tiny_model()
+    log = train_target(model, sequences(True), SPEC.model_copy(update={"distributed": "fsdp"}), 0.9, "ce", 0,
+                       tmp_path / "ckpt-for-one", "k", False)
+    assert [r["step"] for r in log] == list(range(6))
+    np.testing.assert_allclose([r["loss"] for r in log[:4]], [r["loss"] for r in straight["log"][:4]], rtol=0)
+    assert_same_trajectory(straight, log, model.state_dict(), atol=1e-4)
 
 
 def test_micro_batches_fit_the_budget_in_order_and_a_long_sequence_goes_alone():
