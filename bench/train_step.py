@@ -25,17 +25,17 @@ sys.path.insert(0, str(ROOT))
 from fusesoup.models import load_model  # noqa: E402
 from fusesoup.params import load_params  # noqa: E402
 from fusesoup.train.loop import train_target  # noqa: E402
-from stages.train import load_sequences  # noqa: E402
+from stages.train import load_blocks  # noqa: E402
 
 
 def seconds_per_step(variant: str, params, args, scratch: Path) -> float:
-    sequences, _ = load_sequences(variant, Path(args.fused), Path(args.logits) / params.target)
     model, _ = load_model(params.target, params, args.models)
     model.float()
+    blocks, _ = load_blocks(variant, params, model, Path(args.fused), Path(args.logits) / params.target)
     spec = params.train.model_copy(update={"steps": args.steps, "checkpoint_every": args.steps + 1})
     lam = params.train.lam if variant == "fused" else 1.0
     started = time.perf_counter()  # loading data and model is not part of a step
-    train_target(model, sequences, spec, lam, spec.fusion_loss, params.seed, scratch / variant, "bench",
+    train_target(model, blocks, spec, lam, spec.fusion_loss, params.seed, scratch / variant, "bench",
                  progress=False)
     return (time.perf_counter() - started) / args.steps
 

@@ -13,7 +13,8 @@ import torch
 from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, GPT2Config, GPTNeoXConfig, LlamaConfig, PreTrainedModel
 
-from fusesoup.params import BootstrapTrain, ModelSpec
+from fusesoup.models import context_length
+from fusesoup.params import ModelSpec, TrainSpec
 from fusesoup.train.packing import BlockPacker
 from fusesoup.train.recipe import GRAD_CLIP, TrainingError, lr_at, make_optimizer, set_lr, special_ids
 
@@ -58,11 +59,11 @@ def build_model(architecture: str, spec: ModelSpec, tokenizer, seed: int) -> Pre
 
 
 def train_causal_lm(model: PreTrainedModel, sequences_by_domain: dict[str, list[list[int]]],
-                    weights: dict[str, float], spec: BootstrapTrain, seed: int, progress: bool = True) -> list[dict]:
+                    weights: dict[str, float], spec: TrainSpec, seed: int, progress: bool = True) -> list[dict]:
     """Train `model` in place on documents (token ids without specials); returns one log dict per step.
 
     Each step draws documents (a domain by `weights`, then one of its sequences uniformly) into a packed stream
-    (packing.BlockPacker: [BOS] doc [EOS] ..., no loss across a document boundary) and trains on
+    (packing.BlockPacker: [BOS] doc [EOS] ..., attention and loss within each document) and trains on
     batch_tokens / block_size rows of block_size tokens: every token real, none padding. Same inputs and seed on the
     same device and thread count give identical weights. `tokens` in the log counts tokens trained on so far.
     """
@@ -74,7 +75,7 @@ def train_causal_lm(model: PreTrainedModel, sequences_by_domain: dict[str, list[
     probabilities = np.array([weights[d] for d in domains], dtype=np.float64)
     probabilities /= probabilities.sum()
     ids = special_ids(model.config)
-    packer = BlockPacker(ids.bos, ids.eos, spec.block_size)
+    packer = BlockPacker(ids.bos, ids.eos, spec.block_size, context_length(model.config))
     rows = spec.batch_tokens // spec.block_size
     device = next(model.parameters()).device
 
@@ -89,11 +90,12 @@ def train_causal_lm(model: PreTrainedModel, sequences_by_domain: dict[str, list[
         while packer.buffered() < rows * spec.block_size:
             pool = sequences_by_domain[domains[rng.choice(len(domains), p=probabilities)]]
             packer.add(pool[rng.integers(len(pool))])
-        input_ids, labels = packer.take(rows)  # [rows, block_size] each
+        input_ids, labels, positions = packer.take(rows)  # [rows, block_size] each
 
         lr = lr_at(step, spec)
         set_lr(optimizer, lr)
-        loss = model(input_ids=input_ids.to(device), labels=labels.to(device)).loss
+        loss = model(input_ids=input_ids.to(device), labels=labels.to(device), position_ids=positions.to(device),
+                     use_cache=False).loss  # attention within each document (packing.py)
         if not torch.isfinite(loss):
             raise TrainingError(f"loss is {loss.item()} at step {step} (lr {lr:.3g}): training diverged; "
                                 "lower bootstrap.<name>.train.lr")

@@ -145,20 +145,18 @@ class ModelSpec(Strict):
 
 
 class TrainSpec(Strict):
+    """A training budget (bootstrap and continued training): each step is batch_tokens / block_size packed rows of
+    block_size tokens (fusesoup/train/packing.py)."""
+
     steps: PositiveInt
-    batch_tokens: PositiveInt  # token budget per optimizer step (padding excluded from the plan)
+    batch_tokens: PositiveInt  # tokens per optimizer step
+    block_size: PositiveInt = 512  # tokens per packed row; at most the model's context
     lr: PositiveFloat
     warmup_steps: Annotated[int, Field(ge=0)] = 0
     weight_decay: Annotated[float, Field(ge=0)] = 0.1
 
-
-class BootstrapTrain(TrainSpec):
-    """A bootstrapped model's budget: each step is batch_tokens / block_size packed rows of block_size tokens."""
-
-    block_size: PositiveInt = 512  # tokens per packed row (fusesoup/train/packing.py)
-
     @model_validator(mode="after")
-    def _blocks_divide_the_batch(self) -> "BootstrapTrain":
+    def _blocks_divide_the_batch(self) -> "TrainSpec":
         if self.batch_tokens % self.block_size:
             raise ValueError(f"batch_tokens {self.batch_tokens} is not a multiple of block_size {self.block_size}")
         return self
@@ -169,7 +167,7 @@ class Bootstrap(Strict):
     tokenizer: TokenizerSpec
     domains: Annotated[dict[DomainName, PositiveFloat], Field(min_length=1)]  # sampling weights
     model: ModelSpec
-    train: BootstrapTrain
+    train: TrainSpec
 
     @model_validator(mode="after")
     def _blocks_fit_the_context(self) -> "Bootstrap":
@@ -246,8 +244,8 @@ class Soup(Strict):
                           Field(min_length=1)] = ["vanilla", "greedy", "learned", "regularized"]
     granularity: Literal["model", "layer", "module"] = "module"  # one alpha vector per model, layer or mapping
     l1: Annotated[list[PositiveFloat], Field(min_length=1)] = [1e-4, 1e-3]  # regularized: lambda * sum |alpha - 1/N|
-    steps: PositiveInt = 60  # optimizer steps on the valid split per learned soup
-    lr: PositiveFloat = 0.05  # Adam on the alpha logits
+    steps: PositiveInt = 100  # optimizer steps on the valid split per learned soup
+    lr: PositiveFloat = 0.2  # Adam on the alpha logits
     batch_tokens: PositiveInt = 4096  # padded tokens per batch, for learning and for scoring
     probe: Probe = Probe()
     task_vectors: TaskVectors = TaskVectors()

@@ -1,7 +1,7 @@
 """DVC stages train@clm and train@fused: continued training of the target base, CLM only or CLM + fusion.
 
-Both see the same token stream (the target's tokens of the corpus train split, in the order plan_steps fixes
-from the seed) with the same budget and schedule; train@fused adds (1 - lambda) * the fusion loss against
+Both see the same token stream (the target's tokens of the corpus train split packed into train.block_size
+blocks, in the order pack_documents and plan_steps fix from the seed) with the same budget and schedule; train@fused adds (1 - lambda) * the fusion loss against
 data/fused. Writes data/models/target-<variant> (safetensors + tokenizer), plots/train/<variant>.csv (loss
 curves) and metrics/train/<variant>.json (valid and test bits per byte). Checkpoints go to
 data/checkpoints/<variant> (not a DVC output, so a killed run keeps them) and are removed once the model is saved.
@@ -23,22 +23,31 @@ from fusesoup.corpus import read_split
 from fusesoup.evaluate import score_by_domain
 from fusesoup.logits.sparse_store import FUSED_EXTRAS, SparseStore
 from fusesoup.logits.store import LogitStore
-from fusesoup.models import load_model, model_path, stored_dtype
-from fusesoup.params import TRAINED_VARIANTS, load_params
+from fusesoup.models import context_length, load_model, model_path, stored_dtype
+from fusesoup.params import TRAINED_VARIANTS, Params, load_params
 from fusesoup.storage import atomic_dir, content_key, directory_fingerprint, write_csv, write_json
 from fusesoup.train.engine import full_state_dict
 from fusesoup.train.launch import init_distributed
-from fusesoup.train.loop import TrainSequence, train_target
+from fusesoup.train.loop import train_target
+from fusesoup.train.packing import TrainBlock, TrainSequence, pack_documents
+from fusesoup.train.recipe import special_ids
 
-def load_sequences(variant: str, fused: Path, target_logits: Path) -> tuple[list[TrainSequence], str]:
-    """The train split's sequences (with fused targets for `fused`) and the key of the store they come from."""
+def load_blocks(variant: str, params: Params, model, fused: Path, target_logits: Path
+                ) -> tuple[list[TrainBlock], str]:
+    """The train split's documents (with fused targets for `fused`) packed into train.block_size blocks for `model`,
+    and the key of the store they come from."""
     if variant == "fused":
         store = SparseStore(fused, FUSED_EXTRAS)
         items = [TrainSequence(s.input_ids, s.rows) for batch in store.iter_batches("train", 256) for s in batch]
     else:
         store = LogitStore(target_logits)
         items = [TrainSequence(s.logits.input_ids, None) for batch in store.iter_batches("train", 256) for s in batch]
-    return items, store.manifest["key"]
+    if not items:
+        raise StageError(f"no training sequences in the train split of {store.directory} for train@{variant}")
+    context, block = context_length(model.config), params.train.block_size
+    if block > context:
+        raise StageError(f"train.block_size {block} is longer than the context of {params.target} ({context} tokens)")
+    return pack_documents(items, block, special_ids(model.config).bos, context, params.seed), store.manifest["key"]
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -61,17 +70,15 @@ def main(argv: list[str] | None = None) -> None:
         torch.set_num_threads(params.runtime.threads)
     init_distributed()  # WORLD_SIZE etc. from accelerate launch or torchrun; refuses options it would ignore
 
-    sequences, data_key = load_sequences(variant, Path(args.fused), Path(args.logits) / target)
-    if not sequences:
-        raise StageError(f"no training sequences in the train split for train@{variant}")
     model, tokenizer = load_model(target, params, args.models)
     model.float()  # master weights in float32; CUDA runs under bf16 autocast in the loop
+    blocks, data_key = load_blocks(variant, params, model, Path(args.fused), Path(args.logits) / target)
     lam = spec.lam if variant == "fused" else 1.0
     key = content_key({"variant": variant, "train": spec.model_dump(), "seed": params.seed, "data": data_key,
                        "base": directory_fingerprint(model_path(target, args.models))})
     checkpoints = Path(args.checkpoints or f"data/checkpoints/{variant}")
     started = time.perf_counter()
-    log = train_target(model, sequences, spec, lam, spec.fusion_loss, params.seed, checkpoints, key,
+    log = train_target(model, blocks, spec, lam, spec.fusion_loss, params.seed, checkpoints, key,
                        progress=not args.no_progress)
     seconds = time.perf_counter() - started
     if dist.is_initialized():

@@ -12,7 +12,7 @@ import yaml
 from fusesoup.bootstrap import build_model, train_causal_lm
 from fusesoup.corpus import CORPUS_SCHEMA
 from fusesoup.models import load_model
-from fusesoup.params import Bootstrap, BootstrapTrain, TrainSpec, load_params
+from fusesoup.params import Bootstrap, TrainSpec, load_params
 from fusesoup.storage import write_parquet
 from fusesoup.train.packing import IGNORE, BlockPacker
 from fusesoup.train.recipe import TrainingError, lr_at
@@ -32,8 +32,8 @@ def sequences(tokenizer) -> dict[str, list[list[int]]]:
     return {"code": [ids[0], ids[2], ids[5]], "prose": [ids[1], ids[3], ids[4]]}
 
 
-def short_spec(**changes) -> BootstrapTrain:
-    return BootstrapTrain(**{"steps": 3, "batch_tokens": 96, "block_size": 32, "lr": 3e-3, "warmup_steps": 1,
+def short_spec(**changes) -> TrainSpec:
+    return TrainSpec(**{"steps": 3, "batch_tokens": 96, "block_size": 32, "lr": 3e-3, "warmup_steps": 1,
                              **changes})
 
 
@@ -66,12 +66,12 @@ def test_unknown_architecture(tokenizer):
 
 
 def test_lr_schedule_warms_up_then_decays_to_a_tenth():
-    spec = TrainSpec(steps=20, batch_tokens=1, lr=1.0, warmup_steps=4)
+    spec = TrainSpec(steps=20, batch_tokens=1, block_size=1, lr=1.0, warmup_steps=4)
     lrs = [lr_at(step, spec) for step in range(spec.steps)]
     assert lrs[:4] == [0.25, 0.5, 0.75, 1.0]
     assert all(a >= b for a, b in zip(lrs[3:], lrs[4:]))
     assert lrs[-1] == pytest.approx(0.1)
-    assert lr_at(0, TrainSpec(steps=5, batch_tokens=1, lr=2.0, warmup_steps=0)) == 2.0
+    assert lr_at(0, TrainSpec(steps=5, batch_tokens=1, block_size=1, lr=2.0, warmup_steps=0)) == 2.0
 
 
 def test_training_is_deterministic(tokenizer, sequences):
@@ -98,19 +98,20 @@ def test_log_counts_packed_tokens_and_follows_the_schedule(tokenizer, sequences)
     assert not model.training
 
 
-def test_the_packer_joins_documents_and_masks_each_bos():
-    packer = BlockPacker(bos=1, eos=2, block=4)
-    packer.add([10, 11, 12, 13])
+def test_the_packer_joins_documents_masks_each_bos_and_restarts_positions():
+    packer = BlockPacker(bos=1, eos=2, block=4, context=5)
+    packer.add([10, 11, 12, 13, 14])  # [BOS] + 5 + [EOS] is cut to the context, 5 tokens
     packer.add([20])
     packer.add([30, 31])
-    assert packer.buffered() == 13
-    input_ids, labels = packer.take(rows=2)
-    assert input_ids.tolist() == [[1, 10, 11, 12], [13, 2, 1, 20]]
-    assert labels.tolist() == [[IGNORE, 10, 11, 12], [13, 2, IGNORE, 20]]  # EOS -> next BOS is not a prediction
-    assert packer.buffered() == 5  # 2, BOS, 30, 31, 2 wait for the next batch
-    input_ids, labels = packer.take(rows=1)
-    assert input_ids.tolist() == [[2, 1, 30, 31]] and labels.tolist() == [[2, IGNORE, 30, 31]]
-    with pytest.raises(ValueError, match="the stream holds 1 tokens, fewer than 1 x 4"):
+    assert packer.buffered() == 12
+    input_ids, labels, positions = packer.take(rows=2)
+    assert input_ids.tolist() == [[1, 10, 11, 12], [13, 1, 20, 2]]
+    assert labels.tolist() == [[IGNORE, 10, 11, 12], [13, IGNORE, 20, 2]]  # EOS -> next BOS is not a prediction
+    assert positions.tolist() == [[0, 1, 2, 3], [4, 0, 1, 2]]  # transformers attends within each document
+    assert packer.buffered() == 4  # BOS, 30, 31, EOS wait for the next batch
+    input_ids, labels, positions = packer.take(rows=1)
+    assert input_ids.tolist() == [[1, 30, 31, 2]] and positions.tolist() == [[0, 1, 2, 3]]
+    with pytest.raises(ValueError, match="the stream holds 0 tokens, fewer than 1 x 4"):
         packer.take(rows=1)
 
 
@@ -127,7 +128,7 @@ def test_block_size_must_divide_the_batch_and_fit_the_context():
 def test_loss_decreases_on_a_repetitive_corpus(tokenizer):
     ids = tokenizer.encode("abc abd abe " * 6, add_special_tokens=False)
     model = build_model("gpt_neox", tiny_spec(), tokenizer, seed=0)
-    spec = BootstrapTrain(steps=40, batch_tokens=128, block_size=64, lr=1e-2, warmup_steps=4)
+    spec = TrainSpec(steps=40, batch_tokens=128, block_size=64, lr=1e-2, warmup_steps=4)
     log = train_causal_lm(model, {"toy": [ids]}, {"toy": 1.0}, spec, seed=0, progress=False)
     assert log[-1]["loss"] < 0.3 * log[0]["loss"]
 

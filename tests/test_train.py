@@ -12,11 +12,12 @@ import torch
 from fusesoup.bootstrap import build_model
 from fusesoup.logits.sparse import merge_entries
 from fusesoup.params import ContinuedTraining, ModelSpec
-from fusesoup.train.loop import TrainSequence, micro_batches, plan_steps, train_target
+from fusesoup.train.loop import make_batch, micro_batches, plan_steps, train_target
+from fusesoup.train.packing import TrainBlock, TrainSequence, pack_documents
 from fusesoup.train.recipe import TrainingError
 
 VOCAB = 64
-SPEC = ContinuedTraining(steps=6, batch_tokens=48, lr=3e-3, warmup_steps=1, checkpoint_every=2)
+SPEC = ContinuedTraining(steps=6, batch_tokens=48, block_size=16, lr=3e-3, warmup_steps=1, checkpoint_every=2)
 UNCHECKPOINTED = SPEC.model_copy(update={"checkpoint_every": 100})
 
 
@@ -31,6 +32,15 @@ def tiny_model():
     tokenizer = SpecialIds(bos_token_id=1, eos_token_id=2, pad_token_id=0)
     spec = ModelSpec(hidden_size=16, layers=1, heads=2, intermediate_size=32, context=64)
     return build_model("llama", spec, tokenizer, seed=0)
+
+
+def blocks(with_targets: bool, n: int = 12) -> list[TrainBlock]:
+    """The documents below packed as the stage packs them (BOS 1, blocks of SPEC.block_size, context 64)."""
+    return pack_documents(sequences(with_targets, n), SPEC.block_size, 1, 64, 0)
+
+
+def widths(data: list[TrainBlock]) -> list[int]:
+    return [block.width for block in data]
 
 
 def sequences(with_targets: bool, n: int = 12) -> list[TrainSequence]:
@@ -52,7 +62,7 @@ class Killed(Exception):
 
 
 class KilledAfter(list):
-    """The training data, which kills the run when `limit` sequences have been read."""
+    """The training blocks, which kill the run when `limit` of them have been read."""
 
     def __init__(self, items, limit):
         super().__init__(items)
@@ -73,14 +83,14 @@ def test_plan_is_fixed_by_seed_and_fills_the_token_budget():
 
 
 def test_killed_run_resumes_to_the_same_weights(tmp_path):
-    data = sequences(with_targets=True)
+    data = blocks(with_targets=True)
     straight = tiny_model()
     log = train_target(straight, data, SPEC, 0.9, "ce", 0, tmp_path / "a", "key", False)
     assert [row["step"] for row in log] == list(range(6)) and all(row["fusion"] != "" for row in log)
     assert all(row["tok_s"] > 0 for row in log)  # throughput of each step, for the plots and the progress bar
 
     resumed = tiny_model()
-    plan = plan_steps([len(s.input_ids) for s in data], SPEC.batch_tokens, SPEC.steps, 0)
+    plan = plan_steps(widths(data), SPEC.batch_tokens, SPEC.steps, 0)
     with pytest.raises(Killed):  # dies inside step 4, after the checkpoint at step 4
         train_target(resumed, KilledAfter(data, sum(map(len, plan[:4])) + 1), SPEC, 0.9, "ce", 0, tmp_path / "b",
                      "key", False)
@@ -96,7 +106,7 @@ def test_killed_run_resumes_to_the_same_weights(tmp_path):
 
 
 def test_clm_and_fused_see_the_same_tokens_and_differ_only_by_the_fusion_term(tmp_path):
-    fused, clm = sequences(with_targets=True), sequences(with_targets=False)
+    fused, clm = blocks(with_targets=True), blocks(with_targets=False)
     fused_log = train_target(tiny_model(), fused, UNCHECKPOINTED, 1.0, "ce", 0, tmp_path / "f", "k", False)
     clm_log = train_target(tiny_model(), clm, UNCHECKPOINTED, 1.0, "ce", 0, tmp_path / "c", "k", False)
     assert [r["tokens"] for r in fused_log] == [r["tokens"] for r in clm_log]
@@ -104,10 +114,9 @@ def test_clm_and_fused_see_the_same_tokens_and_differ_only_by_the_fusion_term(tm
 
 
 def test_a_non_finite_loss_stops_with_the_step_and_saves_nothing(tmp_path):
-    data = sequences(with_targets=True)
-    bad = data[0].targets._replace(logprobs=np.full_like(data[0].targets.logprobs, np.nan))
-    data = [TrainSequence(s.input_ids, bad if i == 0 else s.targets) for i, s in enumerate(data)]
-    plan = plan_steps([len(s.input_ids) for s in data], SPEC.batch_tokens, SPEC.steps, 0)
+    data = blocks(with_targets=True)
+    data[0] = data[0]._replace(targets=data[0].targets._replace(logprobs=np.full_like(data[0].targets.logprobs, np.nan)))
+    plan = plan_steps(widths(data), SPEC.batch_tokens, SPEC.steps, 0)
     first_bad = next(step for step, batch in enumerate(plan) if 0 in batch)
     with pytest.raises(TrainingError, match=f"loss is nan at step {first_bad} "):
         train_target(tiny_model(), data, UNCHECKPOINTED, 0.9, "ce", 0, tmp_path / "n", "k", False)
@@ -123,7 +132,7 @@ def _rank(rank: int, world: int, init: str, out: str, engine: str, kill_after: i
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
     try:
-        model, data = tiny_model(), sequences(with_targets=True)
+        model, data = tiny_model(), blocks(with_targets=True)
         spec = SPEC.model_copy(update={"distributed": engine})
         try:
             log = train_target(model, data if kill_after is None else KilledAfter(data, kill_after), spec, 0.9, "ce",
@@ -168,7 +177,7 @@ def test_two_processes_follow_the_single_process_trajectory(tmp_path, engine, re
     on the weights (float summation order differs)."""
     torch.set_num_threads(1)
     single = tiny_model()
-    log = train_target(single, sequences(with_targets=True), SPEC, 0.9, "ce", 0, tmp_path / "one", "k", False)
+    log = train_target(single, blocks(with_targets=True), SPEC, 0.9, "ce", 0, tmp_path / "one", "k", False)
     two = request.getfixturevalue("fsdp_two_processes") if engine == "fsdp" else run_ranks(tmp_path / "two", 2, engine)
     assert_same_trajectory(two, log, single.state_dict(), atol=1e-4)
 
@@ -177,7 +186,7 @@ def test_a_killed_fsdp_run_resumes_to_the_same_weights_on_two_processes_and_on_o
     """Killed inside step 4 (after the sharded checkpoint of step 4): resumed on 2 processes it ends bit-identical to
     an unkilled 2-process run; resumed on 1 process (DCP reshards the same checkpoint) within 1e-4 of it."""
     straight = fsdp_two_processes
-    plan = plan_steps([len(s.input_ids) for s in sequences(True)], SPEC.batch_tokens, SPEC.steps, 0)
+    plan = plan_steps(widths(blocks(True)), SPEC.batch_tokens, SPEC.steps, 0)
     killed = tmp_path / "killed"
     run_ranks(killed, 2, "fsdp", kill_after=sum(map(len, plan[:4])) + 1)
     assert (killed / "ckpt/state.json").is_file() and list((killed / "ckpt").glob("*.distcp"))
@@ -189,27 +198,65 @@ def test_a_killed_fsdp_run_resumes_to_the_same_weights_on_two_processes_and_on_o
         assert torch.equal(result["weights"][name], weight), name
 
     model = tiny_model()
-    log = train_target(model, sequences(True), SPEC.model_copy(update={"distributed": "fsdp"}), 0.9, "ce", 0,
+    log = train_target(model, blocks(True), SPEC.model_copy(update={"distributed": "fsdp"}), 0.9, "ce", 0,
                        tmp_path / "ckpt-for-one", "k", False)
     assert [r["step"] for r in log] == list(range(6))
     np.testing.assert_allclose([r["loss"] for r in log[:4]], [r["loss"] for r in straight["log"][:4]], rtol=0)
     assert_same_trajectory(straight, log, model.state_dict(), atol=1e-4)
 
 
-def test_micro_batches_fit_the_budget_in_order_and_a_long_sequence_goes_alone():
-    batch = [TrainSequence(np.arange(n), None) for n in (4, 6, 3, 20, 2)]
-    cut = micro_batches(batch, 14)  # padded size: count x (longest + BOS)
-    assert [[len(s.input_ids) for s in micro] for micro in cut] == [[4, 6], [3], [20], [2]]
-    assert all(len(m) * max(len(s.input_ids) + 1 for s in m) <= 14 for m in cut if len(m) > 1)
+def test_micro_batches_fit_the_budget_in_order_and_a_long_block_goes_alone():
+    batch = [TrainBlock(np.arange(n + 1), np.arange(n + 1), None) for n in (4, 6, 3, 20, 2)]
+    cut = micro_batches(batch, 14)  # padded size: count x longest
+    assert [[block.width for block in micro] for micro in cut] == [[4, 6], [3], [20], [2]]
+    assert all(len(m) * max(block.width for block in m) <= 14 for m in cut if len(m) > 1)
     assert micro_batches(batch, None) == [batch]
+
+
+def test_packing_joins_documents_in_a_seeded_order_and_keeps_each_token_with_its_fused_row():
+    documents = sequences(with_targets=True, n=5)
+    packed = pack_documents(documents, 16, 1, 64, seed=0)
+    order = np.random.default_rng(0).permutation(5)
+    stream = np.concatenate([[1, *documents[i].input_ids] for i in order])
+    assert np.array_equal(np.concatenate([packed[0].tokens] + [b.tokens[1:] for b in packed[1:]]), stream)
+    assert widths(packed)[:-1] == [16] * (len(packed) - 1) and sum(widths(packed)) == len(stream) - 1
+    labels = np.concatenate([b.tokens[1:] for b in packed])
+    trained = np.concatenate([b.trained for b in packed])
+    assert np.array_equal(labels[~trained], [1] * 4)  # each later document's BOS: not a prediction
+    def entries(rows, j):
+        return rows.ids[rows.offsets[j]:rows.offsets[j + 1]].tolist()
+    got = [entries(b.targets, j) for b in packed for j in range(b.width)]
+    want = [entry for i in order for entry in [[]] + [entries(documents[i].targets, t)
+                                                      for t in range(len(documents[i].input_ids))]][1:]
+    assert got == want  # each label's fused row, none for a BOS
+    positions = np.concatenate([packed[0].positions] + [b.positions[1:] for b in packed[1:]])
+    assert np.array_equal(positions, np.concatenate([np.arange(len(documents[i].input_ids) + 1) for i in order]))
+
+
+def test_a_packed_document_is_seen_as_it_would_be_alone():
+    """Attention stays within each document and positions restart at its BOS: the logits of a block's second
+    document are the ones the document gets alone."""
+    model = tiny_model().eval()
+    documents = sequences(with_targets=False, n=2)
+    both = pack_documents(documents, 64, 1, 64, seed=0)
+    assert len(both) == 1
+    input_ids, position_ids, labels, mask, _ = make_batch(both, pad=0)
+    with torch.no_grad():
+        packed = model(input_ids=input_ids, position_ids=position_ids, use_cache=False).logits
+        order = np.random.default_rng(0).permutation(2)
+        second = documents[order[1]].input_ids
+        alone = model(input_ids=torch.tensor([[1, *second]])).logits
+    start = len(documents[order[0]].input_ids) + 1  # the second document's BOS
+    assert position_ids[0, start] == 0 and bool(mask[0, start - 1]) is False  # its BOS is not predicted
+    torch.testing.assert_close(packed[0, start:], alone[0, :len(second)], atol=1e-5, rtol=0)
 
 
 def test_the_trajectory_does_not_depend_on_the_micro_batch_size(tmp_path):
     """One forward pass per step against micro-batches of at most 20 padded tokens (4 or more per step here):
     losses within 1e-5 relative, weights within 1e-5 absolute after 6 steps (float summation order differs)."""
     torch.set_num_threads(1)
-    data, spec = sequences(with_targets=True, n=24), UNCHECKPOINTED.model_copy(update={"batch_tokens": 96})
-    plan = plan_steps([len(s.input_ids) for s in data], spec.batch_tokens, spec.steps, 0)
+    data, spec = blocks(with_targets=True, n=24), UNCHECKPOINTED.model_copy(update={"batch_tokens": 96})
+    plan = plan_steps(widths(data), spec.batch_tokens, spec.steps, 0)
     assert min(len(micro_batches([data[i] for i in step], 20)) for step in plan) >= 4
     whole, split = tiny_model(), tiny_model()
     log = train_target(whole, data, spec, 0.9, "ce", 0, tmp_path / "whole", "k", False)
@@ -225,9 +272,9 @@ def test_activation_checkpointing_keeps_the_trajectory(tmp_path):
     """Each decoder layer recomputed in backward: the same losses and weights within 1e-6 after 6 steps."""
     torch.set_num_threads(1)
     plain, recomputed = tiny_model(), tiny_model()
-    log = train_target(plain, sequences(True), UNCHECKPOINTED, 0.9, "ce", 0, tmp_path / "a", "k", False)
+    log = train_target(plain, blocks(True), UNCHECKPOINTED, 0.9, "ce", 0, tmp_path / "a", "k", False)
     spec = UNCHECKPOINTED.model_copy(update={"activation_checkpointing": True})
-    checkpointed_log = train_target(recomputed, sequences(True), spec, 0.9, "ce", 0, tmp_path / "b", "k", False)
+    checkpointed_log = train_target(recomputed, blocks(True), spec, 0.9, "ce", 0, tmp_path / "b", "k", False)
     np.testing.assert_allclose([r["loss"] for r in checkpointed_log], [r["loss"] for r in log], rtol=1e-6)
     for name, weight in plain.state_dict().items():
         torch.testing.assert_close(recomputed.state_dict()[name], weight, atol=1e-6, rtol=0)

@@ -11,7 +11,7 @@ within its row as in codec.py (first entry absolute), so decoding is exact to LO
 """
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import NamedTuple, Sequence
 
 import numpy as np
 
@@ -42,6 +42,19 @@ class SparseRows(NamedTuple):
         offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
         entries = np.repeat(self.offsets[rows] - offsets[:-1], counts) + np.arange(offsets[-1])
         return SparseRows(offsets, self.ids[entries], self.logprobs[entries])
+
+
+def empty_rows(n: int) -> SparseRows:
+    """n rows without entries (no mass: positions that are not trained on)."""
+    return SparseRows(np.zeros(n + 1, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32))
+
+
+def concat_rows(parts: Sequence[SparseRows]) -> SparseRows:
+    """The rows of `parts`, one after the other, as one SparseRows."""
+    counts = np.concatenate([part.counts for part in parts])
+    return SparseRows(np.concatenate([[0], np.cumsum(counts)]).astype(np.int64),
+                      np.concatenate([part.ids for part in parts]).astype(np.int64),
+                      np.concatenate([part.logprobs for part in parts]).astype(np.float32))
 
 
 def one_hot_rows(ids: np.ndarray) -> SparseRows:

@@ -1,9 +1,11 @@
 """Continued training of the target on lambda * CLM + (1 - lambda) * fusion (FuseLLM section 3.3), nanoGPT style.
 
-`plan_steps` fixes which sequences each step sees from the seed and the sequence lengths alone, so train@clm and
-train@fused see the same tokens in the same order. Data parallel (a torch.distributed process group, as
-`accelerate launch` or torchrun set up; DDP or FSDP2 per `train.distributed`, engine.py): rank r takes every
-world-th sequence of each step's batch and divides its loss sums by the global batch's position count, so the
+The documents come packed into blocks of `train.block_size` tokens (packing.pack_documents: attention and loss
+within each document, no padding). `plan_steps` fixes which blocks each step sees from the seed and the block
+sizes alone, so train@clm and train@fused see the same tokens in the same order. Data parallel (a
+torch.distributed process group, as `accelerate launch` or torchrun set up; DDP or FSDP2 per `train.distributed`,
+engine.py): rank r takes every world-th block of each step's batch and divides its loss sums by the global batch's
+trained-position count, so the
 gradient the engine reduces is the whole batch's: the same trajectory as one process, up to float summation order.
 Each rank's share runs in micro-batches of at most `micro_batch_tokens` padded tokens, their gradients accumulated
 (the same trajectory again). Every `checkpoint_every` steps the model and optimizer (a DCP checkpoint, sharded
@@ -17,34 +19,28 @@ import contextlib
 import json
 import time
 from pathlib import Path
-from typing import NamedTuple, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
-from fusesoup.evaluate import pad_batch
-from fusesoup.logits.sparse import SparseRows
 from fusesoup.params import ContinuedTraining
 from fusesoup.storage import atomic_dir, read_json
 from fusesoup.train.engine import (accumulating, distribute, load_training_state, rank_and_world,
                                    save_training_state)
 from fusesoup.train.loss import FusionLoss, clm_loss, fusion_loss, pad_targets, student_log_probs
 from fusesoup.train.memory import check_fits, device_memory, format_memory_plan, plan_memory
+from fusesoup.train.packing import TrainBlock
 from fusesoup.train.recipe import GRAD_CLIP, TrainingError, lr_at, make_optimizer, set_lr, special_ids
 
 CHECKPOINT_FORMAT = "dcp-v1"  # a checkpoint of another format (or key) is not resumed from
 
 
-class TrainSequence(NamedTuple):
-    input_ids: np.ndarray  # [n] the target's tokens, no BOS
-    targets: SparseRows | None  # n fused rows (row i: the distribution over token i), None for CLM-only training
-
-
 def plan_steps(lengths: Sequence[int], batch_tokens: int, steps: int, seed: int) -> list[list[int]]:
-    """Sequence indices for each step: a seeded permutation (a new one each epoch), cut into batches of at least
-    batch_tokens tokens."""
+    """Block (or sequence) indices for each step: a seeded permutation (a new one each epoch), cut into batches of at
+    least batch_tokens tokens."""
     rng = np.random.default_rng(seed)
     plan, batch, tokens, order = [], [], 0, []
     while len(plan) < steps:
@@ -59,42 +55,51 @@ def plan_steps(lengths: Sequence[int], batch_tokens: int, steps: int, seed: int)
     return plan
 
 
-def micro_batches(batch: Sequence[TrainSequence], budget: int | None) -> list[list[TrainSequence]]:
-    """`batch` cut, in order, into micro-batches whose padded size (count x longest, BOS included) fits `budget`
-    tokens; None: the whole batch at once. A sequence longer than the budget goes alone."""
+def micro_batches(batch: Sequence[TrainBlock], budget: int | None) -> list[list[TrainBlock]]:
+    """`batch` cut, in order, into micro-batches whose padded size (count x longest) fits `budget` tokens; None: the
+    whole batch at once. A block longer than the budget goes alone."""
     if budget is None:
         return [list(batch)]
     micro, current, longest = [], [], 0
-    for sequence in batch:
-        width = len(sequence.input_ids) + 1
+    for block in batch:
+        width = block.width
         if current and (len(current) + 1) * max(longest, width) > budget:
             micro.append(current)
             current, longest = [], 0
-        current.append(sequence)
+        current.append(block)
         longest = max(longest, width)
     return micro + [current] if current else micro
 
 
-def make_batch(sequences: Sequence[TrainSequence], bos: int, pad: int):
-    """(input_ids [B, W+1] = BOS + tokens, attention [B, W+1], labels [B, W], mask [B, W], fused targets or None),
-    right-padded: labels and mask are input_ids and attention shifted by the BOS."""
-    input_ids, attention = pad_batch([[bos, *s.input_ids.tolist()] for s in sequences], pad)
-    width = input_ids.shape[1] - 1
-    fused = None if sequences[0].targets is None else pad_targets([s.targets for s in sequences], width)
-    return input_ids, attention, input_ids[:, 1:], attention[:, 1:], fused
+def make_batch(blocks: Sequence[TrainBlock], pad: int):
+    """(input_ids, position_ids, labels, mask: the trained labels, each [B, W]; fused targets or None), right-padded
+    to the longest block (only the stream's last block is shorter); padding is masked and, being last, never
+    attended to by a real token."""
+    width = max(block.width for block in blocks)
+    input_ids = torch.full((len(blocks), width), pad, dtype=torch.long)
+    labels = torch.full((len(blocks), width), pad, dtype=torch.long)
+    positions = torch.zeros((len(blocks), width), dtype=torch.long)
+    mask = torch.zeros((len(blocks), width), dtype=torch.bool)
+    for row, block in enumerate(blocks):
+        input_ids[row, : block.width] = torch.from_numpy(block.tokens[:-1])
+        labels[row, : block.width] = torch.from_numpy(block.tokens[1:])
+        positions[row, : block.width] = torch.from_numpy(block.positions[:-1])
+        mask[row, : block.width] = torch.from_numpy(block.trained)
+    fused = None if blocks[0].targets is None else pad_targets([block.targets for block in blocks], width)
+    return input_ids, positions, labels, mask, fused
 
 
-def batch_losses(model, micro: Sequence[TrainSequence], bos: int, pad: int, device: torch.device, lam: float,
-                 kind: FusionLoss, positions: float, silent: bool = False):
-    """(loss, clm, fusion or None) of one micro-batch, as sums over its positions / `positions` (the global batch's
-    count); `silent`: every position masked (a rank without a sequence this step adds nothing)."""
-    input_ids, attention, labels, mask, fused = make_batch(micro, bos, pad)
+def batch_losses(model, micro: Sequence[TrainBlock], pad: int, device: torch.device, lam: float, kind: FusionLoss,
+                 positions: float, silent: bool = False):
+    """(loss, clm, fusion or None) of one micro-batch, as sums over its trained positions / `positions` (the global
+    batch's count); `silent`: every position masked (a rank without a block this step adds nothing)."""
+    input_ids, position_ids, labels, mask, fused = make_batch(micro, pad)
     if silent:
         mask = torch.zeros_like(mask)
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-        logits = model(input_ids=input_ids.to(device), attention_mask=attention.to(device)).logits
-    logits = logits[:, :-1]  # [B, W, V]: position t predicts token t of the sequence (input t + 1)
-    log_probs = student_log_probs(logits)  # float32; one log-softmax for both losses
+        # position_ids, no attention_mask, no cache: transformers' packed-sequence mask (attention within documents)
+        logits = model(input_ids=input_ids.to(device), position_ids=position_ids.to(device), use_cache=False).logits
+    log_probs = student_log_probs(logits)  # [B, W, V] float32, position t predicts labels[t]; one log-softmax for both
     clm = clm_loss(log_probs, labels.to(device), mask.to(device), positions)
     fusion = None
     if fused is not None and lam < 1:
@@ -137,14 +142,14 @@ def load_checkpoint(directory: Path, key: str, model, optimizer) -> tuple[int, l
     return state["step"], state["log"]
 
 
-def train_target(model, sequences: Sequence[TrainSequence], spec: ContinuedTraining, lam: float, kind: FusionLoss,
+def train_target(model, blocks: Sequence[TrainBlock], spec: ContinuedTraining, lam: float, kind: FusionLoss,
                  seed: int, checkpoints: Path, key: str, progress: bool = True) -> list[dict]:
     """Train `model` in place (sharded in place under fsdp: engine.full_state_dict gathers it); returns one log row
     per step (total, clm and fusion loss, lr, tokens seen, and the step's throughput in tokens per second: wall time,
     so the one column that differs between identical runs)."""
-    bos, _, pad = special_ids(model.config)
+    pad = special_ids(model.config).pad
     device = next(model.parameters()).device
-    plan = plan_steps([len(s.input_ids) for s in sequences], spec.batch_tokens, spec.steps, seed)
+    plan = plan_steps([block.width for block in blocks], spec.batch_tokens, spec.steps, seed)
     torch.manual_seed(seed)
     rank, world = rank_and_world()
     plan_bytes = plan_memory(model, spec.distributed, world, spec.micro_batch_tokens or -(-spec.batch_tokens // world),
@@ -161,8 +166,8 @@ def train_target(model, sequences: Sequence[TrainSequence], spec: ContinuedTrain
                dynamic_ncols=True, initial=start, total=spec.steps)
     for step in bar:
         step_started = time.perf_counter()
-        batch = [sequences[i] for i in plan[step]]
-        positions = float(sum(len(s.input_ids) for s in batch))  # of the global batch
+        batch = [blocks[i] for i in plan[step]]
+        positions = float(sum(int(block.trained.sum()) for block in batch))  # trained labels of the global batch
         mine = batch[rank::world]
         lr = lr_at(step, spec)
         set_lr(optimizer, lr)
@@ -177,7 +182,7 @@ def train_target(model, sequences: Sequence[TrainSequence], spec: ContinuedTrain
         # so the accumulated gradient is the whole batch's, whatever the micro-batch size; the engines average
         # over ranks, hence the loss x world
         for index, (micro, silent) in enumerate(micros):
-            loss, clm, fusion = batch_losses(engine, micro, bos, pad, device, lam, kind, positions, silent=silent)
+            loss, clm, fusion = batch_losses(engine, micro, pad, device, lam, kind, positions, silent=silent)
             with accumulating(engine, last=index == len(micros) - 1):
                 (loss * world).backward()
             terms += torch.stack([loss.detach(), clm.detach(), (clm if fusion is None else fusion).detach()])

@@ -1,26 +1,73 @@
-"""Packing documents into blocks of a fixed number of tokens, as pretraining (and FuseLLM) does: documents are
-joined as [BOS] doc [EOS] [BOS] doc ..., cut into rows of `block` tokens, and a document's remainder carries into
-the next row, so no step computes on padding. The prediction of a document's BOS from the previous document is not
-trained (its label is -100): no loss crosses a document boundary."""
+"""Packing documents into blocks of a fixed number of tokens, as pretraining (and FuseLLM) does, for both training
+loops: documents are joined as [BOS] doc [EOS] [BOS] doc ... (no EOS where the loop has none to train), cut into
+rows of `block` tokens, and a document's remainder runs on into the next row, so no step computes on padding.
+
+Each token carries its position within its document, passed to the model as position_ids: transformers then masks
+attention to the token's own document (its packed-sequence mask; it needs use_cache=False and no attention_mask),
+and every document starts at position 0 as it does when it is scored alone. The prediction of a document's BOS
+from the document before it is not trained, so no loss crosses a document boundary either.
+"""
 from __future__ import annotations
 
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import numpy as np
 import torch
 
+from fusesoup.logits.sparse import SparseRows, concat_rows, empty_rows
+from fusesoup.train.recipe import TrainingError
+
 IGNORE = -100  # the label transformers' causal-LM loss skips
 
 
-class BlockPacker:
-    """A stream of documents cut into [rows, block] batches; what does not fill a batch waits for the next one."""
+class TrainSequence(NamedTuple):
+    """One document of continued training."""
 
-    def __init__(self, bos: int, eos: int, block: int):
+    input_ids: np.ndarray  # [n] the target's tokens, no BOS
+    targets: SparseRows | None  # n fused rows (row i: the distribution over token i), None for CLM-only training
+
+
+class TrainBlock(NamedTuple):
+    """One packed row of continued training: inputs tokens[:-1] at positions[:-1], labels tokens[1:]."""
+
+    tokens: np.ndarray  # [m + 1] int64
+    positions: np.ndarray  # [m + 1] int64, each token's position in its document (0: a BOS)
+    targets: SparseRows | None  # m rows: row j the fused distribution of label j (empty at a BOS label)
+
+    @property
+    def width(self) -> int:
+        """m: the block's input (and label) positions."""
+        return len(self.tokens) - 1
+
+    @property
+    def trained(self) -> np.ndarray:
+        """[m] bool: the labels that are trained on (not a document's BOS)."""
+        return self.positions[1:] != 0
+
+
+def join_documents(documents: Sequence[Sequence[int]], bos: int, eos: int | None, context: int
+                   ) -> tuple[np.ndarray, np.ndarray]:
+    """(tokens, positions) of [BOS] doc [EOS] ... with each document cut to `context` tokens (the model's limit)."""
+    lengths = np.array([min(len(d) + 1 + (eos is not None), context) for d in documents], dtype=np.int64)
+    tokens = np.empty(int(lengths.sum()), dtype=np.int64)
+    at = 0
+    for ids, length in zip(documents, lengths):
+        piece = np.concatenate([[bos], np.asarray(ids, np.int64)] + ([[eos]] if eos is not None else []))
+        tokens[at: at + length] = piece[:length]
+        at += length
+    starts = np.repeat(np.cumsum(lengths) - lengths, lengths)
+    return tokens, np.arange(len(tokens), dtype=np.int64) - starts
+
+
+class BlockPacker:
+    """The bootstrap loop's stream: documents go in one at a time, [rows, block] batches come out."""
+
+    def __init__(self, bos: int, eos: int, block: int, context: int):
         if block < 2:
             raise ValueError(f"block must hold at least 2 tokens, got {block}")
-        self.bos, self.eos, self.block = bos, eos, block
+        self.bos, self.eos, self.block, self.context = bos, eos, block, context
         self._tokens = np.zeros(0, dtype=np.int64)
-        self._starts = np.zeros(0, dtype=bool)  # True at each document's BOS
+        self._positions = np.zeros(0, dtype=np.int64)
 
     def buffered(self) -> int:
         """Tokens waiting in the stream."""
@@ -28,20 +75,43 @@ class BlockPacker:
 
     def add(self, ids: Sequence[int]) -> None:
         """Append one document (token ids without specials) to the stream."""
-        document = np.asarray([self.bos, *ids, self.eos], dtype=np.int64)
-        starts = np.zeros(len(document), dtype=bool)
-        starts[0] = True
-        self._tokens = np.concatenate([self._tokens, document])
-        self._starts = np.concatenate([self._starts, starts])
+        tokens, positions = join_documents([ids], self.bos, self.eos, self.context)
+        self._tokens = np.concatenate([self._tokens, tokens])
+        self._positions = np.concatenate([self._positions, positions])
 
-    def take(self, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(input_ids, labels), both [rows, block], from the front of the stream; labels are the input ids with
-        every document's BOS masked. The stream must hold rows * block tokens."""
+    def take(self, rows: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(input_ids, labels, position_ids), each [rows, block], from the front of the stream; labels are the input
+        ids with every BOS masked (transformers shifts them). The stream must hold rows * block tokens."""
         size = rows * self.block
         if len(self._tokens) < size:
             raise ValueError(f"the stream holds {len(self._tokens)} tokens, fewer than {rows} x {self.block}")
-        tokens, starts = self._tokens[:size], self._starts[:size]
-        self._tokens, self._starts = self._tokens[size:], self._starts[size:]
-        input_ids = torch.from_numpy(tokens.reshape(rows, self.block).copy())
-        labels = input_ids.masked_fill(torch.from_numpy(starts.reshape(rows, self.block).copy()), IGNORE)
-        return input_ids, labels
+        tokens, positions = self._tokens[:size].reshape(rows, self.block), self._positions[:size].reshape(rows, self.block)
+        self._tokens, self._positions = self._tokens[size:], self._positions[size:]
+        input_ids = torch.from_numpy(tokens.copy())
+        return input_ids, input_ids.masked_fill(torch.from_numpy(positions == 0), IGNORE), torch.from_numpy(positions.copy())
+
+
+def pack_documents(documents: Sequence[TrainSequence], block: int, bos: int, context: int, seed: int
+                   ) -> list[TrainBlock]:
+    """Continued training's stream: the documents in a seeded order joined as [BOS] doc [BOS] doc ... (no EOS: the
+    fused store has no distribution for one), cut into blocks of `block` labels; consecutive blocks share one
+    token, so every token after the first BOS is a label exactly once; the last block may be shorter."""
+    order = np.random.default_rng(seed).permutation(len(documents))
+    documents = [documents[i] for i in order if len(documents[i].input_ids)]
+    tokens, positions = join_documents([d.input_ids for d in documents], bos, None, context)
+    rows = None  # row i: the fused distribution over tokens[i] (none for a BOS)
+    if documents and documents[0].targets is not None:
+        for index, document in zip(order, documents):
+            if len(document.targets.offsets) - 1 != len(document.input_ids):
+                raise TrainingError(f"train sequence {index}: {len(document.input_ids)} tokens but "
+                                 f"{len(document.targets.offsets) - 1} fused rows")
+        parts = []
+        for document in documents:
+            parts += [empty_rows(1), document.targets.take(np.arange(min(len(document.input_ids), context - 1)))]
+        rows = concat_rows(parts)
+    blocks = []
+    for start in range(0, len(tokens) - 1, block):
+        end = min(start + block, len(tokens) - 1)  # labels tokens[start + 1 : end + 1]
+        blocks.append(TrainBlock(tokens[start: end + 1], positions[start: end + 1],
+                                 None if rows is None else rows.take(np.arange(start + 1, end + 1))))
+    return blocks
