@@ -32,10 +32,8 @@ from fusesoup.train.loop import train_target
 from fusesoup.train.packing import TrainBlock, TrainSequence, pack_documents
 from fusesoup.train.recipe import special_ids
 
-def load_blocks(variant: str, params: Params, model, fused: Path, target_logits: Path
-                ) -> tuple[list[TrainBlock], str]:
-    """The train split's documents (with fused targets for `fused`) packed into train.block_size blocks for `model`,
-    and the key of the store they come from."""
+def load_documents(variant: str, fused: Path, target_logits: Path) -> tuple[list[TrainSequence], str]:
+    """The train split's documents (with fused targets for `fused`) and the key of the store they come from."""
     if variant == "fused":
         store = SparseStore(fused, FUSED_EXTRAS)
         items = [TrainSequence(s.input_ids, s.rows) for batch in store.iter_batches("train", 256) for s in batch]
@@ -44,10 +42,17 @@ def load_blocks(variant: str, params: Params, model, fused: Path, target_logits:
         items = [TrainSequence(s.logits.input_ids, None) for batch in store.iter_batches("train", 256) for s in batch]
     if not items:
         raise StageError(f"no training sequences in the train split of {store.directory} for train@{variant}")
+    return items, store.manifest["key"]
+
+
+def load_blocks(variant: str, params: Params, model, fused: Path, target_logits: Path
+                ) -> tuple[list[TrainBlock], str]:
+    """load_documents packed into train.block_size blocks for `model`, and the key of their store."""
+    items, key = load_documents(variant, fused, target_logits)
     context, block = context_length(model.config), params.train.block_size
     if block > context:
         raise StageError(f"train.block_size {block} is longer than the context of {params.target} ({context} tokens)")
-    return pack_documents(items, block, special_ids(model.config).bos, context, params.seed), store.manifest["key"]
+    return pack_documents(items, block, special_ids(model.config).bos, context, params.seed), key
 
 
 def main(argv: list[str] | None = None) -> None:
