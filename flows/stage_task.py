@@ -23,6 +23,7 @@ from prefect.runtime import flow_run
 from prefect.states import Cancelled, State
 
 KILL_GRACE_SECONDS = 10.0  # between SIGTERM and SIGKILL of a stage's process group
+STOP_WAIT_SECONDS = 60.0  # for a stopped flow run's tasks to end before the unfinished ones are marked Cancelled
 TAIL_LINES = 20  # output lines quoted in a failed stage's error
 # What `dvc repro` prints after every stage that changed: advice for an interactive user, noise in a run log.
 DVC_ADVICE = ("To track the changes with git, run:", "git add ", "To enable auto staging, run:",
@@ -161,8 +162,11 @@ def stop_stages(run_id: str, futures: list[PrefectFuture]) -> None:
         live = [process for process, owner in _LIVE.items() if owner == run_id]
     for process in live:
         _kill_group(process)
+    # every task's thread must have written its last state (a stage after a killed one writes Pending/NotReady once
+    # its upstream ends) before it is marked Cancelled, or that late write wins; one deadline for all, not one each
+    deadline = time.monotonic() + STOP_WAIT_SECONDS
     for future in futures:
-        future.wait(timeout=KILL_GRACE_SECONDS)
+        future.wait(timeout=max(0.0, deadline - time.monotonic()))
     with get_client(sync_client=True) as client:
         for future in futures:
             if not client.read_task_run(future.task_run_id).state.is_final():
