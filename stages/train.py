@@ -1,9 +1,10 @@
 """DVC stages train@clm and train@fused: continued training of the target base, CLM only or CLM + fusion.
 
 Both see the same token stream (the target's tokens of the corpus train split packed into train.block_size
-blocks, in the order pack_documents and plan_steps fix from the seed) with the same budget and schedule; train@fused adds (1 - lambda) * the fusion loss against
-data/fused. Writes data/models/target-<variant> (safetensors + tokenizer), plots/train/<variant>.csv (loss
-curves) and metrics/train/<variant>.json (valid and test bits per byte). Checkpoints go to
+blocks, in the order pack_documents and plan_steps fix from the seed) with the same budget and schedule;
+train@fused adds (1 - lambda) * the fusion loss against data/fused. Writes data/models/target-<variant>
+(safetensors + tokenizer), plots/train/<variant>.csv (loss curves) and metrics/train/<variant>.json (valid and
+test bits per byte). Checkpoints go to
 data/checkpoints/<variant> (not a DVC output, so a killed run keeps them) and are removed once the model is saved.
 Data parallel: `accelerate launch --num_processes N -m stages.train fused` (or torchrun), DDP or FSDP2 per
 train.distributed; rank 0 writes the outputs.
@@ -32,6 +33,7 @@ from fusesoup.train.loop import train_target
 from fusesoup.train.packing import TrainBlock, TrainSequence, pack_documents
 from fusesoup.train.recipe import special_ids
 
+
 def load_documents(variant: str, fused: Path, target_logits: Path) -> tuple[list[TrainSequence], str]:
     """The train split's documents (with fused targets for `fused`) and the key of the store they come from."""
     if variant == "fused":
@@ -57,7 +59,8 @@ def load_blocks(variant: str, params: Params, model, fused: Path, target_logits:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m stages.train", description=__doc__)
-    parser.add_argument("variant", choices=TRAINED_VARIANTS, help="clm: CLM loss only; fused: CLM + fusion (params train)")
+    parser.add_argument("variant", choices=TRAINED_VARIANTS,
+                        help="clm: CLM loss only; fused: CLM + fusion (params train)")
     parser.add_argument("--params", default="params.yaml", help="the params file (default: params.yaml)")
     parser.add_argument("--corpus", default="data/corpus", help="the corpus directory (default: data/corpus)")
     parser.add_argument("--models", default="data/models", help="where models live (default: data/models)")

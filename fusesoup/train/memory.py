@@ -18,8 +18,8 @@ from typing import NamedTuple
 import psutil
 import torch
 
-from fusesoup.train.recipe import TrainingError
 from fusesoup.train.engine import Engine, decoder_layers
+from fusesoup.train.recipe import TrainingError
 
 FLOAT32 = 4
 ADAM_MOMENTS = 2

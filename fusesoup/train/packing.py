@@ -96,18 +96,18 @@ def pack_documents(documents: Sequence[TrainSequence], block: int, bos: int, con
     """Continued training's stream: the documents in a seeded order joined as [BOS] doc [BOS] doc ... (no EOS: the
     fused store has no distribution for one), cut into blocks of `block` labels; consecutive blocks share one
     token, so every token after the first BOS is a label exactly once; the last block may be shorter."""
-    order = np.random.default_rng(seed).permutation(len(documents))
-    documents = [documents[i] for i in order if len(documents[i].input_ids)]
-    tokens, positions = join_documents([d.input_ids for d in documents], bos, None, context)
+    kept = [int(i) for i in np.random.default_rng(seed).permutation(len(documents)) if len(documents[i].input_ids)]
+    tokens, positions = join_documents([documents[i].input_ids for i in kept], bos, None, context)
     rows = None  # row i: the fused distribution over tokens[i] (none for a BOS)
-    if documents and documents[0].targets is not None:
-        for index, document in zip(order, documents):
+    if kept and documents[kept[0]].targets is not None:
+        parts = []
+        for index in kept:
+            document = documents[index]
             if len(document.targets.offsets) - 1 != len(document.input_ids):
                 raise TrainingError(f"train sequence {index}: {len(document.input_ids)} tokens but "
-                                 f"{len(document.targets.offsets) - 1} fused rows")
-        parts = []
-        for document in documents:
-            parts += [empty_rows(1), document.targets.take(np.arange(min(len(document.input_ids), context - 1)))]
+                                    f"{len(document.targets.offsets) - 1} fused rows")
+            cut = len(document.input_ids) >= context  # join_documents kept context - 1 of its tokens
+            parts += [empty_rows(1), document.targets.take(np.arange(context - 1)) if cut else document.targets]
         rows = concat_rows(parts)
     blocks = []
     for start in range(0, len(tokens) - 1, block):
