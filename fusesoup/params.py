@@ -185,7 +185,7 @@ class Extract(Strict):
     splits: Annotated[list[Literal["train", "valid", "test"]], Field(min_length=1)] = ["train"]
     batch_tokens: PositiveInt = 8192  # padded tokens per forward pass (count x longest)
     shard_sequences: PositiveInt = 512  # sequences per shard: the unit of resumption and of parallel workers
-    workers: PositiveInt = 1  # processes filling one store (one GPU each, or the CPU threads shared); not in the key
+    workers: Annotated[int, Field(ge=0)] = 0  # processes filling one store; 0 = one per GPU, else per core; not in the key
 
 
 class Align(Strict):
@@ -225,7 +225,7 @@ class Probe(Strict):
     """The interpolation probe: the metric at evenly spaced points of the straight line between two ingredients."""
 
     between: Annotated[list[ModelName], Field(min_length=2, max_length=2)] = ["target-clm", "target-fused"]
-    points: Annotated[int, Field(ge=2)] = 11
+    points: Annotated[int, Field(ge=2)] = 5
 
 
 class TaskVectors(Strict):
@@ -244,7 +244,7 @@ class Soup(Strict):
                           Field(min_length=1)] = ["vanilla", "greedy", "learned", "regularized"]
     granularity: Literal["model", "layer", "module"] = "module"  # one alpha vector per model, layer or mapping
     l1: Annotated[list[PositiveFloat], Field(min_length=1)] = [1e-4, 1e-3]  # regularized: lambda * sum |alpha - 1/N|
-    steps: PositiveInt = 100  # optimizer steps on the valid split per learned soup
+    steps: PositiveInt = 50  # optimizer steps on the valid split per learned soup
     lr: PositiveFloat = 0.2  # Adam on the alpha logits
     batch_tokens: PositiveInt = 4096  # padded tokens per batch, for learning and for scoring
     probe: Probe = Probe()
@@ -304,7 +304,7 @@ class Params(Strict):
     extract: Extract = Extract()
     align: Align = Align()
     fuse: Fuse = Fuse()
-    train: ContinuedTraining = ContinuedTraining(steps=150, batch_tokens=4096, lr=1e-3, warmup_steps=10)
+    train: ContinuedTraining = ContinuedTraining(steps=165, batch_tokens=4096, lr=1e-3, warmup_steps=10)
     soup: Soup = Soup()
     evaluate: Evaluate = Evaluate()
     flow: Flow = Flow()

@@ -12,7 +12,7 @@ import sys
 import torch
 
 from fusesoup.cli import StageError, run_stage
-from fusesoup.logits.extract import extract_store, key_parts, run_workers
+from fusesoup.logits.extract import extract_store, key_parts, run_workers, worker_count
 from fusesoup.models import load_config, load_model, model_path, resolve_device_dtype
 from fusesoup.params import load_params
 from fusesoup.storage import directory_fingerprint, write_json
@@ -39,13 +39,14 @@ def main(argv: list[str] | None = None) -> None:
         raise StageError(f"{args.params}: {teacher!r} is not in sources {params.sources}")
     if args.threads or params.runtime.threads:
         torch.set_num_threads(args.threads or params.runtime.threads)
-    _, dtype = resolve_device_dtype(params.runtime)
+    device, dtype = resolve_device_dtype(params.runtime)
     config = load_config(teacher, params, args.models)
     parts = key_parts(directory_fingerprint(model_path(teacher, args.models)), args.corpus, params.extract, dtype)
 
-    if params.extract.workers > 1 and args.num_workers == 1:  # the stage runs its workers, then checks the store
+    workers = worker_count(params.extract.workers, device)
+    if workers > 1 and args.num_workers == 1:  # the stage runs its workers, then checks the store
         command = [sys.executable, "-m", "stages.extract", *(argv if argv is not None else sys.argv[1:])]
-        run_workers(command, params.extract.workers, params.runtime.threads)
+        run_workers(command, workers, params.runtime.threads)
     manifest = extract_store(lambda: load_model(teacher, params, args.models), config.vocab_size, args.corpus, out,
                              params.extract, parts, args.num_workers, args.worker_index,
                              progress=not args.no_progress)

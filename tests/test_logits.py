@@ -19,7 +19,7 @@ from fusesoup.corpus import CORPUS_SCHEMA
 from fusesoup.logits.codec import (CE_STEP, LOGPROB_STEP, SequenceLogits, decode, encode, id_dtype,
                                    renormalized_kl)
 from fusesoup.logits.extract import (ExtractionError, extract_sequences, extract_store, key_parts, output_head,
-                                     teacher_outputs, top_k_rows)
+                                     teacher_outputs, top_k_rows, worker_count)
 from fusesoup.logits.store import LogitStore
 from fusesoup.params import Extract
 from fusesoup.storage import StorageError, write_parquet
@@ -263,6 +263,14 @@ def test_two_workers_fill_the_same_store_as_one(reference_store, model, tokenize
     assert second is not None and shard_bytes(store) == shard_bytes(reference)
     with pytest.raises(ExtractionError, match=r"--worker-index 2 is not in 0\.\.1"):
         run_store(model, tokenizer, corpus, store, num_workers=2, worker_index=2)
+
+
+def test_zero_workers_means_one_per_gpu_or_one_per_core(monkeypatch):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2}, raising=False)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    assert worker_count(0, torch.device("cpu")) == 3
+    assert worker_count(0, torch.device("cuda")) == 4
+    assert worker_count(2, torch.device("cuda")) == 2  # asked for: as given
 
 
 # --- the stage, killed mid-run --------------------------------------------------------------------------------------

@@ -271,6 +271,14 @@ def extract_store(load_teacher: Callable[[], tuple[object, object]], vocab_size:
     return _finish(store, key, parts, spec, plan, vocab_size)
 
 
+def worker_count(requested: int, device: torch.device) -> int:
+    """extract.workers, with 0 resolved: one worker per GPU on CUDA, else one per CPU core (two single-threaded
+    processes of a small model do 1.27x the work of one process on both cores: bench notes in params.yaml)."""
+    if requested:
+        return requested
+    return max(1, torch.cuda.device_count()) if device.type == "cuda" else shards.available_cores()
+
+
 def run_workers(command: list[str], workers: int, threads: int | None) -> None:
     """Run the extract stage's `command` with `--num-workers N --worker-index I` for every I at once and wait:
     worker I takes the shards with index % N == I (so the store is the same as one process's), GPU I where there
