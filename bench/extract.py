@@ -37,7 +37,7 @@ import polars as pl  # noqa: E402
 import torch  # noqa: E402
 
 from fusesoup.corpus import read_split  # noqa: E402
-from fusesoup.evaluate import bos_token_id, pad_batch, plan_batches  # noqa: E402
+from fusesoup.batching import bos_token_id, pad_batch, plan_batches  # noqa: E402
 from fusesoup.logits.codec import renormalized_kl  # noqa: E402
 from fusesoup.logits.extract import extract_sequences, extract_store, key_parts  # noqa: E402
 from fusesoup.logits.store import LogitStore  # noqa: E402

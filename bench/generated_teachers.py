@@ -12,7 +12,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from fusesoup.corpus.builtin import stdlib_files
 from fusesoup.corpus.prepare import chunk_text
-from fusesoup.evaluate import bos_token_id
+from fusesoup.batching import bos_token_id
 from fusesoup.logits.codec import renormalized_kl
 from fusesoup.storage import write_parquet
 from tests.real_tokenizers import gpt2_tokenizer, mistral_tokenizer

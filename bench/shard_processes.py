@@ -69,13 +69,15 @@ def main() -> None:
             params = Path(tmp) / f"params-{workers}.yaml"
             params.write_text(yaml.safe_dump(raw))
             aligned, fused = Path(tmp) / f"aligned-{workers}", Path(tmp) / f"fused-{workers}"
-            align = [sys.executable, "-m", "stages.align", args.source, "--params", str(params),
+            align = [sys.executable, "-m", "stages.align", args.source, "--params", str(params), "--corpus",
+                     "data/corpus", "--models", "data/models", "--logits", "data/logits",
                      "--out", str(aligned / args.source), "--metrics", str(Path(tmp) / "align.json")]
             aligned.mkdir()
             for name in raw["sources"]:  # fuse reads every source: the others from the project's own stores
                 if name != args.source:
                     (aligned / name).symlink_to(repo / "data/aligned" / name)
-            fuse = [sys.executable, "-m", "stages.fuse", "--params", str(params), "--aligned", str(aligned),
+            fuse = [sys.executable, "-m", "stages.fuse", "--params", str(params), "--corpus", "data/corpus",
+                    "--aligned", str(aligned),
                     "--out", str(fused), "--metrics", str(Path(tmp) / f"metrics-{workers}")]
             for stage, command, out in (("align", align, aligned / args.source), ("fuse", fuse, fused)):
                 seconds, peak = run_measured(command, repo)

@@ -29,7 +29,7 @@ from fusesoup.params import load_params  # noqa: E402
 from fusesoup.train.loop import train_target  # noqa: E402
 from fusesoup.train.packing import pack_documents  # noqa: E402
 from fusesoup.train.recipe import special_ids  # noqa: E402
-from stages.train import load_blocks, load_documents  # noqa: E402
+from fusesoup.train.data import load_blocks, load_documents  # noqa: E402
 
 
 def seconds_per_step(variant: str, params, args, scratch: Path, packed: bool = True) -> tuple[float, float]:

@@ -7,14 +7,17 @@ weight and packed into blocks.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
-from transformers import AutoModelForCausalLM, GPT2Config, GPTNeoXConfig, LlamaConfig, PreTrainedModel
+from transformers import (AutoModelForCausalLM, GPT2Config, GPTNeoXConfig, LlamaConfig, PreTrainedConfig,
+                          PreTrainedModel)
 
+from fusesoup.errors import lookup
 from fusesoup.models import context_length
-from fusesoup.params import ModelSpec, TrainSpec
+from fusesoup.params import Architecture, ModelSpec, TrainSpec
 from fusesoup.train.packing import BlockPacker
 from fusesoup.train.recipe import GRAD_CLIP, TrainingError, lr_at, make_optimizer, set_lr, special_ids
 
@@ -27,31 +30,38 @@ def padded_vocab_size(tokenizer) -> int:
     return -(-len(tokenizer) // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
 
 
-def build_model(architecture: str, spec: ModelSpec, tokenizer, seed: int) -> PreTrainedModel:
-    """A randomly initialised float32 model of `architecture` sized by `spec`, with the tokenizer's special ids.
+def llama_config(spec: ModelSpec, vocab_size: int, special: dict) -> PreTrainedConfig:
+    """`llama`: separate input and output embeddings, as Llama-2 has."""
+    return LlamaConfig(vocab_size=vocab_size, hidden_size=spec.hidden_size, intermediate_size=spec.intermediate_size,
+                       num_hidden_layers=spec.layers, num_attention_heads=spec.heads, num_key_value_heads=spec.heads,
+                       max_position_embeddings=spec.context, tie_word_embeddings=False, **special)
 
-    The vocabulary is len(tokenizer) rounded up to a multiple of 64; input and output embeddings are tied for
-    gpt2 (as GPT-2 does) and separate for llama and gpt_neox (as Llama-2 and Pythia do). No dropout.
-    """
+
+def gpt_neox_config(spec: ModelSpec, vocab_size: int, special: dict) -> PreTrainedConfig:
+    """`gpt_neox`: separate input and output embeddings, as Pythia has."""
+    return GPTNeoXConfig(vocab_size=vocab_size, hidden_size=spec.hidden_size, intermediate_size=spec.intermediate_size,
+                         num_hidden_layers=spec.layers, num_attention_heads=spec.heads,
+                         max_position_embeddings=spec.context, tie_word_embeddings=False, **special)
+
+
+def gpt2_config(spec: ModelSpec, vocab_size: int, special: dict) -> PreTrainedConfig:
+    """`gpt2`: tied embeddings, as GPT-2 has; no dropout."""
+    return GPT2Config(vocab_size=vocab_size, n_embd=spec.hidden_size, n_inner=spec.intermediate_size,
+                      n_layer=spec.layers, n_head=spec.heads, n_positions=spec.context,
+                      resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, tie_word_embeddings=True, **special)
+
+
+ARCHITECTURES: dict[Architecture, Callable[[ModelSpec, int, dict], PreTrainedConfig]] = {
+    "llama": llama_config, "gpt_neox": gpt_neox_config, "gpt2": gpt2_config}
+
+
+def build_model(architecture: Architecture, spec: ModelSpec, tokenizer, seed: int) -> PreTrainedModel:
+    """A randomly initialised float32 model of `architecture` (ARCHITECTURES) sized by `spec`, with the tokenizer's
+    special ids; the vocabulary is len(tokenizer) rounded up to a multiple of 64."""
+    make_config = lookup(ARCHITECTURES, architecture, "bootstrap architecture")
     special = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
                "pad_token_id": tokenizer.pad_token_id}
-    vocab_size = padded_vocab_size(tokenizer)
-    if architecture == "llama":
-        config = LlamaConfig(vocab_size=vocab_size, hidden_size=spec.hidden_size, intermediate_size=spec.intermediate_size,
-                             num_hidden_layers=spec.layers, num_attention_heads=spec.heads,
-                             num_key_value_heads=spec.heads, max_position_embeddings=spec.context,
-                             tie_word_embeddings=False, **special)
-    elif architecture == "gpt_neox":
-        config = GPTNeoXConfig(vocab_size=vocab_size, hidden_size=spec.hidden_size,
-                               intermediate_size=spec.intermediate_size, num_hidden_layers=spec.layers,
-                               num_attention_heads=spec.heads, max_position_embeddings=spec.context,
-                               tie_word_embeddings=False, **special)
-    elif architecture == "gpt2":
-        config = GPT2Config(vocab_size=vocab_size, n_embd=spec.hidden_size, n_inner=spec.intermediate_size,
-                            n_layer=spec.layers, n_head=spec.heads, n_positions=spec.context,
-                            resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, tie_word_embeddings=True, **special)
-    else:
-        raise ValueError(f"unknown architecture {architecture!r}; expected llama, gpt_neox or gpt2")
+    config = make_config(spec, padded_vocab_size(tokenizer), special)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, attn_implementation=ATTENTION, dtype=torch.float32)
     model.loss_type = "ForCausalLM"  # GPT2LMHeadModel's class name is not recognised: same loss, minus a warning

@@ -11,7 +11,8 @@ from typing import NamedTuple, Sequence
 import torch
 import torch.nn.functional as F
 
-from fusesoup.cli import StageError
+from fusesoup.batching import bos_token_id, pad_batch, plan_batches
+from fusesoup.errors import StageError
 from fusesoup.models import context_length
 
 
@@ -37,41 +38,6 @@ class BpbResult(NamedTuple):
 
 class ContextError(StageError):
     """A text does not fit the model's context (the corpus is chunked so that this does not happen)."""
-
-
-def bos_token_id(tokenizer) -> int:
-    """The id put in front of every sequence: BOS, or EOS for families without one (GPT-2 style)."""
-    bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
-    if bos is None:
-        raise StageError(f"tokenizer {type(tokenizer).__name__} ({tokenizer.name_or_path}) has neither a BOS nor "
-                         "an EOS token to start sequences with")
-    return bos
-
-
-def plan_batches(lengths: Sequence[int], batch_tokens: int) -> list[list[int]]:
-    """Indices grouped so that each batch's padded size (count x longest) stays within batch_tokens.
-
-    Longest first, so every batch's first sequence is its longest; a sequence longer than the budget goes alone.
-    """
-    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
-    batches: list[list[int]] = []
-    for i in order:
-        if batches and (len(batches[-1]) + 1) * lengths[batches[-1][0]] <= batch_tokens:
-            batches[-1].append(i)
-        else:
-            batches.append([i])
-    return batches
-
-
-def pad_batch(sequences: Sequence[Sequence[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(input_ids, attention_mask), both [len(sequences), longest], right-padded with `pad` / 0."""
-    width = max(len(s) for s in sequences)
-    input_ids = torch.full((len(sequences), width), pad, dtype=torch.long)
-    mask = torch.zeros((len(sequences), width), dtype=torch.long)
-    for row, sequence in enumerate(sequences):
-        input_ids[row, : len(sequence)] = torch.tensor(sequence, dtype=torch.long)
-        mask[row, : len(sequence)] = 1
-    return input_ids, mask
 
 
 def encode_texts(tokenizer, texts: Sequence[str]) -> list[list[int]]:

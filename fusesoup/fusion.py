@@ -12,14 +12,14 @@ Ties go to the source listed first (the order of `sources` in params.yaml).
 """
 from __future__ import annotations
 
-from typing import Literal, NamedTuple, Sequence
+from typing import Callable, NamedTuple, Sequence
 
 import numpy as np
 
+from fusesoup.errors import lookup
 from fusesoup.logits.sparse import SparseRows, merge_entries, with_temperature
 from fusesoup.logits.sparse_store import MIXED
-
-FuseMethod = Literal["min_ce", "avg_ce", "min_ce_token", "avg_ce_token"]
+from fusesoup.params import FuseMethod
 
 
 class SourceRows(NamedTuple):
@@ -40,13 +40,36 @@ def softmax(values: np.ndarray, axis: int = 0) -> np.ndarray:
     return shifted / shifted.sum(axis=axis, keepdims=True)
 
 
+def min_ce_weights(scores: np.ndarray) -> np.ndarray:
+    """[S, n] CE scores -> one-hot weights of the source with the smallest score at each position."""
+    return (np.arange(len(scores))[:, None] == scores.argmin(axis=0)).astype(np.float64)
+
+
+def avg_ce_weights(scores: np.ndarray) -> np.ndarray:
+    """[S, n] CE scores -> w = softmax_s(exp(-score)) at each position."""
+    return softmax(np.exp(-scores.astype(np.float64)), axis=0)
+
+
+class FuseRule(NamedTuple):
+    """One fusion method: which CE it compares (the sequence's mean, or each position's) and how it weighs."""
+
+    per_token: bool
+    weights: Callable[[np.ndarray], np.ndarray]  # [S, n] scores -> [S, n] weights
+    chooses: bool  # one source per position (its index is recorded), else a mixture (MIXED)
+
+
+FUSE_METHODS: dict[FuseMethod, FuseRule] = {
+    "min_ce": FuseRule(False, min_ce_weights, True),
+    "avg_ce": FuseRule(False, avg_ce_weights, False),
+    "min_ce_token": FuseRule(True, min_ce_weights, True),
+    "avg_ce_token": FuseRule(True, avg_ce_weights, False),
+}
+
+
 def source_weights(ce: np.ndarray, method: FuseMethod) -> np.ndarray:
     """[S, n] per-position CE of each source -> [S, n] weights of each source (see the module docstring)."""
-    per_token = method.endswith("_token")
-    scores = ce if per_token else np.broadcast_to(ce.mean(axis=1, keepdims=True), ce.shape)
-    if method.startswith("min_ce"):
-        return (np.arange(len(ce))[:, None] == scores.argmin(axis=0)).astype(np.float64)
-    return softmax(np.exp(-scores.astype(np.float64)), axis=0)
+    rule = lookup(FUSE_METHODS, method, "fuse.method")
+    return rule.weights(ce if rule.per_token else np.broadcast_to(ce.mean(axis=1, keepdims=True), ce.shape))
 
 
 def mix(sources: Sequence[SparseRows], weights: np.ndarray, vocab_size: int) -> SparseRows:
@@ -68,5 +91,5 @@ def fuse_sequence(sources: Sequence[SourceRows], method: FuseMethod, temperature
     ce = np.stack([source.ce for source in sources])
     weights = source_weights(ce, method)
     scaled = [with_temperature(source.rows, temperature) for source in sources]
-    chosen = weights.argmax(axis=0) if method.startswith("min_ce") else np.full(ce.shape[1], MIXED)
+    chosen = weights.argmax(axis=0) if FUSE_METHODS[method].chooses else np.full(ce.shape[1], MIXED)
     return Fused(mix(scaled, weights, vocab_size), chosen.astype(np.uint8), weights)

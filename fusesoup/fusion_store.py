@@ -9,13 +9,14 @@ import numpy as np
 import polars as pl
 import pyarrow as pa
 
-from fusesoup.cli import StageError
 from fusesoup.corpus import split_path
-from fusesoup.fusion import FuseMethod, SourceRows, fuse_sequence, source_weights
+from fusesoup.errors import StageError
+from fusesoup.fusion import SourceRows, fuse_sequence, source_weights
 from fusesoup.logits.codec import dequantize_ce
 from fusesoup.logits.sparse import SPARSE_CODEC
 from fusesoup.logits.sparse_store import FUSED_EXTRAS, SparseSequence, SparseStore, sparse_table
 from fusesoup.logits.store import fill_store, list_rows, write_manifest
+from fusesoup.params import FuseMethod
 from fusesoup.storage import content_key
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Iterator
 from unittest.mock import patch
 
-from fusesoup.cli import StageError
+from fusesoup.errors import StageError
 
 SEED = 1234  # python, numpy, torch and few-shot sampling seeds (lm-eval's own defaults, fixed here explicitly)
 OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}

@@ -15,7 +15,7 @@ from transformers import AutoConfig, AutoTokenizer, PreTrainedConfig
 if TYPE_CHECKING:  # the modelling half of transformers costs seconds to import; align and fuse never need it
     from transformers import PreTrainedModel
 
-from fusesoup.cli import StageError
+from fusesoup.errors import StageError
 from fusesoup.params import Params, Runtime
 
 DEFAULT_MODELS_DIR = "data/models"

@@ -17,8 +17,18 @@ DomainName = Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9_-]*$")]
 PositiveInt = Annotated[int, Field(gt=0)]
 PositiveFloat = Annotated[float, Field(gt=0)]
 Fraction = Annotated[float, Field(ge=0, le=1)]
-# Processes over a store's shards (align, fuse): 0 = one per CPU core. Not part of any key: the store is the same.
+# Processes over a store's shards: 0 = one per CPU core (extract: one per GPU on CUDA). Not part of any key.
 Workers = Annotated[int, Field(ge=0)]
+
+# The method families, each named here once. Each module dispatches through one table keyed by these names
+# (tests/test_registries.py checks that every table holds exactly its family), and errors.lookup's message lists them.
+Architecture = Literal["llama", "gpt_neox", "gpt2"]  # bootstrap.ARCHITECTURES
+VocabMethod = Literal["exact", "min_ed", "prefix"]  # align/vocab_map.VOCAB_MAPS
+FuseMethod = Literal["min_ce", "avg_ce", "min_ce_token", "avg_ce_token"]  # fusion.FUSE_METHODS
+FusionLoss = Literal["ce", "kl"]  # train/loss.FUSION_LOSSES
+Engine = Literal["ddp", "fsdp"]  # train/engine.ENGINES
+SoupStrategy = Literal["vanilla", "greedy", "learned", "regularized", "task_arithmetic", "ties"]  # soup/recipes.STRATEGIES
+Granularity = Literal["model", "layer", "module"]  # soup/learn.GROUPINGS
 
 # Tokens a bootstrapped tokenizer may add beyond one per byte: a word-start marker, BOS and EOS.
 TOKENS_OVER_BYTES = 3
@@ -163,7 +173,7 @@ class TrainSpec(Strict):
 
 
 class Bootstrap(Strict):
-    architecture: Literal["llama", "gpt_neox", "gpt2"]
+    architecture: Architecture
     tokenizer: TokenizerSpec
     domains: Annotated[dict[DomainName, PositiveFloat], Field(min_length=1)]  # sampling weights
     model: ModelSpec
@@ -185,13 +195,13 @@ class Extract(Strict):
     splits: Annotated[list[Literal["train", "valid", "test"]], Field(min_length=1)] = ["train"]
     batch_tokens: PositiveInt = 8192  # padded tokens per forward pass (count x longest)
     shard_sequences: PositiveInt = 512  # sequences per shard: the unit of resumption and of parallel workers
-    workers: Annotated[int, Field(ge=0)] = 0  # processes filling one store; 0 = one per GPU, else per core; not in the key
+    workers: Workers = 0  # processes filling one store, one GPU or CPU core each
 
 
 class Align(Strict):
     """Cross-tokenizer alignment (stages/align.py): every key but workers is part of the aligned store's key."""
 
-    vocab: Literal["exact", "min_ed", "prefix"] = "min_ed"  # teacher id -> target id: same bytes, else nearest or prefix
+    vocab: VocabMethod = "min_ed"  # teacher id -> target id: same bytes, else nearest or prefix
     method: Literal["offsets", "dtw"] = "offsets"  # shared byte offsets (exact), or FuseLLM's DTW on token bytes
     spans: Literal["onehot", "expand"] = "onehot"  # target rows inside a span: FuseLLM's one-hot, or spans.py
     workers: Workers = 0
@@ -200,7 +210,7 @@ class Align(Strict):
 class Fuse(Strict):
     """Distribution fusion (stages/fuse.py)."""
 
-    method: Literal["min_ce", "avg_ce", "min_ce_token", "avg_ce_token"] = "min_ce"
+    method: FuseMethod = "min_ce"
     temperature: PositiveFloat = 1.0  # each source's softmax(logprob / T) before choosing or averaging
     workers: Workers = 0
 
@@ -210,10 +220,10 @@ class ContinuedTraining(TrainSpec):
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
     lam: Annotated[float, Field(ge=0, le=1, alias="lambda")] = 0.9  # weight of CLM in train@fused (FuseLLM: 0.9)
-    fusion_loss: Literal["ce", "kl"] = "ce"  # soft-label cross-entropy or KL against the fused distribution
+    fusion_loss: FusionLoss = "ce"  # soft-label cross-entropy or KL against the fused distribution
     checkpoint_every: PositiveInt = 50  # steps between atomic checkpoints (resume point of a killed run)
     micro_batch_tokens: PositiveInt | None = None  # padded tokens per forward pass (gradients accumulated); None: all
-    distributed: Literal["ddp", "fsdp"] = "ddp"  # the engine on several processes (fusesoup/train/engine.py)
+    distributed: Engine = "ddp"  # the engine on several processes (fusesoup/train/engine.py)
     activation_checkpointing: bool = False  # recompute each decoder layer's activations in backward
 
 
@@ -240,9 +250,8 @@ class Soup(Strict):
     """Soups of the target's variants (stages/soup.py): which ingredients, which strategies, how alphas are learned."""
 
     ingredients: list[ModelName] = []  # models of one architecture; empty = [target, target-clm, target-fused]
-    strategies: Annotated[list[Literal["vanilla", "greedy", "learned", "regularized", "task_arithmetic", "ties"]],
-                          Field(min_length=1)] = ["vanilla", "greedy", "learned", "regularized"]
-    granularity: Literal["model", "layer", "module"] = "module"  # one alpha vector per model, layer or mapping
+    strategies: Annotated[list[SoupStrategy], Field(min_length=1)] = ["vanilla", "greedy", "learned", "regularized"]
+    granularity: Granularity = "module"  # one alpha vector per model, layer or mapping
     l1: Annotated[list[PositiveFloat], Field(min_length=1)] = [1e-4, 1e-3]  # regularized: lambda * sum |alpha - 1/N|
     steps: PositiveInt = 50  # optimizer steps on the valid split per learned soup
     lr: PositiveFloat = 0.2  # Adam on the alpha logits
@@ -364,6 +373,11 @@ class Params(Strict):
     def soup_ingredients(self) -> list[str]:
         """soup.ingredients, or by default the target base and its two continued-training variants."""
         return list(self.soup.ingredients) or [self.target, *TRAINED_MODELS]
+
+    def evaluated_models(self) -> list[str]:
+        """The models (not soups) the evaluate stage scores, in report order: the target, the other sources, then the
+        trained variants."""
+        return [self.target, *(name for name in self.sources if name != self.target), *TRAINED_MODELS]
 
     def model_names(self) -> list[str]:
         """Every model the params define: bootstrapped ones first, then path and hub models, in file order."""

@@ -12,7 +12,7 @@ from pathlib import Path
 import polars as pl
 
 from fusesoup import report_figures as figures
-from fusesoup.cli import StageError
+from fusesoup.errors import StageError
 from fusesoup.params import TRAINED_MODELS
 from fusesoup.storage import atomic_dir, atomic_write_bytes
 

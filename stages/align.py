@@ -7,11 +7,11 @@ the teacher's distribution (EXACT bytes, MAPPED through the vocabulary map, or f
 """
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 from fusesoup.align.align_store import align_store, alignment, position_stats, vocab_stats
-from fusesoup.cli import StageError, run_stage
+from fusesoup.cli import run_stage, stage_parser
+from fusesoup.errors import StageError
 from fusesoup.logits.sparse_store import ALIGNED_EXTRAS, SparseStore
 from fusesoup.logits.store import LogitStore, available_cores, write_manifest
 from fusesoup.models import load_tokenizer
@@ -20,20 +20,14 @@ from fusesoup.storage import write_json
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m stages.align", description=__doc__)
+    parser = stage_parser("stages.align", __doc__, ["corpus", "models", "logits", "out", "metrics"])
     parser.add_argument("teacher", help="the model: one of params.yaml's sources")
-    parser.add_argument("--params", default="params.yaml", help="the params file (default: params.yaml)")
-    parser.add_argument("--corpus", default="data/corpus", help="the corpus directory (default: data/corpus)")
-    parser.add_argument("--models", default="data/models", help="where bootstrap models live (default: data/models)")
-    parser.add_argument("--logits", default="data/logits", help="the logit stores (default: data/logits)")
-    parser.add_argument("--out", help="the aligned store (default: data/aligned/<teacher>)")
-    parser.add_argument("--metrics", help="metrics JSON (default: metrics/align/<teacher>.json)")
     args = parser.parse_args(argv)
     params = load_params(args.params)
     teacher, target = args.teacher, params.target
     if teacher not in params.sources:
         raise StageError(f"{args.params}: {teacher!r} is not in sources {params.sources}")
-    out = Path(args.out or f"data/aligned/{teacher}")
+    out = Path(args.out)
     teacher_store, target_store = LogitStore(Path(args.logits) / teacher), LogitStore(Path(args.logits) / target)
 
     setup = alignment(load_tokenizer(teacher, params, args.models), load_tokenizer(target, params, args.models),
@@ -46,7 +40,7 @@ def main(argv: list[str] | None = None) -> None:
     metrics = {**params.align.model_dump(exclude={"workers"}), "vocab_map": vocab,
                "positions": {split: position_stats(store, args.corpus, split) for split in manifest["splits"]}}
     write_manifest(out, {**manifest, "stats": metrics})  # the fuse stage gathers these into metrics/alignment.json
-    write_json(args.metrics or f"metrics/align/{teacher}.json", metrics)
+    write_json(args.metrics, metrics)
     shares = metrics["positions"][sorted(manifest["splits"])[0]]["all"]
     print(f"{out}: complete; {shares['exact']:.1%} exact, {shares['mapped']:.1%} mapped, {shares['span']:.1%} "
           f"from spans, {shares['fallback']:.1%} one-hot of {shares['positions']} positions")

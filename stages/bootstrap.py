@@ -5,14 +5,12 @@ overall, training summary) and the loss curve as CSV for `dvc plots`.
 """
 from __future__ import annotations
 
-import argparse
 import time
 
-import torch
-
 from fusesoup.bootstrap import build_model, train_causal_lm
-from fusesoup.cli import StageError, run_stage
+from fusesoup.cli import run_stage, stage_parser, torch_runtime
 from fusesoup.corpus import read_split
+from fusesoup.errors import StageError
 from fusesoup.evaluate import score_by_domain
 from fusesoup.models import resolve_device_dtype
 from fusesoup.params import load_params
@@ -21,26 +19,15 @@ from fusesoup.tokenizer_families import train_tokenizer
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m stages.bootstrap", description=__doc__)
+    parser = stage_parser("stages.bootstrap", __doc__, ["corpus", "out", "metrics", "plots"])
     parser.add_argument("name", help="the model: a key of params.yaml's bootstrap section")
-    parser.add_argument("--params", default="params.yaml", help="the params file (default: params.yaml)")
-    parser.add_argument("--corpus", default="data/corpus", help="the corpus directory (default: data/corpus)")
-    parser.add_argument("--out", help="the model directory (default: data/models/<name>)")
-    parser.add_argument("--metrics", help="metrics JSON (default: metrics/bootstrap/<name>.json)")
-    parser.add_argument("--plots", help="loss curve CSV (default: plots/bootstrap/<name>.csv)")
     args = parser.parse_args(argv)
-    name = args.name
-    out = args.out or f"data/models/{name}"
-    metrics_path = args.metrics or f"metrics/bootstrap/{name}.json"
-    plots_path = args.plots or f"plots/bootstrap/{name}.csv"
-
+    name, out = args.name, args.out
     params = load_params(args.params)
     if name not in params.bootstrap:
         raise StageError(f"{args.params}: no bootstrap.{name} entry (bootstrap models: {sorted(params.bootstrap)})")
     spec = params.bootstrap[name]
-    if params.runtime.threads:
-        torch.set_num_threads(params.runtime.threads)
-    torch.manual_seed(params.seed)
+    torch_runtime(params)
     device, _ = resolve_device_dtype(params.runtime)  # trained in float32 whatever runtime.dtype: it is tiny
 
     train = read_split(args.corpus, "train", domains=list(spec.domains))
@@ -65,11 +52,11 @@ def main(argv: list[str] | None = None) -> None:
         tokenizer.save_pretrained(tmp)
 
     results = score_by_domain(model, tokenizer, read_split(args.corpus, "valid"), spec.train.batch_tokens)
-    write_json(metrics_path, {
+    write_json(args.metrics, {
         "domains": {d: {"bpb": r.bpb, "tokens": r.tokens, "bytes": r.bytes} for d, r in results.items()},
         "train": {"steps": len(log), "final_loss": log[-1]["loss"], "tokens": log[-1]["tokens"]},
     })
-    write_csv(plots_path, log, ["step", "loss", "lr", "tokens"])
+    write_csv(args.plots, log, ["step", "loss", "lr", "tokens"])
     print(f"{name}: trained {len(log)} steps in {seconds:.0f} s, final loss {log[-1]['loss']:.3f}; valid bpb "
           + ", ".join(f"{d} {r.bpb:.3f}" for d, r in results.items()), flush=True)
 

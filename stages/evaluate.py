@@ -9,18 +9,16 @@ metrics/harness.json (model -> task -> metric); without, that file is `{}` (DVC 
 """
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 import polars as pl
-import torch
 
-from fusesoup.cli import run_stage
+from fusesoup.cli import run_stage, stage_parser, torch_runtime
 from fusesoup.corpus import read_split
 from fusesoup.evaluate import score_by_domain
 from fusesoup.harness import run_harness
 from fusesoup.models import load_model, model_path, resolve_device_dtype
-from fusesoup.params import TRAINED_MODELS, TRAINED_VARIANTS, load_params
+from fusesoup.params import TRAINED_VARIANTS, load_params
 from fusesoup.report import write_report
 from fusesoup.storage import read_json, write_csv, write_json
 
@@ -61,23 +59,11 @@ def harness_models(evaluation: dict, locations: dict[str, str], params, params_d
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m stages.evaluate", description=__doc__)
-    parser.add_argument("--params", default="params.yaml", help="the params file (default: params.yaml)")
-    parser.add_argument("--corpus", default="data/corpus", help="the corpus directory (default: data/corpus)")
-    parser.add_argument("--models", default="data/models", help="where models live (default: data/models)")
-    parser.add_argument("--soups", default="data/soups", help="where the soups live (default: data/soups)")
-    parser.add_argument("--plots", default="plots", help="plots directory: reads train/ and interpolation.csv, "
-                                                         "writes eval.csv (default: plots)")
-    parser.add_argument("--metrics", default="metrics/eval.json", help="(default: metrics/eval.json)")
-    parser.add_argument("--report", default="reports", help="the report directory (default: reports)")
-    parser.add_argument("--harness", default="metrics/harness.json", help="lm-evaluation-harness results, {} when "
-                                                                          "off (default: metrics/harness.json)")
-    args = parser.parse_args(argv)
+    paths = ["corpus", "models", "soups", "plots", "metrics", "report", "harness"]  # plots: reads train/, writes eval.csv
+    args = stage_parser("stages.evaluate", __doc__, paths).parse_args(argv)
     params = load_params(args.params)
-    if params.runtime.threads:
-        torch.set_num_threads(params.runtime.threads)
-    target_first = [params.target] + [name for name in params.sources if name != params.target]
-    locations = {name: args.models for name in [*target_first, *TRAINED_MODELS]}
+    torch_runtime(params)
+    locations = {name: args.models for name in params.evaluated_models()}
     locations.update({soup: args.soups for soup in params.soup.soup_names()})
     evaluation = evaluate_models(locations, params, args.corpus)
     write_json(args.metrics, evaluation)

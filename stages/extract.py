@@ -6,12 +6,10 @@ killed run resumes at its first unfinished shard, and N workers may fill one sto
 """
 from __future__ import annotations
 
-import argparse
 import sys
 
-import torch
-
-from fusesoup.cli import StageError, run_stage
+from fusesoup.cli import run_stage, stage_parser, torch_runtime
+from fusesoup.errors import StageError
 from fusesoup.logits.extract import extract_store, key_parts, run_workers, worker_count
 from fusesoup.models import load_config, load_model, model_path, resolve_device_dtype
 from fusesoup.params import load_params
@@ -19,26 +17,18 @@ from fusesoup.storage import directory_fingerprint, write_json
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m stages.extract", description=__doc__)
+    parser = stage_parser("stages.extract", __doc__, ["corpus", "models", "out", "metrics"])
     parser.add_argument("teacher", help="the model: one of params.yaml's sources")
-    parser.add_argument("--params", default="params.yaml", help="the params file (default: params.yaml)")
-    parser.add_argument("--corpus", default="data/corpus", help="the corpus directory (default: data/corpus)")
-    parser.add_argument("--models", default="data/models", help="where models live (default: data/models)")
-    parser.add_argument("--out", help="the store directory (default: data/logits/<teacher>)")
-    parser.add_argument("--metrics", help="metrics JSON, written once the store is complete "
-                                          "(default: metrics/extract/<teacher>.json)")
     parser.add_argument("--num-workers", type=int, default=1, help="processes filling this store (default: 1)")
     parser.add_argument("--worker-index", type=int, default=0, help="this process's index, 0..N-1 (default: 0)")
     parser.add_argument("--threads", type=int, help="CPU threads of this process (default: runtime.threads)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
-    teacher = args.teacher
-    out = args.out or f"data/logits/{teacher}"
+    teacher, out = args.teacher, args.out
     params = load_params(args.params)
     if teacher not in params.sources:
         raise StageError(f"{args.params}: {teacher!r} is not in sources {params.sources}")
-    if args.threads or params.runtime.threads:
-        torch.set_num_threads(args.threads or params.runtime.threads)
+    torch_runtime(params, args.threads)
     device, dtype = resolve_device_dtype(params.runtime)
     config = load_config(teacher, params, args.models)
     parts = key_parts(directory_fingerprint(model_path(teacher, args.models)), args.corpus, params.extract, dtype)
@@ -56,7 +46,7 @@ def main(argv: list[str] | None = None) -> None:
     metrics = {split: {"sequences": s["sequences"], "positions": s["positions"], "bytes": s["bytes"],
                        "bytes_per_position": s["bytes"] / max(1, s["positions"])}
                for split, s in manifest["splits"].items()}
-    write_json(args.metrics or f"metrics/extract/{teacher}.json", {"k": manifest["k"], "splits": metrics})
+    write_json(args.metrics, {"k": manifest["k"], "splits": metrics})
     print(f"{out}: complete, key {manifest['key'][:12]}; "
           + ", ".join(f"{split} {m['positions']} positions, {m['bytes_per_position']:.2f} bytes/position"
                       for split, m in metrics.items()))

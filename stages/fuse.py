@@ -6,10 +6,9 @@ source's alignment statistics, gathered from the aligned stores' manifests into 
 """
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
-from fusesoup.cli import run_stage
+from fusesoup.cli import run_stage, stage_parser
 from fusesoup.fusion_store import fuse_store, fusion_stats
 from fusesoup.logits.sparse_store import ALIGNED_EXTRAS, SparseStore
 from fusesoup.logits.store import available_cores
@@ -18,13 +17,7 @@ from fusesoup.storage import StorageError, write_json
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m stages.fuse", description=__doc__)
-    parser.add_argument("--params", default="params.yaml", help="the params file (default: params.yaml)")
-    parser.add_argument("--corpus", default="data/corpus", help="the corpus directory (default: data/corpus)")
-    parser.add_argument("--aligned", default="data/aligned", help="the aligned stores (default: data/aligned)")
-    parser.add_argument("--out", default="data/fused", help="the fused store (default: data/fused)")
-    parser.add_argument("--metrics", default="metrics", help="where fusion.json and alignment.json go (default: metrics)")
-    args = parser.parse_args(argv)
+    args = stage_parser("stages.fuse", __doc__, ["corpus", "aligned", "out", "metrics"]).parse_args(argv)
     params = load_params(args.params)
     stores = [SparseStore(Path(args.aligned) / name, ALIGNED_EXTRAS) for name in params.sources]
     manifest = fuse_store(stores, args.out, params.fuse.method, params.fuse.temperature,

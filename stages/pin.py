@@ -5,23 +5,20 @@ resolved hub commit). See fusesoup/pin.py for why this makes DVC rerun exactly w
 """
 from __future__ import annotations
 
-import argparse
-
-from fusesoup.cli import StageError, run_stage
+from fusesoup.cli import run_stage, stage_parser
+from fusesoup.errors import StageError
 from fusesoup.params import load_params
 from fusesoup.pin import describe, pin_model
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m stages.pin", description=__doc__)
+    parser = stage_parser("stages.pin", __doc__, ["out"])
     parser.add_argument("model", help="the model: a key of params.yaml's models")
-    parser.add_argument("--params", default="params.yaml", help="the params file (default: params.yaml)")
-    parser.add_argument("--out", help="the linked model directory (default: data/models/<model>)")
     args = parser.parse_args(argv)
     params = load_params(args.params)
     if args.model not in params.models:
         raise StageError(f"{args.params}: {args.model!r} is not under 'models' (defined: {sorted(params.models)})")
-    print(describe(pin_model(args.model, params.models[args.model], args.out or f"data/models/{args.model}")))
+    print(describe(pin_model(args.model, params.models[args.model], args.out)))
 
 
 if __name__ == "__main__":

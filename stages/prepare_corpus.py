@@ -1,18 +1,13 @@
 """DVC stage prepare_corpus: params.yaml's corpus section -> data/corpus/{train,valid,test}.parquet + manifest.json."""
 from __future__ import annotations
 
-import argparse
-
-from fusesoup.cli import run_stage
+from fusesoup.cli import run_stage, stage_parser
 from fusesoup.corpus.prepare import prepare_corpus
 from fusesoup.params import load_params
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m stages.prepare_corpus", description=__doc__)
-    parser.add_argument("--params", default="params.yaml", help="the params file (default: params.yaml)")
-    parser.add_argument("--out", default="data/corpus", help="the corpus directory (default: data/corpus)")
-    args = parser.parse_args(argv)
+    args = stage_parser("stages.prepare_corpus", __doc__, ["out"]).parse_args(argv)
     params = load_params(args.params)
     from fusesoup.pin import external_token_limits  # loads tokenizers of path/hub models only
 

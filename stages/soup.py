@@ -11,94 +11,26 @@ valid and test bits per byte along the line between the two soup.probe models. W
 """
 from __future__ import annotations
 
-import argparse
+import functools
 from pathlib import Path
 
-import numpy as np
-import torch
 import yaml
 
-from fusesoup.cli import StageError, run_stage
+from fusesoup.cli import run_stage, stage_parser, torch_runtime
 from fusesoup.corpus import read_split
-from fusesoup.evaluate import bits_per_byte, encode_texts, pad_batch, plan_batches
+from fusesoup.errors import StageError
+from fusesoup.evaluate import bits_per_byte, encode_texts
 from fusesoup.models import load_model, load_tokenizer, model_path
-from fusesoup.params import Params, load_params
-from fusesoup.soup.learn import (greedy_soup, group_of, learn_alphas, load_mix, mapped_ingredients, memory_plan,
-                                 uniform)
-from fusesoup.soup.checkpoint import SoupError, language_model_prefixes
+from fusesoup.params import load_params
+from fusesoup.soup.checkpoint import language_model_prefixes
+from fusesoup.soup.learn import learn_alphas, load_mix, mapped_ingredients, memory_plan, uniform
 from fusesoup.soup.merge import (check_ingredients, checked_sources, plan_linear, write_linear_merge,
                                  write_merge)
 from fusesoup.soup.mergekit import mergekit_config, task_vector_config
 from fusesoup.soup.multimodal import multimodal_position, write_multimodal_merge
+from fusesoup.soup.recipes import Kitchen, coefficients, cook, learning_batches, probe_rows
 from fusesoup.soup.task_vectors import TASK_VECTOR_METHODS, load_task_vector_merge, task_vector_combine
 from fusesoup.storage import atomic_dir, write_csv, write_json
-
-
-def recipes(params: Params, names: list[str], tokenizer, valid: list[str], learn, score, score_merge
-            ) -> dict[str, dict]:
-    """Every soup the params ask for: name -> {"granularity", "groups" (group -> alpha per ingredient), "valid_bpb"},
-    or for a merge relative to the first ingredient {"method", "weights", "density", "lambda", "valid_bpb"}.
-    `score(alphas, granularity)` is the valid bpb of a soup; `learn(batches, l1)` fits one (learn_alphas);
-    `score_merge(method, weights, lam)` the valid bpb of a task_arithmetic or ties merge."""
-    spec, count = params.soup, len(names)
-    own = [score(uniform([float(i == j) for j in range(count)]), "model") for i in range(count)]
-    soups = {}
-    if "vanilla" in spec.strategies:
-        weights = [1.0 / count] * count
-        soups["soup-vanilla"] = {"granularity": "model", "groups": {"model": weights},
-                                 "valid_bpb": score(uniform(weights), "model")}
-    if "greedy" in spec.strategies:
-        weights, best = greedy_soup(own, lambda members: score(uniform(members), "model"))
-        soups["soup-greedy"] = {"granularity": "model", "groups": {"model": weights}, "valid_bpb": best}
-    learned = [("soup-learned", 0.0)] if "learned" in spec.strategies else []
-    learned += [(f"soup-l1-{lam:g}", lam) for lam in spec.l1] if "regularized" in spec.strategies else []
-    if learned:
-        sequences = encode_texts(tokenizer, valid)
-        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else sequences[0][0]
-        batches = [pad_batch([sequences[i] for i in batch], pad)
-                   for batch in plan_batches([len(s) for s in sequences], spec.batch_tokens)]
-        order = np.random.default_rng(params.seed).permutation(len(batches))
-        batches = [batches[i] for i in order]
-    for name, lam in learned:
-        fit = learn(batches, lam)
-        alphas = {group: torch.tensor(alpha) for group, alpha in fit.alphas.items()}
-        soups[name] = {"granularity": spec.granularity, "groups": fit.alphas, "l1": lam,
-                       "valid_bpb": score(alphas, spec.granularity), "loss": [row["loss"] for row in fit.log]}
-    vectors = spec.task_vectors
-    weights = [0.0] + [vectors.weight] * (count - 1)  # the first ingredient is the base
-    for method in (m for m in TASK_VECTOR_METHODS if m in spec.strategies):
-        trials = {lam: score_merge(method, weights, lam) for lam in vectors.lambdas}
-        best = min(trials, key=trials.get)
-        soups[f"soup-{method}"] = {"method": method, "base": names[0], "weights": weights,
-                                   "density": vectors.density if method == "ties" else 1.0, "lambda": best,
-                                   "valid_bpb": trials[best], "valid_bpb_by_lambda": trials}
-    return {"ingredients": dict(zip(names, own)), "soups": soups}
-
-
-def probe_rows(params: Params, names, load, model, tokenizer, valid: list[str], test: list[str]) -> list[dict]:
-    """Valid and test bits per byte at soup.probe.points evenly spaced points from probe model a to model b;
-    `load(alphas, granularity)` gives `model` a soup's weights."""
-    first, second = (names.index(name) for name in params.soup.probe.between)
-    rows = []
-    for alpha in np.linspace(0.0, 1.0, params.soup.probe.points).round(6).tolist():
-        weights = [0.0] * len(names)
-        weights[first], weights[second] = 1.0 - alpha, alpha
-        load(uniform(weights), "model")
-        rows.append({"alpha": alpha, "model_a": names[first], "model_b": names[second],
-                     "valid_bpb": bits_per_byte(model, tokenizer, valid, params.soup.batch_tokens).bpb,
-                     "test_bpb": bits_per_byte(model, tokenizer, test, params.soup.batch_tokens).bpb})
-    return rows
-
-
-def coefficients(recipe: dict):
-    """tensor name -> alpha per ingredient, from a recipe's groups."""
-    def lookup(tensor: str) -> list[float]:
-        group = group_of(tensor, recipe["granularity"])
-        if group not in recipe["groups"]:
-            raise SoupError(f"tensor {tensor!r}: no learned alpha for its group {group!r} (it is not a parameter of "
-                            "the loaded model)")
-        return recipe["groups"][group]
-    return lookup
 
 
 NO_MERGEKIT_REPLAY = """\
@@ -120,18 +52,9 @@ def check_same_tokens(text: str, vocab: dict[str, int], name: str, other: dict[s
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m stages.soup", description=__doc__)
-    parser.add_argument("--params", default="params.yaml", help="the params file (default: params.yaml)")
-    parser.add_argument("--corpus", default="data/corpus", help="the corpus directory (default: data/corpus)")
-    parser.add_argument("--models", default="data/models", help="where models live (default: data/models)")
-    parser.add_argument("--out", default="data/soups", help="where the soups go (default: data/soups)")
-    parser.add_argument("--metrics", default="metrics/soup.json", help="valid scores (default: metrics/soup.json)")
-    parser.add_argument("--plots", default="plots/interpolation.csv", help="the probe (default: plots/interpolation.csv)")
-    args = parser.parse_args(argv)
+    args = stage_parser("stages.soup", __doc__, ["corpus", "models", "out", "metrics", "plots"]).parse_args(argv)
     params = load_params(args.params)
-    torch.manual_seed(params.seed)
-    if params.runtime.threads:
-        torch.set_num_threads(params.runtime.threads)
+    torch_runtime(params)
     names = params.soup_ingredients()
     directories = [model_path(name, args.models) for name in names]
     dtype = next(iter(check_ingredients(directories).values()))[1]  # shapes, dtypes and names checked first
@@ -146,20 +69,27 @@ def main(argv: list[str] | None = None) -> None:
                           extra_allowed=position == multimodal)
     ingredients = mapped_ingredients(directories, model, next(model.parameters()).device)
     print(memory_plan(ingredients, model, params.soup.granularity), flush=True)
+    spec = params.soup
     valid = read_split(args.corpus, "valid")["text"].to_list()
     test = read_split(args.corpus, "test")["text"].to_list()
+    bpb = lambda scored, texts: bits_per_byte(scored, tokenizer, texts, spec.batch_tokens).bpb  # noqa: E731
     load = lambda alphas, granularity: load_mix(model, ingredients, alphas, granularity)  # noqa: E731
-    score = lambda alphas, granularity: bits_per_byte(load(alphas, granularity), tokenizer, valid,  # noqa: E731
-                                                      params.soup.batch_tokens).bpb
-    learn = lambda batches, l1: learn_alphas(model, ingredients, batches, params.soup.granularity, l1,  # noqa: E731
-                                             params.soup.steps, params.soup.lr)
-    density = params.soup.task_vectors.density
+    score = lambda alphas, granularity: bpb(load(alphas, granularity), valid)  # noqa: E731
+    learn = lambda batches, l1: learn_alphas(model, ingredients, batches, spec.granularity, l1,  # noqa: E731
+                                             spec.steps, spec.lr)
 
     def score_merge(method: str, weights: list[float], lam: float) -> float:
-        merged = load_task_vector_merge(model, directories, method, weights, density if method == "ties" else 1.0, lam)
-        return bits_per_byte(merged, tokenizer, valid, params.soup.batch_tokens).bpb
-    scores = recipes(params, names, tokenizer, valid, learn, score, score_merge)
-    rows = probe_rows(params, names, load, model, tokenizer, valid, test)
+        density = spec.task_vectors.density if method == "ties" else 1.0
+        return bpb(load_task_vector_merge(model, directories, method, weights, density, lam), valid)
+
+    @functools.cache
+    def batches():
+        sequences = encode_texts(tokenizer, valid)
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else sequences[0][0]
+        return learning_batches(sequences, pad, spec.batch_tokens, params.seed)
+    own = [score(uniform([float(i == j) for j in range(len(names))]), "model") for i in range(len(names))]
+    scores = cook(Kitchen(spec, names, own, score, learn, score_merge, batches))
+    rows = probe_rows(spec, names, load, lambda: bpb(model, valid), lambda: bpb(model, test))
 
     num_layers = getattr(model.config, "num_hidden_layers", 0)
     with atomic_dir(args.out) as tmp:

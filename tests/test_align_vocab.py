@@ -9,6 +9,7 @@ import pytest
 from fusesoup.align.edit_distance import PaddedBytes, pairwise_edit_distances
 from fusesoup.align.token_bytes import token_bytes
 from fusesoup.align.vocab_map import map_vocab
+from fusesoup.errors import StageError
 from fusesoup.tokenizer_families import train_tokenizer
 from tests.test_tokenizer_families import sample_texts
 
@@ -63,7 +64,8 @@ def test_exact_and_min_ed_on_hand_made_vocabularies():
     # prefix: the longest target token the source bytes start with: cut, cast, ca, cxrt -> c; dig, zzzzzzzz -> none
     assert map_vocab(source, target, "prefix").tolist() == [-1, 2, 1, 7, -1, 7, -1, 7, 7]
     assert map_vocab([b" selfish", b" shelf"], [b" s", b" self", b" shelf", b" sel"], "prefix").tolist() == [1, 2]
-    with pytest.raises(ValueError, match="unknown vocabulary mapping"):
+    known = r"unknown vocabulary mapping \(align.vocab\) 'fuzzy'; known: exact, min_ed, prefix"
+    with pytest.raises(StageError, match=known):
         map_vocab(source, target, "fuzzy")
 
 

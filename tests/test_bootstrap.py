@@ -11,6 +11,7 @@ import yaml
 
 from fusesoup.bootstrap import build_model, train_causal_lm
 from fusesoup.corpus import CORPUS_SCHEMA
+from fusesoup.errors import StageError
 from fusesoup.models import load_model
 from fusesoup.params import Bootstrap, TrainSpec, load_params
 from fusesoup.storage import write_parquet
@@ -61,7 +62,7 @@ def test_build_model(architecture, tokenizer):
 
 
 def test_unknown_architecture(tokenizer):
-    with pytest.raises(ValueError, match="unknown architecture 'bert'"):
+    with pytest.raises(StageError, match="unknown bootstrap architecture 'bert'; known: llama, gpt_neox, gpt2"):
         build_model("bert", tiny_spec(), tokenizer, seed=0)
 
 
@@ -180,6 +181,10 @@ def write_corpus(directory):
         write_parquet(frame, directory / f"{split}.parquet")
 
 
+BOOTSTRAP_PATHS = ["--params", "params.yaml", "--corpus", "corpus", "--out", "data/models/spec",
+                   "--metrics", "metrics/bootstrap/spec.json", "--plots", "plots/bootstrap/spec.csv"]
+
+
 def test_bootstrap_stage(tmp_path, monkeypatch):
     from stages.bootstrap import main
 
@@ -193,7 +198,7 @@ def test_bootstrap_stage(tmp_path, monkeypatch):
            "corpus": {"sources": [{"kind": "builtin_code"}], "max_chunk_bytes": 256},
            "runtime": {"device": "cpu", "threads": torch.get_num_threads()}, "bootstrap": {"spec": entry}}
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
-    main(["spec", "--corpus", "corpus"])
+    main(["spec", *BOOTSTRAP_PATHS])
 
     out = tmp_path / "data/models/spec"
     assert (out / "model.safetensors").is_file() and (out / "tokenizer.json").is_file()
@@ -223,6 +228,6 @@ def test_bootstrap_stage_unknown_model_exits_with_one_line(tmp_path, monkeypatch
            "corpus": {"sources": [{"kind": "builtin_code"}]}}
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
     with pytest.raises(SystemExit) as caught:
-        run_stage(lambda: main(["nope"]))
+        run_stage(lambda: main(["nope", *BOOTSTRAP_PATHS]))
     assert caught.value.code == 2
     assert capsys.readouterr().err.strip() == "error: params.yaml: no bootstrap.nope entry (bootstrap models: [])"

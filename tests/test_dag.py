@@ -217,9 +217,9 @@ def test_task_arithmetic_and_ties_soups_relative_to_the_base(built, tmp_path):
                                                                              "lambdas": [0.5, 1.0]})
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
     out = tmp_path / "soups"
-    subprocess.run([sys.executable, "-m", "stages.soup", "--params", str(tmp_path / "params.yaml"), "--out", str(out),
-                    "--metrics", str(tmp_path / "soup.json"), "--plots", str(tmp_path / "probe.csv")], cwd=built,
-                   check=True)
+    subprocess.run([sys.executable, "-m", "stages.soup", "--params", str(tmp_path / "params.yaml"), "--corpus",
+                    "data/corpus", "--models", "data/models", "--out", str(out), "--metrics",
+                    str(tmp_path / "soup.json"), "--plots", str(tmp_path / "probe.csv")], cwd=built, check=True)
     names = load_params(built / "params.yaml").soup_ingredients()
     states = [load_file(built / "data/models" / name / "model.safetensors") for name in names]
     for method in ("task_arithmetic", "ties"):

@@ -5,7 +5,7 @@ import re
 
 import pytest
 
-from fusesoup.cli import StageError
+from fusesoup.errors import StageError
 from fusesoup.train.launch import check_launch
 
 

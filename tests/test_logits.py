@@ -170,7 +170,7 @@ def write_corpus(directory: Path, texts=ASCII_TEXTS) -> Path:
     return directory
 
 
-SPEC = Extract(k=5, splits=["train"], batch_tokens=512, shard_sequences=8)
+SPEC = Extract(k=5, splits=["train"], batch_tokens=512, shard_sequences=8, workers=1)  # one process unless a test asks
 
 
 def run_store(model, tokenizer, corpus: Path, store: Path, spec: Extract = SPEC, **kwargs):

@@ -10,7 +10,8 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import GPT2Config, LlamaConfig, PreTrainedConfig, PreTrainedTokenizerFast
 
 from fusesoup.bootstrap import build_model
-from fusesoup.evaluate import BpbResult, ContextError, plan_batches, bits_per_byte
+from fusesoup.batching import plan_batches
+from fusesoup.evaluate import BpbResult, ContextError, bits_per_byte
 from fusesoup.models import ModelError, context_length, load_model, load_tokenizer, model_path, resolve_device_dtype
 from fusesoup.params import ModelSpec, Runtime, parse_params
 from fusesoup.pin import external_token_limits

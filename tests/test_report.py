@@ -7,7 +7,7 @@ import re
 import polars as pl
 import pytest
 
-from fusesoup.cli import StageError
+from fusesoup.errors import StageError
 from fusesoup.report import write_report
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"

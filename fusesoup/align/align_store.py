@@ -23,8 +23,8 @@ from fusesoup.align.token_bytes import prepended_space, shadowed_fallbacks, text
 from fusesoup.align.vocab_map import padded_map
 from fusesoup.align.transfer import (EXACT, FALLBACK, MAPPED, SPAN, AlignedSequence, SpanInputs, agreement,
                                      groups_from_path, transfer_groups)
-from fusesoup.cli import StageError
 from fusesoup.corpus import read_texts, split_path
+from fusesoup.errors import StageError
 from fusesoup.logits.codec import SequenceLogits, quantize_ce
 from fusesoup.logits.sparse import SPARSE_CODEC
 from fusesoup.logits.sparse_store import ALIGNED_EXTRAS, SparseSequence, SparseStore, sparse_table

@@ -16,36 +16,48 @@ targets whose bound is at most the best distance found so far, level by level.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Sequence
-from typing import Literal
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
 from fusesoup.align.edit_distance import PaddedBytes, pairwise_edit_distances
 from fusesoup.align.spans import Segmenter
+from fusesoup.errors import lookup
+from fusesoup.params import VocabMethod
 
-VocabMethod = Literal["exact", "min_ed", "prefix"]
+
+def no_fallback(unmatched: Sequence[bytes], targets: Segmenter, target_bytes: Sequence[bytes]) -> list[int]:
+    """`exact`: a source token without a same-bytes target token maps to nothing."""
+    return [-1] * len(unmatched)
+
+
+def longest_prefix(unmatched: Sequence[bytes], targets: Segmenter, target_bytes: Sequence[bytes]) -> list[int]:
+    """`prefix`: the longest target token each source token's bytes start with (an exact match is already taken)."""
+    found = [targets.longest_token(token) for token in unmatched]
+    return [-1 if match is None else match[0] for match in found]
+
+
+def nearest_bytes(unmatched: Sequence[bytes], targets: Segmenter, target_bytes: Sequence[bytes]) -> list[int]:
+    """`min_ed`: the target token at the smallest byte edit distance (ties: the smallest id)."""
+    nearest = NearestTokens(target_bytes)
+    return [nearest.find(token) for token in unmatched]
+
+
+# method -> the target id of each source token without an exact match
+VOCAB_MAPS: dict[VocabMethod, Callable[[Sequence[bytes], Segmenter, Sequence[bytes]], list[int]]] = {
+    "exact": no_fallback, "min_ed": nearest_bytes, "prefix": longest_prefix}
 
 
 def map_vocab(
     source_bytes: Sequence[bytes], target_bytes: Sequence[bytes], method: VocabMethod = "min_ed"
 ) -> np.ndarray:
     """int64 array of len(source_bytes): the target id of each source id, -1 where there is none (see module doc)."""
-    if method not in ("exact", "min_ed", "prefix"):
-        raise ValueError(f"unknown vocabulary mapping {method!r}; expected 'exact', 'min_ed' or 'prefix'")
+    fallback = lookup(VOCAB_MAPS, method, "vocabulary mapping (align.vocab)")
     targets = Segmenter(target_bytes)  # .ids: each non-empty target token's bytes -> its smallest id
     mapping = np.fromiter((targets.ids.get(token, -1) for token in source_bytes), np.int64, len(source_bytes))
     unmatched = [source_id for source_id, token in enumerate(source_bytes) if token and mapping[source_id] < 0]
-    if method == "exact" or not unmatched or not targets.ids:
-        return mapping
-    if method == "prefix":
-        for source_id in unmatched:
-            found = targets.longest_token(source_bytes[source_id])  # an exact match is already taken
-            mapping[source_id] = -1 if found is None else found[0]
-        return mapping
-    nearest = NearestTokens(target_bytes)
-    for source_id in unmatched:
-        mapping[source_id] = nearest.find(source_bytes[source_id])
+    if unmatched and targets.ids:
+        mapping[unmatched] = fallback([source_bytes[source_id] for source_id in unmatched], targets, target_bytes)
     return mapping
 
 

@@ -7,7 +7,7 @@ from typing import Callable, NamedTuple
 
 import polars as pl
 
-from fusesoup.cli import StageError
+from fusesoup.errors import StageError
 from fusesoup.storage import read_parquet
 
 SPLITS = ("train", "valid", "test")

@@ -16,7 +16,7 @@ from typing import NamedTuple, Sequence
 import torch
 from safetensors import SafetensorError, safe_open
 
-from fusesoup.cli import StageError
+from fusesoup.errors import StageError
 from fusesoup.storage import read_json
 
 INDEX_NAME = "model.safetensors.index.json"

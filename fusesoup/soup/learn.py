@@ -11,27 +11,37 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Literal, NamedTuple
+from typing import NamedTuple
 
 import torch
 from torch.func import functional_call
 
+from fusesoup.errors import lookup
+from fusesoup.params import Granularity
 from fusesoup.soup.checkpoint import SoupError, ingredient_indexes, read_entry
 from fusesoup.train.loss import clm_loss, student_log_probs
 
-Granularity = Literal["model", "layer", "module"]
 _LAYER = re.compile(r"^(.*?\.(?:layers|h|blocks)\.\d+)\.")  # llama/neox `layers.N`, gpt2 `h.N`
 
 
+def module_group(name: str) -> str:
+    """`module`: the parameter's module (`model.layers.3.self_attn.q_proj`: weight and bias share one alpha)."""
+    return name.rsplit(".", 1)[0] if name.endswith((".weight", ".bias")) else name
+
+
+def layer_group(name: str) -> str:
+    """`layer`: the parameter's layer (`model.layers.3`), or its module outside the layers."""
+    match = _LAYER.match(name)
+    return match.group(1) if match else module_group(name)
+
+
+GROUPINGS: dict[Granularity, Callable[[str], str]] = {
+    "model": lambda name: "model", "layer": layer_group, "module": module_group}
+
+
 def group_of(name: str, granularity: Granularity) -> str:
-    """The alpha group of parameter `name`: `model`; its layer (`model.layers.3`, or its module outside the layers);
-    or its module (`model.layers.3.self_attn.q_proj`: weight and bias share one alpha vector)."""
-    if granularity == "model":
-        return "model"
-    module = name.rsplit(".", 1)[0] if name.endswith((".weight", ".bias")) else name
-    if granularity == "layer" and (match := _LAYER.match(name)):
-        return match.group(1)
-    return module
+    """The alpha group of parameter `name` at `granularity` (one alpha vector per group)."""
+    return lookup(GROUPINGS, granularity, "soup.granularity")(name)
 
 
 Ingredients = dict[str, tuple[torch.Tensor, ...]]  # parameter name -> every ingredient's tensor (frozen, own dtype)

@@ -12,8 +12,8 @@ directories: each rank writes its shards, and a checkpoint loads on any world si
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 from pathlib import Path
-from typing import Literal
 
 import torch
 import torch.distributed as dist
@@ -23,7 +23,8 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.nn.parallel import DistributedDataParallel
 
-Engine = Literal["ddp", "fsdp"]
+from fusesoup.errors import lookup
+from fusesoup.params import Engine
 
 
 def rank_and_world() -> tuple[int, int]:
@@ -40,22 +41,34 @@ def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
     return layers
 
 
-def distribute(model: torch.nn.Module, engine: Engine, activation_checkpointing: bool = False) -> torch.nn.Module:
-    """The module the loop calls: `model` itself in one process, else wrapped (ddp) or sharded in place (fsdp)."""
-    if activation_checkpointing:
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-    if rank_and_world()[1] == 1:
-        return model
-    device = next(model.parameters()).device
-    if engine == "ddp":
-        return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
-                                       gradient_as_bucket_view=True)  # no second copy of the gradients
+def data_parallel(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """`ddp`: the model wrapped in DistributedDataParallel."""
+    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                   gradient_as_bucket_view=True)  # no second copy of the gradients
+
+
+def fully_sharded(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """`fsdp`: each decoder layer, then the root, sharded in place (FSDP2); bf16 compute on CUDA."""
     policy = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
               if device.type == "cuda" else MixedPrecisionPolicy())
     for layer in decoder_layers(model):
         fully_shard(layer, mp_policy=policy)
     fully_shard(model, mp_policy=policy)
     return model
+
+
+ENGINES: dict[Engine, Callable[[torch.nn.Module, torch.device], torch.nn.Module]] = {
+    "ddp": data_parallel, "fsdp": fully_sharded}
+
+
+def distribute(model: torch.nn.Module, engine: Engine, activation_checkpointing: bool = False) -> torch.nn.Module:
+    """The module the loop calls: `model` itself in one process, else wrapped (ddp) or sharded in place (fsdp)."""
+    wrap = lookup(ENGINES, engine, "train.distributed engine")
+    if activation_checkpointing:
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    if rank_and_world()[1] == 1:
+        return model
+    return wrap(model, next(model.parameters()).device)
 
 
 def inner(model: torch.nn.Module) -> torch.nn.Module:

@@ -12,7 +12,7 @@ from collections.abc import Mapping
 import torch
 import torch.distributed as dist
 
-from fusesoup.cli import StageError
+from fusesoup.errors import StageError
 
 # accelerate launch's environment variables for engines this loop does not run (each set to "true" when asked).
 _UNSUPPORTED_ENGINES = {"ACCELERATE_USE_FSDP": "--use_fsdp (FSDP)", "ACCELERATE_USE_DEEPSPEED": "--use_deepspeed",

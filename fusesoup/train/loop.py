@@ -26,11 +26,11 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
-from fusesoup.params import ContinuedTraining
+from fusesoup.params import ContinuedTraining, FusionLoss
 from fusesoup.storage import atomic_dir, read_json
 from fusesoup.train.engine import (accumulating, distribute, load_training_state, rank_and_world,
                                    save_training_state)
-from fusesoup.train.loss import FusionLoss, clm_loss, fusion_loss, pad_targets, student_log_probs
+from fusesoup.train.loss import clm_loss, fusion_loss, pad_targets, student_log_probs
 from fusesoup.train.memory import check_fits, device_memory, format_memory_plan, plan_memory
 from fusesoup.train.packing import TrainBlock
 from fusesoup.train.recipe import GRAD_CLIP, TrainingError, lr_at, make_optimizer, set_lr, special_ids

@@ -6,14 +6,14 @@ a dense [B, 2048, 32000] one in a Python loop).
 """
 from __future__ import annotations
 
-from typing import Literal, NamedTuple
+from typing import Callable, NamedTuple
 
 import numpy as np
 import torch
 
+from fusesoup.errors import lookup
 from fusesoup.logits.sparse import SparseRows
-
-FusionLoss = Literal["ce", "kl"]
+from fusesoup.params import FusionLoss
 
 
 class SparseTargets(NamedTuple):
@@ -41,17 +41,28 @@ def student_log_probs(logits: torch.Tensor) -> torch.Tensor:
     return torch.log_softmax(logits.float(), dim=-1)
 
 
+def soft_cross_entropy(log_q: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """`ce`: -sum_e p_e log q(id_e) per position; log_q and p [B, L, E]."""
+    return -(p * log_q).sum(-1)
+
+
+def kl_divergence(log_q: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """`kl`: KL(p || q) per position: the cross-entropy minus the targets' entropy (same gradient, reaches 0)."""
+    return soft_cross_entropy(log_q, p) + (p * torch.log(torch.where(p > 0, p, torch.ones_like(p)))).sum(-1)
+
+
+FUSION_LOSSES: dict[FusionLoss, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
+    "ce": soft_cross_entropy, "kl": kl_divergence}
+
+
 def fusion_loss(log_probs: torch.Tensor, targets: SparseTargets, mask: torch.Tensor, kind: FusionLoss = "ce",
                 positions: float | None = None) -> torch.Tensor:
-    """Mean over masked-in positions of the soft-label cross-entropy -sum_e p_e log q(id_e) (or KL(p || q), which
-    differs by the targets' entropy: same gradient, a loss that reaches 0). log_probs [B, L, V] (student_log_probs),
-    mask [B, L]. `positions` replaces the local count as the denominator (data parallel: the global batch's count)."""
+    """Mean over masked-in positions of FUSION_LOSSES[kind] between the fused targets and the student at their ids.
+    log_probs [B, L, V] (student_log_probs), mask [B, L]. `positions` replaces the local count as the denominator
+    (data parallel: the global batch's count)."""
+    per_position = lookup(FUSION_LOSSES, kind, "train.fusion_loss")
     log_q = log_probs.gather(-1, targets.ids)  # [B, L, E]
-    per_position = -(targets.probs * log_q).sum(-1)
-    if kind == "kl":
-        p = targets.probs
-        per_position = per_position + (p * torch.log(torch.where(p > 0, p, torch.ones_like(p)))).sum(-1)
-    return masked_mean(per_position, mask, positions)
+    return masked_mean(per_position(log_q, targets.probs), mask, positions)
 
 
 def clm_loss(log_probs: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor,

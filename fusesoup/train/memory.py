@@ -18,7 +18,8 @@ from typing import NamedTuple
 import psutil
 import torch
 
-from fusesoup.train.engine import Engine, decoder_layers
+from fusesoup.params import Engine
+from fusesoup.train.engine import decoder_layers
 from fusesoup.train.recipe import TrainingError
 
 FLOAT32 = 4

@@ -7,7 +7,7 @@ from typing import NamedTuple
 
 import torch
 
-from fusesoup.cli import StageError
+from fusesoup.errors import StageError
 from fusesoup.params import TrainSpec
 
 MIN_LR_FRACTION = 0.1  # the cosine schedule ends at this fraction of the peak lr
