@@ -24,9 +24,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from fusesoup.align.token_alignment import byte_ends, dtw_align, offset_align  # noqa: E402
-from fusesoup.align.token_bytes import text_token_bytes, token_bytes  # noqa: E402
 from fusesoup.align.vocab_map import map_vocab  # noqa: E402
 from fusesoup.corpus.builtin import stdlib_files  # noqa: E402
+from fusesoup.token_bytes import text_token_bytes, token_bytes  # noqa: E402
 from fusesoup.tokenizer_families import train_tokenizer  # noqa: E402
 from tests.test_align_tokens import reference_dtw  # noqa: E402
 

@@ -24,11 +24,11 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from fusesoup.align.token_alignment import GROUP_KINDS, byte_ends, cost_by_group_kind, offset_align  # noqa: E402
-from fusesoup.align.token_bytes import text_token_bytes, token_bytes  # noqa: E402
 from fusesoup.corpus import largest_group_parts, read_split  # noqa: E402
 from fusesoup.logits.extract import extract_sequences  # noqa: E402
 from fusesoup.models import load_model  # noqa: E402
 from fusesoup.params import load_params  # noqa: E402
+from fusesoup.token_bytes import text_token_bytes, token_bytes  # noqa: E402
 
 
 def token_costs(name: str, params, models_dir: str, texts: list[str], batch_tokens: int):

@@ -14,12 +14,12 @@ from pathlib import Path
 
 from transformers import AutoConfig, AutoTokenizer
 
-from fusesoup.align.token_bytes import text_token_bytes, token_bytes
 from fusesoup.corpus import TokenLimit
 from fusesoup.models import (SPECIAL_TOKENS_PER_SEQUENCE, UNSAFE_WEIGHTS, ModelError, check_safetensors, context_length,
                              is_unsafe_weights, load_from)
 from fusesoup.params import HubRef, ModelRef, Params
 from fusesoup.storage import atomic_dir, write_json
+from fusesoup.token_bytes import text_token_bytes, token_bytes
 
 PIN_FILE = "pin.json"
 # Text the tokenizer must spell back byte for byte: alignment compares tokens across tokenizers by their bytes.

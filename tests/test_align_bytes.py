@@ -4,8 +4,8 @@ from __future__ import annotations
 import pytest
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
 
-from fusesoup.align.token_bytes import UNICODE_TO_BYTE, shadowed_fallbacks, text_token_bytes, token_bytes
 from fusesoup.align.vocab_map import map_vocab
+from fusesoup.token_bytes import UNICODE_TO_BYTE, shadowed_fallbacks, text_token_bytes, token_bytes
 from fusesoup.tokenizer_families import BYTE_TOKENS, FAMILIES, SPACE, train_tokenizer
 from tests.test_tokenizer_families import CASES, random_strings, sample_texts
 

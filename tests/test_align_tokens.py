@@ -12,7 +12,7 @@ import numpy as np
 
 from fusesoup.align.token_alignment import (GROUP_KINDS, _warping_path, byte_ends, cost_by_group_kind, dtw_align,
                                            offset_align)
-from fusesoup.align.token_bytes import text_token_bytes, token_bytes
+from fusesoup.token_bytes import text_token_bytes, token_bytes
 from fusesoup.tokenizer_families import FAMILIES, train_tokenizer
 from tests.test_align_vocab import reference_edit_distance
 from tests.test_tokenizer_families import sample_texts

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 
 from fusesoup.align.edit_distance import PaddedBytes, pairwise_edit_distances
-from fusesoup.align.token_bytes import token_bytes
 from fusesoup.align.vocab_map import map_vocab
 from fusesoup.errors import StageError
+from fusesoup.token_bytes import token_bytes
 from fusesoup.tokenizer_families import train_tokenizer
 from tests.test_tokenizer_families import sample_texts
 

@@ -10,10 +10,10 @@ import tiktoken
 from tiktoken.load import load_tiktoken_bpe
 
 from fusesoup.align.align_store import align_sequence, alignment
-from fusesoup.align.token_bytes import prepended_space, text_token_bytes, token_bytes
 from fusesoup.align.transfer import EXACT, SPAN
 from fusesoup.logits.codec import SequenceLogits
 from fusesoup.params import Align
+from fusesoup.token_bytes import prepended_space, text_token_bytes, token_bytes
 from tests.real_tokenizers import ENDOFTEXT, GPT2_PATTERN, files_dir, gpt2_tokenizer, mistral_tokenizer
 
 TEXTS = ["The quick brown fox jumps over the lazy dog.", " leading space", "\nnewline first",

@@ -19,7 +19,6 @@ from transformers import PreTrainedTokenizerBase
 
 from fusesoup.align.spans import Leads, Segmenter
 from fusesoup.align.token_alignment import byte_ends, dtw_align, offset_align
-from fusesoup.align.token_bytes import prepended_space, shadowed_fallbacks, text_token_bytes, token_bytes
 from fusesoup.align.vocab_map import padded_map
 from fusesoup.align.transfer import (EXACT, FALLBACK, MAPPED, SPAN, AlignedSequence, SpanInputs, agreement,
                                      groups_from_path, transfer_groups)
@@ -31,6 +30,7 @@ from fusesoup.logits.sparse_store import ALIGNED_EXTRAS, SparseSequence, SparseS
 from fusesoup.logits.store import LogitStore, fill_store, write_manifest
 from fusesoup.params import Align
 from fusesoup.storage import content_key
+from fusesoup.token_bytes import prepended_space, shadowed_fallbacks, text_token_bytes, token_bytes
 
 TRANSFER_RULES = "one-to-one-merge-spans-first-row-v3"  # part of the key: a change of the transfer rules re-aligns
 
