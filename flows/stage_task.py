@@ -15,6 +15,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from uuid import UUID
 
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
@@ -23,7 +24,9 @@ from prefect.runtime import flow_run
 from prefect.states import Cancelled, State
 
 KILL_GRACE_SECONDS = 10.0  # between SIGTERM and SIGKILL of a stage's process group
-STOP_WAIT_SECONDS = 60.0  # for a stopped flow run's tasks to end before the unfinished ones are marked Cancelled
+# for a stopped flow run's tasks to end and be marked Cancelled: under the 30 s a Prefect runner waits after its
+# SIGTERM before it SIGKILLs the flow run's process
+STOP_WAIT_SECONDS = 20.0
 TAIL_LINES = 20  # output lines quoted in a failed stage's error
 # What `dvc repro` prints after every stage that changed: advice for an interactive user, noise in a run log.
 DVC_ADVICE = ("To track the changes with git, run:", "git add ", "To enable auto staging, run:",
@@ -155,23 +158,44 @@ def stop_stages(run_id: str, futures: list[PrefectFuture]) -> None:
     """Stop flow run `run_id`'s stages (it is cancelled or interrupted): none starts from now on, each running one's
     process group is killed, and each ends Cancelled before the task runner is shut down (which would mark it
     Crashed); a stage still waiting for its upstream (NotReady) is marked Cancelled too."""
-    from prefect import get_client
-
     with _LOCK:
         _STOPPING.add(run_id)
         live = [process for process, owner in _LIVE.items() if owner == run_id]
     for process in live:
         _kill_group(process)
-    # every task's thread must have written its last state (a stage after a killed one writes Pending/NotReady once
-    # its upstream ends) before it is marked Cancelled, or that late write wins; one deadline for all, not one each
+    # every task's thread must have made its last state (a stage after a killed one makes Pending/NotReady once its
+    # upstream ends) before it is marked Cancelled, so that ours is the newest; one deadline for all, not one each
     deadline = time.monotonic() + STOP_WAIT_SECONDS
     for future in futures:
         future.wait(timeout=max(0.0, deadline - time.monotonic()))
+    _cancel_unfinished([future.task_run_id for future in futures], deadline)
+
+
+def _cancel_unfinished(task_run_ids: list[UUID], deadline: float) -> None:
+    """Mark Cancelled each of these task runs whose recorded state is not final, by `deadline`.
+
+    A task's own states reach the API as events that the server records later, so a task run may not be recorded
+    yet (polled until it is) or show an older state than its thread last made; the server keeps the state with the
+    newest timestamp, so the Cancelled set here after the thread ended is the one that stays.
+    """
+    from prefect import get_client
+    from prefect.exceptions import ObjectNotFound
+
+    waiting = list(task_run_ids)
     with get_client(sync_client=True) as client:
-        for future in futures:
-            if not client.read_task_run(future.task_run_id).state.is_final():
-                client.set_task_run_state(future.task_run_id, Cancelled(message="not started: the flow run was "
-                                                                                 "cancelled"), force=True)
+        while waiting and time.monotonic() < deadline:
+            for task_run_id in list(waiting):
+                try:
+                    state = client.read_task_run(task_run_id).state
+                except ObjectNotFound:
+                    continue  # its first event is not recorded yet
+                if state is not None and state.is_final():
+                    waiting.remove(task_run_id)
+                else:  # checked again on the next pass
+                    client.set_task_run_state(task_run_id, Cancelled(message="the flow run was cancelled"),
+                                             force=True)
+            if waiting:
+                time.sleep(0.2)
 
 
 @contextlib.contextmanager
