@@ -17,7 +17,7 @@ it): N random checkpoints of the shape, a fresh child that maps them, learns the
 --tokens, and reports its peak RSS (which counts the mapped files' pages) and peak anonymous memory, against N x
 float32 of one model:
 
-    python bench/soup.py --learned 3 --dtype bfloat16 [--steps 2 --tokens 256]
+    python bench/soup.py --learned 3 --dtype bfloat16 [--steps 2 --tokens 256] [--recompute]
 """
 from __future__ import annotations
 
@@ -40,7 +40,7 @@ from safetensors.torch import load_file, save_file
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from fusesoup.soup.learn import learn_alphas, mapped_ingredients, memory_plan  # noqa: E402
+from fusesoup.soup.learn import learn_alphas, mapped_ingredients, memory_plan, release_weights  # noqa: E402
 from fusesoup.soup.checkpoint import INDEX_NAME, compare_checkpoints, tensor_index  # noqa: E402
 from fusesoup.soup.merge import check_ingredients, plan_linear, write_linear_merge  # noqa: E402
 from fusesoup.soup.mergekit import mergekit_config  # noqa: E402
@@ -105,9 +105,11 @@ class PeakAnonymous(threading.Thread):
             time.sleep(0.01)
 
 
-def learned_child(work: Path, count: int, steps: int, tokens: int) -> None:
+def learned_child(work: Path, count: int, steps: int, tokens: int, recompute: bool) -> None:
     """A learned per-module soup of `count` ingredients as the soup stage runs it (a float32 working model, the
-    checkpoints memory-mapped), `steps` Adam steps on one batch of `tokens` random ids; prints what it measured."""
+    checkpoints memory-mapped), `steps` Adam steps on one batch of `tokens` random ids; prints what it measured: the
+    peak anonymous memory of the whole child (the working model's load included) and of the learning alone, from the
+    moment the working model's weights are released."""
     from transformers import AutoModelForCausalLM
 
     sampler = PeakAnonymous()
@@ -116,10 +118,17 @@ def learned_child(work: Path, count: int, steps: int, tokens: int) -> None:
     dirs = [work / f"ingredient-{index}" for index in range(count)]
     model = AutoModelForCausalLM.from_pretrained(dirs[0], dtype=torch.float32, use_safetensors=True).eval()
     ingredients = mapped_ingredients(dirs, model, torch.device("cpu"))
-    print(memory_plan(ingredients, model, "module"), flush=True)
+    print(memory_plan(ingredients, model, "module", recompute), flush=True)
     ids = torch.randint(0, model.config.vocab_size, (1, tokens), generator=torch.Generator().manual_seed(0))
-    fit = learn_alphas(model, ingredients, [(ids, torch.ones_like(ids))], "module", 0.0, steps, 0.05)
-    print(json.dumps({"learn_seconds": time.perf_counter() - started, "peak_anonymous_mb": sampler.peak / 2**20,
+    release_weights(model)  # as learn_alphas does first: learning's own peak is measured from here
+    time.sleep(0.05)  # one more sample of the load
+    loading_peak, sampler.peak = sampler.peak, 0
+    learning_started = time.perf_counter()
+    fit = learn_alphas(model, ingredients, [(ids, torch.ones_like(ids))], "module", 0.0, steps, 0.05, recompute)
+    print(json.dumps({"seconds_to_learn": time.perf_counter() - learning_started,
+                      "learn_seconds": time.perf_counter() - started,
+                      "peak_anonymous_mb": max(loading_peak, sampler.peak) / 2**20,
+                      "learning_peak_anonymous_mb": sampler.peak / 2**20,
                       "loss": [round(row["loss"], 4) for row in fit.log]}))
 
 
@@ -188,7 +197,7 @@ def bench_learned(args) -> None:
             write_random_model(work / f"ingredient-{index}", args, seed=index + 1)
         specs = check_ingredients([work / f"ingredient-{index}" for index in range(args.learned)])
         me = [sys.executable, __file__, "--work", str(work), "--learned", str(args.learned), "--steps",
-              str(args.steps), "--tokens", str(args.tokens), "--child"]
+              str(args.steps), "--tokens", str(args.tokens)] + (["--recompute"] if args.recompute else []) + ["--child"]
         startup = measured(me + ["idle"], work / "idle.log")
         learned = measured(me + ["learned"], work / "learned.log")
         plan = next(line for line in (work / "learned.log").read_text().splitlines() if "memory plan" in line)
@@ -198,10 +207,13 @@ def bench_learned(args) -> None:
         "shape": {key: getattr(args, key) for key in ("hidden", "intermediate", "layers", "heads", "kv_heads",
                                                        "vocab", "dtype")},
         "ingredients": args.learned, "parameters": parameters, "steps": args.steps, "tokens": args.tokens,
+        "recompute": args.recompute,
         "learned": learned, "startup": startup, "plan": plan,
         "n_x_float32_gb": round(float32_gb, 3),
         "ratios": {"peak_rss/n_x_float32": round(learned["peak_rss_mb"] * 2**20 / 1e9 / float32_gb, 3),
-                   "peak_anonymous/n_x_float32": round(learned["peak_anonymous_mb"] * 2**20 / 1e9 / float32_gb, 3)},
+                   "peak_anonymous/n_x_float32": round(learned["peak_anonymous_mb"] * 2**20 / 1e9 / float32_gb, 3),
+                   "learning_peak_anonymous/n_x_float32":
+                       round(learned["learning_peak_anonymous_mb"] * 2**20 / 1e9 / float32_gb, 3)},
         "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
     }, indent=2))
 
@@ -222,11 +234,12 @@ def main() -> None:
                                                                       "memory against N x float32 of one model)")
     parser.add_argument("--steps", type=int, default=2, help="learned: Adam steps (default: 2)")
     parser.add_argument("--tokens", type=int, default=256, help="learned: tokens of the batch (default: 256)")
+    parser.add_argument("--recompute", action="store_true", help="learned: soup.recompute (one layer's mixed weights)")
     parser.add_argument("--child", choices=["ours", "naive", "idle", "learned"], help=argparse.SUPPRESS)
     parser.add_argument("--work", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child == "learned":
-        return learned_child(Path(args.work), args.learned, args.steps, args.tokens)
+        return learned_child(Path(args.work), args.learned, args.steps, args.tokens, args.recompute)
     if args.child:
         return child(args.child, Path(args.work))
     if args.learned:

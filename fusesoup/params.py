@@ -46,6 +46,7 @@ class Runtime(Strict):
     device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     threads: Annotated[int, Field(ge=0)] = 0  # torch CPU threads; 0 keeps torch's default
+    peak_tflops: PositiveFloat | None = None  # one GPU's bf16 peak for the MFU column; None: by its name if known
 
 
 class PathRef(Strict):
@@ -225,6 +226,7 @@ class ContinuedTraining(TrainSpec):
     micro_batch_tokens: PositiveInt | None = None  # padded tokens per forward pass (gradients accumulated); None: all
     distributed: Engine = "ddp"  # the engine on several processes (fusesoup/train/engine.py)
     activation_checkpointing: bool = False  # recompute each decoder layer's activations in backward
+    window_shards: PositiveInt = 16  # train-split shards in memory at once (documents shuffled within a window)
 
 
 TRAINED_VARIANTS = ("clm", "fused")  # train@clm (lambda 1) and train@fused
@@ -256,6 +258,7 @@ class Soup(Strict):
     steps: PositiveInt = 50  # optimizer steps on the valid split per learned soup
     lr: PositiveFloat = 0.2  # Adam on the alpha logits
     batch_tokens: PositiveInt = 4096  # padded tokens per batch, for learning and for scoring
+    recompute: bool = False  # learned soups: mix each decoder layer again in backward (one layer's mixed weights)
     probe: Probe = Probe()
     task_vectors: TaskVectors = TaskVectors()
 

@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> None:
         check_same_tokens(text, tokenizer.get_vocab(), name, load_tokenizer(name, params, args.models).get_vocab(),
                           extra_allowed=position == multimodal)
     ingredients = mapped_ingredients(directories, model, next(model.parameters()).device)
-    print(memory_plan(ingredients, model, params.soup.granularity), flush=True)
+    print(memory_plan(ingredients, model, params.soup.granularity, params.soup.recompute), flush=True)
     spec = params.soup
     valid = read_split(args.corpus, "valid")["text"].to_list()
     test = read_split(args.corpus, "test")["text"].to_list()
@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> None:
     load = lambda alphas, granularity: load_mix(model, ingredients, alphas, granularity)  # noqa: E731
     score = lambda alphas, granularity: bpb(load(alphas, granularity), valid)  # noqa: E731
     learn = lambda batches, l1: learn_alphas(model, ingredients, batches, spec.granularity, l1,  # noqa: E731
-                                             spec.steps, spec.lr)
+                                             spec.steps, spec.lr, spec.recompute)
 
     def score_merge(method: str, weights: list[float], lam: float) -> float:
         density = spec.task_vectors.density if method == "ties" else 1.0

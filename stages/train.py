@@ -1,11 +1,11 @@
 """DVC stages train@clm and train@fused: continued training of the target base, CLM only or CLM + fusion.
 
 Both see the same token stream (the target's tokens of the corpus train split packed into train.block_size
-blocks, in the order pack_documents and plan_steps fix from the seed) with the same budget and schedule;
-train@fused adds (1 - lambda) * the fusion loss against data/fused. Writes data/models/target-<variant>
-(safetensors + tokenizer), plots/train/<variant>.csv (loss curves) and metrics/train/<variant>.json (valid and
-test bits per byte). Checkpoints go to
-data/checkpoints/<variant> (not a DVC output, so a killed run keeps them) and are removed once the model is saved.
+blocks, read a window of shards at a time in the order fusesoup.train.stream fixes from the seed) with the same
+budget and schedule; train@fused adds (1 - lambda) * the fusion loss against data/fused. Writes
+data/models/target-<variant> (safetensors + tokenizer), plots/train/<variant>.csv (loss curves) and
+metrics/train/<variant>.json (valid and test bits per byte). Checkpoints go to data/checkpoints/<variant> (not a
+DVC output, so a killed run keeps them) and are removed once the model is saved.
 Data parallel: `accelerate launch --num_processes N -m stages.train fused` (or torchrun), DDP or FSDP2 per
 train.distributed; rank 0 writes the outputs.
 """
@@ -23,7 +23,7 @@ from fusesoup.evaluate import score_by_domain
 from fusesoup.models import load_model, model_path, stored_dtype
 from fusesoup.params import TRAINED_VARIANTS, load_params
 from fusesoup.storage import atomic_dir, directory_fingerprint, write_csv, write_json
-from fusesoup.train.data import load_blocks, run_key
+from fusesoup.train.data import run_key, train_stream
 from fusesoup.train.engine import full_state_dict
 from fusesoup.train.launch import init_distributed
 from fusesoup.train.loop import train_target
@@ -42,13 +42,13 @@ def main(argv: list[str] | None = None) -> None:
 
     model, tokenizer = load_model(target, params, args.models)
     model.float()  # master weights in float32; CUDA runs under bf16 autocast in the loop
-    blocks, data_key = load_blocks(variant, params, model, Path(args.fused), Path(args.logits) / target)
+    batches, data_key = train_stream(variant, params, model, Path(args.fused), Path(args.logits) / target)
     lam = spec.lam if variant == "fused" else 1.0
     key = run_key(variant, params, data_key, directory_fingerprint(model_path(target, args.models)))
     checkpoints = Path(args.checkpoints)
     started = time.perf_counter()
-    log = train_target(model, blocks, spec, lam, spec.fusion_loss, params.seed, checkpoints, key,
-                       progress=not args.no_progress)
+    log = train_target(model, batches, spec, lam, spec.fusion_loss, params.seed, checkpoints, key,
+                       progress=not args.no_progress, peak_tflops=params.runtime.peak_tflops)
     seconds = time.perf_counter() - started
     if dist.is_initialized():
         weights = full_state_dict(model) if spec.distributed == "fsdp" else None  # gathered onto rank 0's CPU
@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> None:
         metrics[split] = {domain: {"bpb": r.bpb} for domain, r in results.items()}
     write_json(args.metrics, metrics)
     write_csv(args.plots, log,
-              ["step", "loss", "clm", "fusion", "lr", "tokens", "tok_s"])
+              ["step", "loss", "clm", "fusion", "lr", "tokens", "tok_s", "mfu"])
     print(f"train@{variant}: {len(log)} steps in {seconds:.0f} s, final loss {log[-1]['loss']:.3f}; valid bpb "
           + ", ".join(f"{d} {m['bpb']:.3f}" for d, m in metrics["valid"].items()), flush=True)
 

@@ -7,7 +7,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from fusesoup.soup.learn import (WeightedSum, greedy_soup, group_of, groups, learn_alphas, load_mix,
-                                 mapped_ingredients, members, memory_plan, mix, model_ingredients, uniform)
+                                 mapped_ingredients, members, memory_plan, mixed_tensor, model_ingredients, uniform)
 from fusesoup.soup.checkpoint import SoupError
 
 
@@ -30,6 +30,10 @@ def test_groups_at_each_granularity():
     layer_groups = groups(ingredients, "layer")
     assert layer_groups[:3] == ["model.embed_tokens", "model.layers.0", "model.layers.1"]
     assert len(groups(ingredients, "module")) == 1 + 2 * 9 + 1 + 1  # embeddings, 9 per layer, final norm, lm_head
+
+
+def mix(ingredients, alphas, granularity):
+    return {name: mixed_tensor(ingredients, name, alphas, granularity, torch.float32) for name in ingredients}
 
 
 def test_mix_is_the_weighted_sum_per_group_and_loads_into_a_model():

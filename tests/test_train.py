@@ -12,8 +12,9 @@ import torch
 from fusesoup.bootstrap import build_model
 from fusesoup.logits.sparse import merge_entries
 from fusesoup.params import ContinuedTraining, ModelSpec
-from fusesoup.train.loop import make_batch, micro_batches, plan_steps, train_target
-from fusesoup.train.packing import TrainBlock, TrainSequence, pack_documents
+from fusesoup.train.loop import make_batch, micro_batches, train_target
+from fusesoup.train.packing import TrainBlock, TrainSequence, pack_documents, packing_order
+from fusesoup.train.stream import PlannedBatches, plan_steps
 from fusesoup.train.recipe import TrainingError
 
 VOCAB = 64
@@ -36,7 +37,17 @@ def tiny_model():
 
 def blocks(with_targets: bool, n: int = 12) -> list[TrainBlock]:
     """The documents below packed as the stage packs them (BOS 1, blocks of SPEC.block_size, context 64)."""
-    return pack_documents(sequences(with_targets, n), SPEC.block_size, 1, 64, 0)
+    documents = sequences(with_targets, n)
+    return pack_documents(documents, SPEC.block_size, 1, 64, order_of(documents))
+
+
+def order_of(documents: list[TrainSequence], seed: int = 0) -> np.ndarray:
+    return packing_order([len(d.input_ids) for d in documents], np.random.default_rng(seed))
+
+
+def planned(data: list[TrainBlock], spec: ContinuedTraining = SPEC) -> PlannedBatches:
+    """Each step's blocks as the in-memory plan takes them."""
+    return PlannedBatches(data, spec.batch_tokens, spec.steps, 0)
 
 
 def widths(data: list[TrainBlock]) -> list[int]:
@@ -75,40 +86,33 @@ class KilledAfter(list):
         return super().__getitem__(index)
 
 
-def test_plan_is_fixed_by_seed_and_fills_the_token_budget():
-    lengths = [5, 9, 3, 12, 7, 4]
-    plan = plan_steps(lengths, batch_tokens=10, steps=8, seed=0)
-    assert plan == plan_steps(lengths, batch_tokens=10, steps=8, seed=0) != plan_steps(lengths, 10, 8, seed=1)
-    assert len(plan) == 8 and all(sum(lengths[i] for i in batch) >= 10 for batch in plan)
-
-
 def test_killed_run_resumes_to_the_same_weights(tmp_path):
     data = blocks(with_targets=True)
     straight = tiny_model()
-    log = train_target(straight, data, SPEC, 0.9, "ce", 0, tmp_path / "a", "key", False)
+    log = train_target(straight, planned(data), SPEC, 0.9, "ce", 0, tmp_path / "a", "key", False)
     assert [row["step"] for row in log] == list(range(6)) and all(row["fusion"] != "" for row in log)
     assert all(row["tok_s"] > 0 for row in log)  # throughput of each step, for the plots and the progress bar
 
     resumed = tiny_model()
     plan = plan_steps(widths(data), SPEC.batch_tokens, SPEC.steps, 0)
     with pytest.raises(Killed):  # dies inside step 4, after the checkpoint at step 4
-        train_target(resumed, KilledAfter(data, sum(map(len, plan[:4])) + 1), SPEC, 0.9, "ce", 0, tmp_path / "b",
-                     "key", False)
+        train_target(resumed, planned(KilledAfter(data, sum(map(len, plan[:4])) + 1)), SPEC, 0.9, "ce", 0,
+                     tmp_path / "b", "key", False)
     assert (tmp_path / "b/state.json").is_file()
     resumed = tiny_model()
-    log_resumed = train_target(resumed, data, SPEC, 0.9, "ce", 0, tmp_path / "b", "key", False)
+    log_resumed = train_target(resumed, planned(data), SPEC, 0.9, "ce", 0, tmp_path / "b", "key", False)
     assert [row["loss"] for row in log_resumed] == [row["loss"] for row in log]
     for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
         assert torch.equal(a, b), name
     # a checkpoint of another run (another key) is not resumed from
     other = tiny_model()
-    assert len(train_target(other, data, SPEC, 0.9, "ce", 0, tmp_path / "b", "other", False)) == 6
+    assert len(train_target(other, planned(data), SPEC, 0.9, "ce", 0, tmp_path / "b", "other", False)) == 6
 
 
 def test_clm_and_fused_see_the_same_tokens_and_differ_only_by_the_fusion_term(tmp_path):
     fused, clm = blocks(with_targets=True), blocks(with_targets=False)
-    fused_log = train_target(tiny_model(), fused, UNCHECKPOINTED, 1.0, "ce", 0, tmp_path / "f", "k", False)
-    clm_log = train_target(tiny_model(), clm, UNCHECKPOINTED, 1.0, "ce", 0, tmp_path / "c", "k", False)
+    fused_log = train_target(tiny_model(), planned(fused), UNCHECKPOINTED, 1.0, "ce", 0, tmp_path / "f", "k", False)
+    clm_log = train_target(tiny_model(), planned(clm), UNCHECKPOINTED, 1.0, "ce", 0, tmp_path / "c", "k", False)
     assert [r["tokens"] for r in fused_log] == [r["tokens"] for r in clm_log]
     assert [r["loss"] for r in fused_log] == [r["loss"] for r in clm_log]  # lambda = 1: the fusion term is off
 
@@ -119,7 +123,7 @@ def test_a_non_finite_loss_stops_with_the_step_and_saves_nothing(tmp_path):
     plan = plan_steps(widths(data), SPEC.batch_tokens, SPEC.steps, 0)
     first_bad = next(step for step, batch in enumerate(plan) if 0 in batch)
     with pytest.raises(TrainingError, match=f"loss is nan at step {first_bad} "):
-        train_target(tiny_model(), data, UNCHECKPOINTED, 0.9, "ce", 0, tmp_path / "n", "k", False)
+        train_target(tiny_model(), planned(data), UNCHECKPOINTED, 0.9, "ce", 0, tmp_path / "n", "k", False)
     assert not (tmp_path / "n").exists()
 
 
@@ -135,8 +139,8 @@ def _rank(rank: int, world: int, init: str, out: str, engine: str, kill_after: i
         model, data = tiny_model(), blocks(with_targets=True)
         spec = SPEC.model_copy(update={"distributed": engine})
         try:
-            log = train_target(model, data if kill_after is None else KilledAfter(data, kill_after), spec, 0.9, "ce",
-                               0, Path(out) / "ckpt", "k", False)
+            batches = planned(data if kill_after is None else KilledAfter(data, kill_after))
+            log = train_target(model, batches, spec, 0.9, "ce", 0, Path(out) / "ckpt", "k", False)
         except Killed:
             return
         weights = full_state_dict(model)
@@ -177,7 +181,7 @@ def test_two_processes_follow_the_single_process_trajectory(tmp_path, engine, re
     on the weights (float summation order differs)."""
     torch.set_num_threads(1)
     single = tiny_model()
-    log = train_target(single, blocks(with_targets=True), SPEC, 0.9, "ce", 0, tmp_path / "one", "k", False)
+    log = train_target(single, planned(blocks(with_targets=True)), SPEC, 0.9, "ce", 0, tmp_path / "one", "k", False)
     two = request.getfixturevalue("fsdp_two_processes") if engine == "fsdp" else run_ranks(tmp_path / "two", 2, engine)
     assert_same_trajectory(two, log, single.state_dict(), atol=1e-4)
 
@@ -198,7 +202,7 @@ def test_a_killed_fsdp_run_resumes_to_the_same_weights_on_two_processes_and_on_o
         assert torch.equal(result["weights"][name], weight), name
 
     model = tiny_model()
-    log = train_target(model, blocks(True), SPEC.model_copy(update={"distributed": "fsdp"}), 0.9, "ce", 0,
+    log = train_target(model, planned(blocks(True)), SPEC.model_copy(update={"distributed": "fsdp"}), 0.9, "ce", 0,
                        tmp_path / "ckpt-for-one", "k", False)
     assert [r["step"] for r in log] == list(range(6))
     np.testing.assert_allclose([r["loss"] for r in log[:4]], [r["loss"] for r in straight["log"][:4]], rtol=0)
@@ -215,7 +219,7 @@ def test_micro_batches_fit_the_budget_in_order_and_a_long_block_goes_alone():
 
 def test_packing_joins_documents_in_a_seeded_order_and_keeps_each_token_with_its_fused_row():
     documents = sequences(with_targets=True, n=5)
-    packed = pack_documents(documents, 16, 1, 64, seed=0)
+    packed = pack_documents(documents, 16, 1, 64, order_of(documents))
     order = np.random.default_rng(0).permutation(5)
     stream = np.concatenate([[1, *documents[i].input_ids] for i in order])
     assert np.array_equal(np.concatenate([packed[0].tokens] + [b.tokens[1:] for b in packed[1:]]), stream)
@@ -238,7 +242,7 @@ def test_a_packed_document_is_seen_as_it_would_be_alone():
     document are the ones the document gets alone."""
     model = tiny_model().eval()
     documents = sequences(with_targets=False, n=2)
-    both = pack_documents(documents, 64, 1, 64, seed=0)
+    both = pack_documents(documents, 64, 1, 64, order_of(documents))
     assert len(both) == 1
     input_ids, position_ids, labels, mask, _ = make_batch(both, pad=0)
     with torch.no_grad():
@@ -259,9 +263,9 @@ def test_the_trajectory_does_not_depend_on_the_micro_batch_size(tmp_path):
     plan = plan_steps(widths(data), spec.batch_tokens, spec.steps, 0)
     assert min(len(micro_batches([data[i] for i in step], 20)) for step in plan) >= 4
     whole, split = tiny_model(), tiny_model()
-    log = train_target(whole, data, spec, 0.9, "ce", 0, tmp_path / "whole", "k", False)
-    micro_log = train_target(split, data, spec.model_copy(update={"micro_batch_tokens": 20}), 0.9, "ce", 0,
-                             tmp_path / "micro", "k", False)
+    log = train_target(whole, planned(data, spec), spec, 0.9, "ce", 0, tmp_path / "whole", "k", False)
+    micro_log = train_target(split, planned(data, spec), spec.model_copy(update={"micro_batch_tokens": 20}), 0.9,
+                             "ce", 0, tmp_path / "micro", "k", False)
     np.testing.assert_allclose([r["loss"] for r in micro_log], [r["loss"] for r in log], rtol=1e-5)
     np.testing.assert_allclose([r["fusion"] for r in micro_log], [r["fusion"] for r in log], rtol=1e-5)
     for name, weight in whole.state_dict().items():
@@ -272,9 +276,9 @@ def test_activation_checkpointing_keeps_the_trajectory(tmp_path):
     """Each decoder layer recomputed in backward: the same losses and weights within 1e-6 after 6 steps."""
     torch.set_num_threads(1)
     plain, recomputed = tiny_model(), tiny_model()
-    log = train_target(plain, blocks(True), UNCHECKPOINTED, 0.9, "ce", 0, tmp_path / "a", "k", False)
+    log = train_target(plain, planned(blocks(True)), UNCHECKPOINTED, 0.9, "ce", 0, tmp_path / "a", "k", False)
     spec = UNCHECKPOINTED.model_copy(update={"activation_checkpointing": True})
-    checkpointed_log = train_target(recomputed, blocks(True), spec, 0.9, "ce", 0, tmp_path / "b", "k", False)
+    checkpointed_log = train_target(recomputed, planned(blocks(True)), spec, 0.9, "ce", 0, tmp_path / "b", "k", False)
     np.testing.assert_allclose([r["loss"] for r in checkpointed_log], [r["loss"] for r in log], rtol=1e-6)
     for name, weight in plain.state_dict().items():
         torch.testing.assert_close(recomputed.state_dict()[name], weight, atol=1e-6, rtol=0)

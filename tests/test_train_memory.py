@@ -10,7 +10,7 @@ from fusesoup.train.recipe import TrainingError
 from fusesoup.train import loop
 from fusesoup.train.loss import clm_loss, student_log_probs
 from fusesoup.train.memory import MemoryPlan, check_fits, format_memory_plan, plan_memory
-from tests.test_train import UNCHECKPOINTED, blocks, tiny_model
+from tests.test_train import UNCHECKPOINTED, blocks, planned, tiny_model
 
 
 def llama(hidden: int, layers: int, vocab: int) -> LlamaForCausalLM:
@@ -60,8 +60,8 @@ def test_the_activation_estimate_is_within_25_percent_of_what_autograd_saves(hid
     checkpointed = llama(hidden, layers, vocab)
     checkpointed.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     checkpointed.train()
-    planned = plan_memory(checkpointed, None, 1, tokens, 4, True).activations
-    assert saved_bytes(checkpointed, tokens) < planned < plan_memory(model, None, 1, tokens, 4, False).activations
+    estimate = plan_memory(checkpointed, None, 1, tokens, 4, True).activations
+    assert saved_bytes(checkpointed, tokens) < estimate < plan_memory(model, None, 1, tokens, 4, False).activations
 
 
 def test_a_run_that_cannot_fit_stops_before_its_first_step(tmp_path, monkeypatch, capsys):
@@ -73,6 +73,7 @@ def test_a_run_that_cannot_fit_stops_before_its_first_step(tmp_path, monkeypatch
         check_fits(plan, 16 * 10**9, torch.device("cuda:0"))
     monkeypatch.setattr(loop, "device_memory", lambda device: 1000)
     with pytest.raises(TrainingError, match=r"^memory plan \(single, 1 device\): .* more than the 0\.00 GB of cpu"):
-        loop.train_target(tiny_model(), blocks(True), UNCHECKPOINTED, 0.9, "ce", 0, tmp_path / "ckpt", "k", False)
+        loop.train_target(tiny_model(), planned(blocks(True)), UNCHECKPOINTED, 0.9, "ce", 0, tmp_path / "ckpt", "k",
+                          False)
     assert not (tmp_path / "ckpt").exists()
     assert capsys.readouterr().out.startswith("memory plan (single, 1 device): parameters 0.00")

@@ -2,7 +2,7 @@
 
 SoupLM's learnable soup parametrises alpha = softmax(logits) per group (one group for the whole model, one per
 layer, or one per module, i.e. per linear mapping / norm of each layer) and learns the logits on a held-out split
-with every ingredient frozen (torch.func.functional_call over the mixed weights). The regularised soup adds
+with every ingredient frozen (the model mixes each module's weights as it runs: soup_forward). The regularised soup adds
 lambda * sum |alpha - 1/N|: under softmax the L1 norm of alpha is always 1, so this project reads SoupLM's L1
 penalty as a pull toward the uniform (vanilla) soup.
 """
@@ -14,11 +14,12 @@ from pathlib import Path
 from typing import NamedTuple
 
 import torch
-from torch.func import functional_call
 
 from fusesoup.errors import lookup
 from fusesoup.params import Granularity
 from fusesoup.soup.checkpoint import SoupError, ingredient_indexes, read_entry
+from fusesoup.soup.soup_forward import soup_forward
+from fusesoup.train.engine import decoder_layers
 from fusesoup.train.loss import clm_loss, student_log_probs
 
 _LAYER = re.compile(r"^(.*?\.(?:layers|h|blocks)\.\d+)\.")  # llama/neox `layers.N`, gpt2 `h.N`
@@ -101,9 +102,9 @@ class WeightedSum(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        flat = grad.reshape(-1)
-        grads = torch.stack([torch.dot(flat, tensor.reshape(-1).to(grad.dtype)) for tensor in ctx.saved_tensors])
-        return (grads, *[None] * len(ctx.saved_tensors))
+        flat, tensors = grad.reshape(-1), ctx.saved_tensors  # read once (a checkpoint's recompute yields them once)
+        grads = torch.stack([torch.dot(flat, tensor.reshape(-1).to(grad.dtype)) for tensor in tensors])
+        return (grads, *[None] * len(tensors))
 
 
 def ingredient_count(ingredients: Ingredients) -> int:
@@ -119,12 +120,6 @@ def mixed_tensor(ingredients: Ingredients, name: str, alphas: dict[str, torch.Te
                  dtype: torch.dtype) -> torch.Tensor:
     """Parameter `name` of the soup (differentiable in its group's alpha vector [N]), in `dtype`."""
     return WeightedSum.apply(alphas[group_of(name, granularity)], *ingredients[name]).to(dtype)
-
-
-def mix(ingredients: Ingredients, alphas: dict[str, torch.Tensor], granularity: Granularity,
-        dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
-    """The soup's parameters: each tensor the weighted sum of the ingredients' by its group's alpha vector."""
-    return {name: mixed_tensor(ingredients, name, alphas, granularity, dtype) for name in ingredients}
 
 
 def uniform(weights: Sequence[float]) -> dict[str, torch.Tensor]:
@@ -145,7 +140,7 @@ def load_mix(model: torch.nn.Module, ingredients: Ingredients, alphas: dict[str,
 
 def release_weights(model: torch.nn.Module) -> None:
     """Drop `model`'s own parameter storage (it only supplies the architecture and buffers while alphas are learned
-    through functional_call); load_mix gives it weights again."""
+    through soup_forward); load_mix gives it weights again."""
     for parameter in model.parameters():
         parameter.data = torch.empty(0, dtype=parameter.dtype, device=parameter.device)
 
@@ -175,10 +170,12 @@ class LearnedSoup(NamedTuple):
 
 def learn_alphas(model: torch.nn.Module, ingredients: Ingredients,
                  batches: Sequence[tuple[torch.Tensor, torch.Tensor]], granularity: Granularity, l1: float,
-                 steps: int, lr: float) -> LearnedSoup:
+                 steps: int, lr: float, recompute: bool = False) -> LearnedSoup:
     """Adam on the alpha logits (zeros: the uniform soup) over `batches` of (input_ids, attention_mask) in turn,
     minimising next-token CE + l1 * sum |alpha - 1/N|. `model` supplies the architecture, buffers and compute dtype:
-    its own weights are released (release_weights), so memory is the ingredients, one mixed model and activations."""
+    its own weights are released (release_weights), and it runs as the soup (soup_forward: each module mixes its
+    weights when it runs; with `recompute` each decoder layer mixes them again in backward), so memory is the
+    ingredients, the mixed weights autograd keeps (all, or one layer's with `recompute`) and activations."""
     names = groups(ingredients, granularity)
     count = ingredient_count(ingredients)
     dtype = next(model.parameters()).dtype
@@ -186,24 +183,41 @@ def learn_alphas(model: torch.nn.Module, ingredients: Ingredients,
     optimizer = torch.optim.Adam([logits], lr=lr)
     model.eval().requires_grad_(False)
     release_weights(model)
+    alphas: dict[str, torch.Tensor] = {}  # this step's, read by the modules as they run
     log = []
-    for step in range(steps):
-        input_ids, mask = (tensor.to(logits.device) for tensor in batches[step % len(batches)])
-        alphas = logits.softmax(dim=-1)
-        weights = mix(ingredients, dict(zip(names, alphas)), granularity, dtype)
-        out = functional_call(model, weights, args=(), kwargs={"input_ids": input_ids, "attention_mask": mask})
-        loss = clm_loss(student_log_probs(out.logits[:, :-1]), input_ids[:, 1:], mask[:, 1:])
-        penalty = l1 * (alphas - 1.0 / count).abs().sum()
-        optimizer.zero_grad(set_to_none=True)
-        (loss + penalty).backward()
-        optimizer.step()
-        log.append({"step": step, "loss": loss.item(), "penalty": penalty.item()})
-        del weights, out, loss
+    with soup_forward(model, lambda name: mixed_tensor(ingredients, name, alphas, granularity, dtype), recompute):
+        for step in range(steps):
+            input_ids, mask = (tensor.to(logits.device) for tensor in batches[step % len(batches)])
+            weights = logits.softmax(dim=-1)
+            alphas.update(zip(names, weights))
+            out = model(input_ids=input_ids, attention_mask=mask)
+            loss = clm_loss(student_log_probs(out.logits[:, :-1]), input_ids[:, 1:], mask[:, 1:])
+            penalty = l1 * (weights - 1.0 / count).abs().sum()
+            optimizer.zero_grad(set_to_none=True)
+            (loss + penalty).backward()
+            optimizer.step()
+            log.append({"step": step, "loss": loss.item(), "penalty": penalty.item()})
+            del out, loss
     final = logits.detach().softmax(dim=-1).cpu()
     return LearnedSoup({name: final[i].tolist() for i, name in enumerate(names)}, log)
 
 
-def memory_plan(ingredients: Ingredients, model: torch.nn.Module, granularity: Granularity) -> str:
+def mixed_bytes(ingredients: Ingredients, model: torch.nn.Module, recompute: bool) -> int:
+    """Bytes of the mixed weights learning holds at once: the whole soup, or with `recompute` the largest decoder
+    layer's plus every tensor outside the layers (embeddings, norms, head)."""
+    itemsize = next(model.parameters()).dtype.itemsize
+    sizes = {name: tensors[0].numel() for name, tensors in ingredients.items()}
+    if not recompute:
+        return sum(sizes.values()) * itemsize
+    layers = set(decoder_layers(model))
+    prefixes = [name + "." for name, module in model.named_modules() if module in layers]
+    per_layer = [sum(size for name, size in sizes.items() if name.startswith(prefix)) for prefix in prefixes]
+    outside = sum(size for name, size in sizes.items() if not name.startswith(tuple(prefixes)))
+    return (max(per_layer) + outside) * itemsize
+
+
+def memory_plan(ingredients: Ingredients, model: torch.nn.Module, granularity: Granularity,
+                recompute: bool = False) -> str:
     """One line before the first step: where the ingredients live and what each part of a learned soup holds."""
     first = [tensors[0] for tensors in ingredients.values()]
     parameters, count = sum(t.numel() for t in first), ingredient_count(ingredients)
@@ -212,8 +226,11 @@ def memory_plan(ingredients: Ingredients, model: torch.nn.Module, granularity: G
     working = parameters * dtype.itemsize
     where = ("memory-mapped from their safetensors (read on use, not copied)" if first[0].device.type == "cpu"
              else f"copied to {first[0].device}: {count * stored / 1e9:.2f} GB")
+    held = ("one decoder layer's mixed weights at a time (mixed again in backward) and those outside the layers"
+            if recompute else "the whole soup's mixed weights for backward")
     return (f"soup memory plan: {count} ingredients of {parameters:,} parameters ({first[0].dtype}, "
             f"{stored / 1e9:.2f} GB each), {where}; working model {dtype} {working / 1e9:.2f} GB, released while "
-            f"alphas are learned; learning holds one mixed model ({working / 1e9:.2f} GB), "
+            f"alphas are learned; learning holds {held} "
+            f"({mixed_bytes(ingredients, model, recompute) / 1e9:.2f} GB), "
             f"{len(groups(ingredients, granularity))} x {count} alphas and one batch's activations "
             f"(for scale: {count} x float32 of one model is {count * parameters * 4 / 1e9:.2f} GB)")

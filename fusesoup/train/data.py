@@ -1,41 +1,59 @@
 """The continued-training data of train@<variant>: the train split's documents from the fused store (train@fused) or
-the target's own logit store (train@clm), packed into blocks, and the key a run's checkpoints are kept under.
+the target's own logit store (train@clm), streamed into packed blocks, and the key a run's checkpoints are kept under.
 """
 from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
+
 from fusesoup.errors import StageError
 from fusesoup.logits.sparse_store import FUSED_EXTRAS, SparseStore
-from fusesoup.logits.store import LogitStore
+from fusesoup.logits.store import LogitStore, ShardedStore
 from fusesoup.models import context_length
 from fusesoup.params import Params
 from fusesoup.storage import content_key
-from fusesoup.train.packing import TrainBlock, TrainSequence, pack_documents
+from fusesoup.train.packing import TrainSequence
 from fusesoup.train.recipe import special_ids
+from fusesoup.train.stream import TrainStream
+
+SPLIT = "train"
 
 
-def load_documents(variant: str, fused: Path, target_logits: Path) -> tuple[list[TrainSequence], str]:
-    """The train split's documents (with fused targets for `fused`) and the key of the store they come from."""
-    if variant == "fused":
-        store = SparseStore(fused, FUSED_EXTRAS)
-        items = [TrainSequence(s.input_ids, s.rows) for batch in store.iter_batches("train", 256) for s in batch]
-    else:
-        store = LogitStore(target_logits)
-        items = [TrainSequence(s.logits.input_ids, None) for batch in store.iter_batches("train", 256) for s in batch]
-    if not items:
-        raise StageError(f"no training sequences in the train split of {store.directory} for train@{variant}")
-    return items, store.manifest["key"]
+def training_store(variant: str, fused: Path, target_logits: Path) -> ShardedStore:
+    """train@fused reads the fused store, train@clm the target's logit store (its tokens only)."""
+    return SparseStore(fused, FUSED_EXTRAS) if variant == "fused" else LogitStore(target_logits)
 
 
-def load_blocks(variant: str, params: Params, model, fused: Path, target_logits: Path
-                ) -> tuple[list[TrainBlock], str]:
-    """load_documents packed into train.block_size blocks for `model`, and the key of their store."""
-    items, key = load_documents(variant, fused, target_logits)
-    context, block = context_length(model.config), params.train.block_size
-    if block > context:
-        raise StageError(f"train.block_size {block} is longer than the context of {params.target} ({context} tokens)")
-    return pack_documents(items, block, special_ids(model.config).bos, context, params.seed), key
+def read_documents(store: ShardedStore, shard: int | None = None) -> list[TrainSequence]:
+    """The train split's documents (or one shard's), in stored order, with their fused rows from a fused store."""
+    if isinstance(store, SparseStore):
+        return [TrainSequence(s.input_ids, s.rows) for batch in store.iter_batches(SPLIT, 256, shard) for s in batch]
+    return [TrainSequence(s.logits.input_ids, None) for batch in store.iter_batches(SPLIT, 256, shard) for s in batch]
+
+
+def document_lengths(store: ShardedStore) -> list[np.ndarray]:
+    """Per shard of the train split, its documents' token counts (the input_ids column alone is read)."""
+    return [np.concatenate([batch.column("input_ids").value_lengths().to_numpy(zero_copy_only=False)
+                            for batch in store.record_batches(SPLIT, 4096, shard, columns=["input_ids"])]
+                           or [np.zeros(0, dtype=np.int32)])
+            for shard in range(len(store.shards(SPLIT)))]
+
+
+def train_stream(variant: str, params: Params, model, fused: Path, target_logits: Path) -> tuple[TrainStream, str]:
+    """The stage's steps: the store streamed a window of train.window_shards shards at a time into
+    train.block_size blocks for `model`, and the key of the store."""
+    store = training_store(variant, fused, target_logits)
+    lengths = document_lengths(store)
+    if not sum(int(shard.sum()) for shard in lengths):
+        raise StageError(f"no training tokens in the {SPLIT} split of {store.directory} for train@{variant}")
+    spec, context = params.train, context_length(model.config)
+    if spec.block_size > context:
+        raise StageError(f"train.block_size {spec.block_size} is longer than the context of {params.target} "
+                         f"({context} tokens)")
+    stream = TrainStream(lambda shard: read_documents(store, shard), lengths, spec.window_shards, spec.block_size,
+                         special_ids(model.config).bos, context, spec.batch_tokens, spec.steps, params.seed)
+    return stream, store.manifest["key"]
 
 
 def run_key(variant: str, params: Params, data_key: str, base_fingerprint: dict) -> str:

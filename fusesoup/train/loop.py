@@ -1,8 +1,9 @@
 """Continued training of the target on lambda * CLM + (1 - lambda) * fusion (FuseLLM section 3.3), nanoGPT style.
 
 The documents come packed into blocks of `train.block_size` tokens (packing.pack_documents: attention and loss
-within each document, no padding). `plan_steps` fixes which blocks each step sees from the seed and the block
-sizes alone, so train@clm and train@fused see the same tokens in the same order. Data parallel (a
+within each document, no padding), each step's blocks planned from the seed and the documents' lengths alone
+(stream.py: streamed from the store a window of shards at a time, or in memory), so train@clm and train@fused see
+the same tokens in the same order. Data parallel (a
 torch.distributed process group, as `accelerate launch` or torchrun set up; DDP or FSDP2 per `train.distributed`,
 engine.py): rank r takes every world-th block of each step's batch and divides its loss sums by the global batch's
 trained-position count, so the
@@ -21,7 +22,6 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
@@ -33,26 +33,11 @@ from fusesoup.train.engine import (accumulating, distribute, load_training_state
 from fusesoup.train.loss import clm_loss, fusion_loss, pad_targets, student_log_probs
 from fusesoup.train.memory import check_fits, device_memory, format_memory_plan, plan_memory
 from fusesoup.train.packing import TrainBlock
+from fusesoup.train.stream import StepBatches
+from fusesoup.train.throughput import flops_per_token, model_flops_utilisation, peak_flops
 from fusesoup.train.recipe import GRAD_CLIP, TrainingError, lr_at, make_optimizer, set_lr, special_ids
 
 CHECKPOINT_FORMAT = "dcp-v1"  # a checkpoint of another format (or key) is not resumed from
-
-
-def plan_steps(lengths: Sequence[int], batch_tokens: int, steps: int, seed: int) -> list[list[int]]:
-    """Block (or sequence) indices for each step: a seeded permutation (a new one each epoch), cut into batches of at
-    least batch_tokens tokens."""
-    rng = np.random.default_rng(seed)
-    plan, batch, tokens, order = [], [], 0, []
-    while len(plan) < steps:
-        if not order:
-            order = rng.permutation(len(lengths)).tolist()
-        index = order.pop()
-        batch.append(index)
-        tokens += lengths[index]
-        if tokens >= batch_tokens:
-            plan.append(batch)
-            batch, tokens = [], 0
-    return plan
 
 
 def micro_batches(batch: Sequence[TrainBlock], budget: int | None) -> list[list[TrainBlock]]:
@@ -142,14 +127,17 @@ def load_checkpoint(directory: Path, key: str, model, optimizer) -> tuple[int, l
     return state["step"], state["log"]
 
 
-def train_target(model, blocks: Sequence[TrainBlock], spec: ContinuedTraining, lam: float, kind: FusionLoss,
-                 seed: int, checkpoints: Path, key: str, progress: bool = True) -> list[dict]:
-    """Train `model` in place (sharded in place under fsdp: engine.full_state_dict gathers it); returns one log row
-    per step (total, clm and fusion loss, lr, tokens seen, and the step's throughput in tokens per second: wall time,
-    so the one column that differs between identical runs)."""
+def train_target(model, batches: StepBatches, spec: ContinuedTraining, lam: float, kind: FusionLoss,
+                 seed: int, checkpoints: Path, key: str, progress: bool = True, peak_tflops: float | None = None
+                 ) -> list[dict]:
+    """Train `model` in place (sharded in place under fsdp: engine.full_state_dict gathers it) on `batches[step]`,
+    the whole batch of each step (stream.TrainStream or stream.PlannedBatches); returns one log row per step (total,
+    clm and fusion loss, lr, tokens seen, and the step's throughput: tokens per second and, on a GPU of known peak
+    (throughput.py; `peak_tflops` per device), model FLOPs utilisation; wall time, so the columns that differ
+    between identical runs)."""
     pad = special_ids(model.config).pad
     device = next(model.parameters()).device
-    plan = plan_steps([block.width for block in blocks], spec.batch_tokens, spec.steps, seed)
+    per_token, peak = flops_per_token(model, spec.block_size), peak_flops(device, peak_tflops)
     torch.manual_seed(seed)
     rank, world = rank_and_world()
     plan_bytes = plan_memory(model, spec.distributed, world, spec.micro_batch_tokens or -(-spec.batch_tokens // world),
@@ -166,7 +154,7 @@ def train_target(model, blocks: Sequence[TrainBlock], spec: ContinuedTraining, l
                dynamic_ncols=True, initial=start, total=spec.steps)
     for step in bar:
         step_started = time.perf_counter()
-        batch = [blocks[i] for i in plan[step]]
+        batch = batches[step]
         positions = float(sum(int(block.trained.sum()) for block in batch))  # trained labels of the global batch
         mine = batch[rank::world]
         lr = lr_at(step, spec)
@@ -197,10 +185,12 @@ def train_target(model, blocks: Sequence[TrainBlock], spec: ContinuedTraining, l
 
         seen += int(positions)
         tokens_per_second = positions / (time.perf_counter() - step_started)  # the global batch's, all ranks
+        mfu = model_flops_utilisation(tokens_per_second, per_token, peak, world)
         log.append({"step": step, "loss": terms[0].item(), "clm": terms[1].item(),
                     "fusion": terms[2].item() if fused_term else "", "lr": lr, "tokens": seen,
-                    "tok_s": round(tokens_per_second, 1)})
-        bar.set_postfix(loss=f"{terms[0].item():.3f}", tok_s=f"{tokens_per_second:.0f}", refresh=False)
+                    "tok_s": round(tokens_per_second, 1), "mfu": "" if mfu is None else round(mfu, 4)})
+        bar.set_postfix(loss=f"{terms[0].item():.3f}", tok_s=f"{tokens_per_second:.0f}",
+                        **({} if mfu is None else {"mfu": f"{mfu:.1%}"}), refresh=False)
         if (step + 1) % spec.checkpoint_every == 0 and step + 1 < spec.steps:
             save_checkpoint(checkpoints, key, engine, optimizer, step + 1, log)
     bar.close()

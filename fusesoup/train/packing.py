@@ -91,12 +91,24 @@ class BlockPacker:
         return input_ids, input_ids.masked_fill(torch.from_numpy(positions == 0), IGNORE), torch.from_numpy(positions.copy())
 
 
-def pack_documents(documents: Sequence[TrainSequence], block: int, bos: int, context: int, seed: int
+def packing_order(lengths: Sequence[int], rng: np.random.Generator) -> np.ndarray:
+    """The documents in a seeded order, the empty ones left out: the order pack_documents joins them in."""
+    order = rng.permutation(len(lengths))
+    return order[np.asarray(lengths, dtype=np.int64)[order] > 0]
+
+
+def packed_widths(lengths: Sequence[int], block: int, context: int) -> list[int]:
+    """The widths of the blocks pack_documents cuts from documents of these lengths (in packing order), unread."""
+    tokens = int(np.minimum(np.asarray(lengths, dtype=np.int64) + 1, context).sum())  # [BOS] doc, cut to context
+    return [min(start + block, tokens - 1) - start for start in range(0, tokens - 1, block)]
+
+
+def pack_documents(documents: Sequence[TrainSequence], block: int, bos: int, context: int, order: Sequence[int]
                    ) -> list[TrainBlock]:
-    """Continued training's stream: the documents in a seeded order joined as [BOS] doc [BOS] doc ... (no EOS: the
-    fused store has no distribution for one), cut into blocks of `block` labels; consecutive blocks share one
-    token, so every token after the first BOS is a label exactly once; the last block may be shorter."""
-    kept = [int(i) for i in np.random.default_rng(seed).permutation(len(documents)) if len(documents[i].input_ids)]
+    """Continued training's stream: the documents in `order` (packing_order) joined as [BOS] doc [BOS] doc ... (no
+    EOS: the fused store has no distribution for one), cut into blocks of `block` labels; consecutive blocks share
+    one token, so every token after the first BOS is a label exactly once; the last block may be shorter."""
+    kept = [int(i) for i in order]
     tokens, positions = join_documents([documents[i].input_ids for i in kept], bos, None, context)
     rows = None  # row i: the fused distribution over tokens[i] (none for a BOS)
     if kept and documents[kept[0]].targets is not None:
