@@ -40,6 +40,7 @@ from safetensors.torch import load_file, save_file
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.llama_shape import add_shape_arguments  # noqa: E402
 from fusesoup.soup.learn import learn_alphas, mapped_ingredients, memory_plan, release_weights  # noqa: E402
 from fusesoup.soup.checkpoint import INDEX_NAME, compare_checkpoints, tensor_index  # noqa: E402
 from fusesoup.soup.merge import check_ingredients, plan_linear, write_linear_merge  # noqa: E402
@@ -64,14 +65,11 @@ def llama_shapes(args) -> list[tuple[str, tuple[int, ...]]]:
 
 def write_random_model(directory: Path, args, seed: int) -> None:
     """A sharded save_pretrained-style checkpoint of N(0, 0.02) tensors; one shard in memory at a time."""
-    from transformers import LlamaConfig  # here, not at the top: the measured children need not import it
+    from bench.llama_shape import llama_config  # here, not at the top: the measured children need not import it
 
     dtype = getattr(torch, args.dtype)
     directory.mkdir(parents=True)
-    LlamaConfig(hidden_size=args.hidden, intermediate_size=args.intermediate, num_hidden_layers=args.layers,
-                num_attention_heads=args.heads, num_key_value_heads=args.kv_heads, vocab_size=args.vocab,
-                tie_word_embeddings=False, dtype=args.dtype,
-                architectures=["LlamaForCausalLM"]).save_pretrained(directory)
+    llama_config(args, dtype=args.dtype, architectures=["LlamaForCausalLM"]).save_pretrained(directory)
     shards, size, limit = [[]], 0, args.in_shard_mb * 1e6
     for name, shape in llama_shapes(args):
         nbytes = math.prod(shape) * dtype.itemsize
@@ -220,12 +218,7 @@ def bench_learned(args) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--hidden", type=int, default=2048)
-    parser.add_argument("--intermediate", type=int, default=5632)
-    parser.add_argument("--layers", type=int, default=22)
-    parser.add_argument("--heads", type=int, default=32)
-    parser.add_argument("--kv-heads", type=int, default=4)
-    parser.add_argument("--vocab", type=int, default=32000)
+    add_shape_arguments(parser)
     parser.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"])
     parser.add_argument("--in-shard-mb", type=float, default=1000, help="input shard size (MB), as save_pretrained")
     parser.add_argument("--mergekit", default=shutil.which("mergekit-yaml"), help="path of mergekit-yaml")

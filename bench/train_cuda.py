@@ -22,11 +22,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.llama_shape import add_shape_arguments, llama_config  # noqa: E402
 from fusesoup.logits.sparse import merge_entries  # noqa: E402
 from fusesoup.params import ContinuedTraining  # noqa: E402
 from fusesoup.train.loop import train_target  # noqa: E402
@@ -50,12 +51,7 @@ def generated_documents(count: int, length: int, vocab: int, k: int, seed: int) 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda")
-    parser.add_argument("--hidden", type=int, default=2048)
-    parser.add_argument("--intermediate", type=int, default=5632)
-    parser.add_argument("--layers", type=int, default=22)
-    parser.add_argument("--heads", type=int, default=32)
-    parser.add_argument("--kv-heads", type=int, default=4)
-    parser.add_argument("--vocab", type=int, default=32000)
+    add_shape_arguments(parser)
     parser.add_argument("--block", type=int, default=2048)
     parser.add_argument("--batch-tokens", type=int, default=65536)
     parser.add_argument("--micro-batch-tokens", type=int, default=None)
@@ -65,10 +61,7 @@ def main() -> None:
     parser.add_argument("--checkpointing", action="store_true", help="train.activation_checkpointing")
     args = parser.parse_args()
     device = torch.device(args.device)
-    config = LlamaConfig(hidden_size=args.hidden, intermediate_size=args.intermediate, num_hidden_layers=args.layers,
-                         num_attention_heads=args.heads, num_key_value_heads=args.kv_heads, vocab_size=args.vocab,
-                         max_position_embeddings=args.block, tie_word_embeddings=False, bos_token_id=1,
-                         eos_token_id=2, pad_token_id=0)
+    config = llama_config(args, max_position_embeddings=args.block, bos_token_id=1, eos_token_id=2, pad_token_id=0)
     torch.manual_seed(0)
     model = LlamaForCausalLM(config).to(device)  # float32 master weights; the loop autocasts to bf16 on CUDA
     documents = generated_documents(2 * args.batch_tokens // args.block + 2, args.block - 1, args.vocab, args.k, 0)

@@ -16,10 +16,11 @@ import sys
 from pathlib import Path
 
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.llama_shape import LLAMA_2_7B, add_shape_arguments, llama_config  # noqa: E402
 from fusesoup.train.memory import GB, plan_memory  # noqa: E402
 
 DEVICES = {"a100_80gb": 80e9, "h200_141gb": 141e9}
@@ -28,16 +29,11 @@ ZERO3_BYTES_PER_PARAMETER = 2 + 2 + 12  # bf16 weights, bf16 gradients, float32 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--hidden", type=int, default=4096)
-    parser.add_argument("--intermediate", type=int, default=11008)
-    parser.add_argument("--layers", type=int, default=32)
-    parser.add_argument("--heads", type=int, default=32)
-    parser.add_argument("--vocab", type=int, default=32000)
+    add_shape_arguments(parser, LLAMA_2_7B)
     parser.add_argument("--world", type=int, default=8)
     parser.add_argument("--micro-tokens", type=int, default=2048)
     args = parser.parse_args()
-    config = LlamaConfig(hidden_size=args.hidden, intermediate_size=args.intermediate, num_hidden_layers=args.layers,
-                         num_attention_heads=args.heads, vocab_size=args.vocab)
+    config = llama_config(args)
     with torch.device("meta"):
         model = LlamaForCausalLM(config)
     parameters = sum(p.numel() for p in model.parameters())
