@@ -70,19 +70,22 @@ def batches_of(variant: str, params, model, fused: Path, logits: Path, layout: s
 
 
 def seconds_per_step(variant: str, params, args, scratch: Path, layout: str = "streamed", fused: str | None = None
-                     ) -> tuple[float, float]:
-    """(seconds per step, trained tokens per second) of `variant` over --steps steps."""
+                     ) -> tuple[float, float, float]:
+    """(seconds per step, trained tokens per second, seconds to read the data) of `variant` over --steps steps; the
+    data's reading up to the first step's blocks (a streamed window) is not part of a step."""
     model, _ = load_model(params.target, params, args.models)
     model.float()
     spec = params.train.model_copy(update={"steps": args.steps, "checkpoint_every": args.steps + 1})
     params = params.model_copy(update={"train": spec})
+    reading = time.perf_counter()
     batches = batches_of(variant, params, model, Path(fused or args.fused), Path(args.logits) / params.target, layout)
+    batches[0]
     lam = params.train.lam if variant == "fused" else 1.0
     started = time.perf_counter()  # loading data and model is not part of a step
     log = train_target(model, batches, spec, lam, spec.fusion_loss, params.seed, scratch / f"{variant}-{layout}",
                        "bench", progress=False)
     seconds = time.perf_counter() - started
-    return seconds / args.steps, log[-1]["tokens"] / seconds
+    return seconds / args.steps, log[-1]["tokens"] / seconds, started - reading
 
 
 def peak_rss_mb(variant: str, args, *extra: str) -> float:
@@ -102,7 +105,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--scale", type=int, default=4, help="streaming: the larger corpus, x the store")
     parser.add_argument("--window-shards", type=int, default=2, help="streaming: train.window_shards of its runs")
-    parser.add_argument("--rss-steps", type=int, default=90, help="streaming: steps of each run")
+    parser.add_argument("--rss-steps", type=int, default=90, help="streaming: steps of each run (0: skip)")
     parser.add_argument("--rss-child", choices=["clm", "fused"], help=argparse.SUPPRESS)
     parser.add_argument("--layout", default="streamed", help=argparse.SUPPRESS)
     parser.add_argument("--child-scale", type=int, default=1, help=argparse.SUPPRESS)
@@ -120,9 +123,12 @@ def main() -> None:
             print(int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmHWM:"))) / 1024)
             return
         times, throughput = {"clm": [], "fused": []}, {"packed": [], "unpacked": []}
+        reading = {"clm": [], "fused": []}
         for _ in range(args.repeats):
             for variant in times:
-                times[variant].append(seconds_per_step(variant, params, args, Path(scratch))[0])
+                step_seconds, _, read_seconds = seconds_per_step(variant, params, args, Path(scratch))
+                times[variant].append(step_seconds)
+                reading[variant].append(read_seconds)
             for kind in throughput:
                 layout = "streamed" if kind == "packed" else "unpacked"
                 throughput[kind].append(seconds_per_step("fused", params, args, Path(scratch), layout)[1])
@@ -132,11 +138,12 @@ def main() -> None:
     window = ["--window-shards", str(args.window_shards)]
     streaming = {f"{layout} {scale}x": peak_rss_mb("fused", rss_args, "--layout", layout, "--child-scale", str(scale),
                                                    *window)
-                 for layout in ("streamed", "in-memory") for scale in (1, args.scale)}
+                 for layout in ("streamed", "in-memory") for scale in (1, args.scale)} if args.rss_steps else {}
     print(json.dumps({
         "steps": args.steps, "batch_tokens": params.train.batch_tokens, "threads": torch.get_num_threads(),
         "clm_s_per_step": best["clm"], "fused_s_per_step": best["fused"],
         "time_ratio": best["fused"] / best["clm"],
+        "data_read_s": {variant: round(min(values), 2) for variant, values in reading.items()},
         "peak_rss_mb": {variant: peak_rss_mb(variant, args) for variant in ("clm", "fused")},
         "fused_tokens_per_s": {kind: round(value) for kind, value in fastest.items()},
         "packed_over_unpacked": fastest["packed"] / fastest["unpacked"],
@@ -144,7 +151,8 @@ def main() -> None:
             "train_shards": len(read_json(Path(args.fused) / MANIFEST)["splits"]["train"]["shards"]),
             "window_shards": args.window_shards, "steps": args.rss_steps, **streaming,
             f"streamed {args.scale}x / 1x": streaming[f"streamed {args.scale}x"] / streaming["streamed 1x"],
-            f"in-memory {args.scale}x / 1x": streaming[f"in-memory {args.scale}x"] / streaming["in-memory 1x"]},
+            f"in-memory {args.scale}x / 1x": streaming[f"in-memory {args.scale}x"] / streaming["in-memory 1x"],
+        } if streaming else "not measured (--rss-steps 0)",
     }, indent=2))
 
 
