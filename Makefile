@@ -1,6 +1,6 @@
 # Two entry points do all set-up on a fresh machine:  `make repro` and `make test`.
-# Both create .venv on first use and reinstall only when pyproject.toml or requirements.lock change. --no-compile:
-# modules are compiled when first imported, not the thousands (transformers' model files) that never are.
+# Both create .venv on first use and reinstall only when pyproject.toml or requirements.lock change. pip compiles
+# every module at install: where PYTHONDONTWRITEBYTECODE is set (as on these machines) nothing is compiled later.
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
@@ -15,8 +15,8 @@ install: $(STAMP)
 $(STAMP): pyproject.toml requirements.lock
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade "pip>=24"
-	$(BIN)/python -m pip install --quiet --no-compile -r requirements.lock
-	$(BIN)/python -m pip install --quiet --no-compile --no-deps --no-build-isolation -e .
+	$(BIN)/python -m pip install --quiet -r requirements.lock
+	$(BIN)/python -m pip install --quiet --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 
 # Full reproduction of the offline default (DVC skips every stage whose inputs did not change).
