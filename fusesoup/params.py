@@ -25,7 +25,7 @@ Workers = Annotated[int, Field(ge=0)]
 Architecture = Literal["llama", "gpt_neox", "gpt2"]  # bootstrap.ARCHITECTURES
 VocabMethod = Literal["exact", "min_ed", "prefix"]  # align/vocab_map.VOCAB_MAPS
 FuseMethod = Literal["min_ce", "avg_ce", "min_ce_token", "avg_ce_token"]  # fusion.FUSE_METHODS
-FusionLoss = Literal["ce", "kl"]  # train/loss.FUSION_LOSSES
+FusionLoss = Literal["ce", "kl", "topk"]  # train/loss.FUSION_LOSSES
 Engine = Literal["ddp", "fsdp"]  # train/engine.ENGINES
 SoupStrategy = Literal["vanilla", "greedy", "learned", "regularized", "task_arithmetic", "ties"]  # soup/recipes.STRATEGIES
 Granularity = Literal["model", "layer", "module"]  # soup/learn.GROUPINGS
@@ -139,6 +139,9 @@ class Corpus(Strict):
 class TokenizerSpec(Strict):
     kind: Literal["sentencepiece_bpe", "byte_level_bpe", "unigram"]
     vocab_size: Annotated[int, Field(ge=300)]
+    # the train split's domains it is learnt from; null = the model's. Same kind, size and domains as another
+    # bootstrap model: the same tokenizer (a teacher that shares the target's vocabulary)
+    domains: Annotated[list[DomainName], Field(min_length=1)] | None = None
 
 
 class ModelSpec(Strict):
@@ -221,7 +224,7 @@ class ContinuedTraining(TrainSpec):
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
     lam: Annotated[float, Field(ge=0, le=1, alias="lambda")] = 0.9  # weight of CLM in train@fused (FuseLLM: 0.9)
-    fusion_loss: FusionLoss = "ce"  # soft-label cross-entropy or KL against the fused distribution
+    fusion_loss: FusionLoss = "ce"  # soft-label cross-entropy, KL, or cross-entropy within the targets' ids (topk)
     checkpoint_every: PositiveInt = 50  # steps between atomic checkpoints (resume point of a killed run)
     micro_batch_tokens: PositiveInt | None = None  # padded tokens per forward pass (gradients accumulated); None: all
     distributed: Engine = "ddp"  # the engine on several processes (fusesoup/train/engine.py)
@@ -360,13 +363,14 @@ class Params(Strict):
                     f"bootstrap.{name}.model.context",
                     f"must be >= corpus.max_chunk_bytes + {TOKENS_OVER_BYTES} = {needed}, got {spec.model.context}",
                 )
-            unknown = set(spec.domains) - self.corpus_domains()
-            if unknown:
-                raise _KeyProblem(
-                    f"bootstrap.{name}.domains",
-                    f"domains {sorted(unknown)} come from no corpus source with a fixed domain "
-                    f"(known: {sorted(self.corpus_domains())})",
-                )
+            for key, domains in (("domains", spec.domains), ("tokenizer.domains", spec.tokenizer.domains or [])):
+                unknown = set(domains) - self.corpus_domains()
+                if unknown:
+                    raise _KeyProblem(
+                        f"bootstrap.{name}.{key}",
+                        f"domains {sorted(unknown)} come from no corpus source with a fixed domain "
+                        f"(known: {sorted(self.corpus_domains())})",
+                    )
         return self
 
     def corpus_domains(self) -> set[str]:

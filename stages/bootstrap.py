@@ -30,13 +30,15 @@ def main(argv: list[str] | None = None) -> None:
     torch_runtime(params)
     device, _ = resolve_device_dtype(params.runtime)  # trained in float32 whatever runtime.dtype: it is tiny
 
-    train = read_split(args.corpus, "train", domains=list(spec.domains))
-    texts_by_domain = {d: train.filter(train["domain"] == d)["text"].to_list() for d in spec.domains}
-    empty = sorted(d for d, texts in texts_by_domain.items() if not texts)
+    tokenizer_domains = spec.tokenizer.domains or list(spec.domains)
+    train = read_split(args.corpus, "train")
+    empty = sorted(d for d in {*spec.domains, *tokenizer_domains} if not (train["domain"] == d).any())
     if empty:
         raise StageError(f"bootstrap.{name}: the train split of {args.corpus} has no documents of domain(s) {empty}")
+    texts_by_domain = {d: train.filter(train["domain"] == d)["text"].to_list() for d in spec.domains}
     started = time.perf_counter()
-    tokenizer = train_tokenizer(spec.tokenizer.kind, train["text"].to_list(), spec.tokenizer.vocab_size)
+    tokenizer_texts = train.filter(train["domain"].is_in(tokenizer_domains))["text"].to_list()
+    tokenizer = train_tokenizer(spec.tokenizer.kind, tokenizer_texts, spec.tokenizer.vocab_size)
     sequences = {d: tokenizer(texts, add_special_tokens=False)["input_ids"] for d, texts in texts_by_domain.items()}
     print(f"{name}: {spec.tokenizer.kind} tokenizer of {len(tokenizer)} tokens in {time.perf_counter() - started:.1f} s; "
           + ", ".join(f"{d}: {len(s)} documents, {sum(map(len, s))} tokens" for d, s in sequences.items()), flush=True)

@@ -219,6 +219,34 @@ def test_bootstrap_stage(tmp_path, monkeypatch):
     assert tokenizer.decode(tokenizer.encode("return x", add_special_tokens=False)) == "return x"
 
 
+def test_a_teacher_learns_the_target_tokenizer_from_the_domains_it_names(tmp_path, monkeypatch):
+    """tokenizer.domains: a code-only model whose tokenizer learns from code and prose has the tokenizer of a model
+    trained on both (the same-vocabulary oracle teacher); without it, its tokenizer is learnt from code alone."""
+    from stages.bootstrap import main
+
+    monkeypatch.chdir(tmp_path)
+    write_corpus(tmp_path / "corpus")
+    model = {"hidden_size": 32, "layers": 1, "heads": 2, "intermediate_size": 64, "context": 259}
+    train = {"steps": 1, "batch_tokens": 256, "block_size": 128, "lr": 3e-3}
+    tokenizer = {"kind": "sentencepiece_bpe", "vocab_size": 320}
+    entries = {"base": {"domains": {"code": 1.0, "prose": 1.0}, "tokenizer": tokenizer},
+               "oracle": {"domains": {"code": 1.0}, "tokenizer": {**tokenizer, "domains": ["code", "prose"]}},
+               "code": {"domains": {"code": 1.0}, "tokenizer": tokenizer}}
+    raw = {"target": "base", "sources": ["base"], "corpus": {"sources": [{"kind": "builtin_code"}, {"kind": "builtin_prose"}],
+                                                             "max_chunk_bytes": 256},
+           "runtime": {"device": "cpu", "threads": torch.get_num_threads()},
+           "bootstrap": {name: {"architecture": "llama", "model": model, "train": train, **entry}
+                         for name, entry in entries.items()}}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
+    vocab = {}
+    for name in entries:
+        main([name, "--params", "params.yaml", "--corpus", "corpus", "--out", f"data/models/{name}",
+              "--metrics", f"metrics/{name}.json", "--plots", f"plots/{name}.csv"])
+        vocab[name] = json.loads((tmp_path / f"data/models/{name}/tokenizer.json").read_text())["model"]["vocab"]
+    assert vocab["oracle"] == vocab["base"]
+    assert vocab["code"] != vocab["base"]
+
+
 def test_bootstrap_stage_unknown_model_exits_with_one_line(tmp_path, monkeypatch, capsys):
     from fusesoup.cli import run_stage
     from stages.bootstrap import main

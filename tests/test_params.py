@@ -58,6 +58,7 @@ def test_repo_params_and_tiny_profile_are_valid(raw):
         (lambda r: r["bootstrap"]["code-neox"]["train"].__setitem__("lr", -1), "bootstrap.code-neox.train.lr: Input should be greater than 0, got -1"),
         (lambda r: r["bootstrap"]["code-neox"].__setitem__("architecture", "mamba"), "bootstrap.code-neox.architecture: Input should be 'llama', 'gpt_neox' or 'gpt2', got 'mamba'"),
         (lambda r: r["bootstrap"]["code-neox"]["domains"].__setitem__("legal", 1.0), "bootstrap.code-neox.domains: domains ['legal'] come from no corpus source"),
+        (lambda r: r["bootstrap"]["code-neox"]["tokenizer"].__setitem__("domains", ["code", "legal"]), "bootstrap.code-neox.tokenizer.domains: domains ['legal'] come from no corpus source"),
         (lambda r: r["bootstrap"]["prose-gpt2"]["tokenizer"].__setitem__("vocab_size", 100), "bootstrap.prose-gpt2.tokenizer.vocab_size: Input should be greater than or equal to 300"),
         (lambda r: r["flow"]["schedule"].__setitem__("cron", "daily"), "flow.schedule: cron must have 5 fields, got 'daily'"),
         (lambda r: r["runtime"].__setitem__("device", "tpu"), "runtime.device: String should match pattern"),

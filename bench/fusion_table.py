@@ -1,0 +1,205 @@
+"""How much of the teachers' edge continued training carries (issue 16): method x domain over seeds; prints JSON.
+
+On a `make repro` project (--project), nothing of which is changed: every stage script runs as a subprocess on a
+params file of its own under --work, so each run is exactly what the DVC stage would do with those params.
+- The oracle (`--oracle code-neox`): a teacher on the target's own tokenizer, trained like that specialist (its
+  bootstrap entry with the target's tokenizer, learnt from the target's domains: the same vocabulary), extracted,
+  aligned (an identity) and fused in the specialist's place with the other sources: the same fusion, with the
+  code teacher's distributions reaching every position as same-tokenizer distillation would.
+- Each run NAME=STORE:LAMBDA[:LOSS] trains the target base with train@fused on STORE (`fused`: the project's fused
+  store, `oracle`: the oracle's) at train.lambda LAMBDA and train.fusion_loss LOSS (default: the project's), or
+  with train@clm (`clm`), once per seed (train order).
+- Per run and split: bpb per domain, mean and min..max over the seeds, and the captured share of the domain
+  teacher's edge, (bpb_clm - bpb_run) / (bpb_clm - bpb_teacher), against the seed-matched train@clm run. The
+  domain teacher is the oracle for runs on its store, else `--teachers`. Decide on valid; report test.
+
+    python bench/fusion_table.py --project R --work R/exp --oracle code-neox --seeds 0 1 2 \\
+        --runs clm=clm fuselm=fused:0.9 oracle=oracle:0.9:topk [--report table.md]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from fusesoup.params import deep_merge, parse_params, read_mapping  # noqa: E402
+from fusesoup.storage import read_json, write_json  # noqa: E402
+
+ORACLE = "oracle"
+SPLITS = ("valid", "test")
+
+
+def stage(module: str, *args: str) -> None:
+    """One stage script, as DVC would run it (its own process, this interpreter)."""
+    subprocess.run([sys.executable, "-m", f"stages.{module}", *args], cwd=ROOT, check=True)
+
+
+def write_params(path: Path, base: dict, overrides: dict) -> Path:
+    merged = deep_merge(base, overrides)
+    parse_params(merged, path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(merged, sort_keys=False))
+    return path
+
+
+def oracle_entry(base: dict, like: str) -> dict:
+    """bootstrap entry `like` (e.g. the code specialist) with the target's tokenizer, learnt from the target's
+    domains."""
+    target = base["bootstrap"][base["target"]]
+    tokenizer = {**target["tokenizer"], "domains": sorted(target["domains"])}
+    return {**base["bootstrap"][like], "tokenizer": tokenizer}
+
+
+def build_oracle(project: Path, work: Path, base: dict, like: str) -> tuple[dict, Path]:
+    """bootstrap, extract, align the oracle and fuse it in place of `like` under `work` (each step skipped once
+    done); returns the params and the fused store."""
+    target, others = base["target"], [s for s in base["sources"] if s != like]
+    overrides = {"bootstrap": {ORACLE: oracle_entry(base, like)},
+                 "sources": [ORACLE if s == like else s for s in base["sources"]]}
+    params = write_params(work / "params" / "oracle.yaml", base, overrides)
+    models, logits, aligned = work / "models", work / "logits", work / "aligned"
+    for folder, names in ((models, [target]), (logits, [target]), (aligned, others)):
+        folder.mkdir(parents=True, exist_ok=True)
+        for name in names:
+            if not (folder / name).exists():
+                (folder / name).symlink_to((project / "data" / folder.name / name).resolve())
+    corpus, p = str(project / "data/corpus"), str(params)
+    steps = [
+        (models / ORACLE / "model.safetensors",
+         ("bootstrap", ORACLE, "--params", p, "--corpus", corpus, "--out", str(models / ORACLE),
+          "--metrics", str(work / "metrics/bootstrap.json"), "--plots", str(work / "plots/bootstrap.csv"))),
+        (logits / ORACLE / "manifest.json",
+         ("extract", ORACLE, "--params", p, "--corpus", corpus, "--models", str(models), "--out",
+          str(logits / ORACLE), "--metrics", str(work / "metrics/extract.json"), "--no-progress")),
+        (aligned / ORACLE / "manifest.json",
+         ("align", ORACLE, "--params", p, "--corpus", corpus, "--models", str(models), "--logits", str(logits),
+          "--out", str(aligned / ORACLE), "--metrics", str(work / "metrics/align.json"))),
+        (work / "fused" / "manifest.json",
+         ("fuse", "--params", p, "--corpus", corpus, "--aligned", str(aligned), "--out", str(work / "fused"),
+          "--metrics", str(work / "metrics"))),
+    ]
+    for done, args in steps:
+        if not done.exists():
+            stage(*args)
+    return read_mapping(params), work / "fused"
+
+
+def teacher_scores(project: Path, work: Path, names: list[str], base: dict) -> dict:
+    """valid and test bpb per domain of each teacher (cached in work/teachers.json)."""
+    import torch  # noqa: F401  (only here: the driver itself stays light)
+
+    from fusesoup.corpus import read_split
+    from fusesoup.evaluate import score_by_domain
+    from fusesoup.models import load_model
+
+    cache = work / "teachers.json"
+    scores = read_json(cache) if cache.exists() else {}
+    for name in names:
+        if name in scores:
+            continue
+        models = work / "models" if name == ORACLE else project / "data/models"
+        model, tokenizer = load_model(name, parse_params(base), models)
+        scores[name] = {split: {d: r.bpb for d, r in score_by_domain(model.float().eval(), tokenizer,
+                                                                    read_split(project / "data/corpus", split),
+                                                                    base["evaluate"]["batch_tokens"]).items()}
+                        for split in SPLITS}
+        write_json(cache, scores)
+    return scores
+
+
+def train_run(project: Path, work: Path, base: dict, name: str, store: Path | None, train: dict, seed: int) -> dict:
+    """One train@ run (clm when `store` is None) with these train params and seed; its metrics (cached)."""
+    run = f"{name}-s{seed}"
+    metrics = work / "metrics" / f"{run}.json"
+    if not metrics.exists():
+        params = write_params(work / "params" / f"{run}.yaml", base, {"seed": seed, "train": train})
+        stage("train", "clm" if store is None else "fused", "--params", str(params),
+              "--corpus", str(project / "data/corpus"), "--models", str(project / "data/models"),
+              "--fused", str(store or project / "data/fused"), "--logits", str(project / "data/logits"),
+              "--out", str(work / "models" / run), "--checkpoints", str(work / "checkpoints" / run),
+              "--metrics", str(metrics), "--plots", str(work / "plots" / f"{run}.csv"), "--no-progress")
+    return read_json(metrics)
+
+
+def summarise(runs: dict, clm: dict, teachers: dict, teacher_of: dict) -> dict:
+    """Per run and split: bpb mean/min/max over seeds per domain and the captured share of the teacher's edge."""
+    table = {}
+    for name, (by_seed, store) in runs.items():
+        table[name] = {}
+        for split in SPLITS:
+            rows = {}
+            for domain in by_seed[0][split]:
+                bpb = np.array([m[split][domain]["bpb"] for m in by_seed])
+                base = np.array([m[split][domain]["bpb"] for m in clm])
+                teacher = teacher_of.get((store, domain))
+                row = {"bpb": float(bpb.mean()), "min": float(bpb.min()), "max": float(bpb.max()),
+                       "gain_vs_clm": float((base - bpb).mean() / base.mean())}
+                if teacher is not None:
+                    edge = base - teachers[teacher][split][domain]
+                    row |= {"teacher": teacher, "share": float(((base - bpb) / edge).mean()) if (edge > 0).all()
+                            else None}
+                rows[domain] = row
+            table[name][split] = rows
+    return table
+
+
+def markdown(table: dict, split: str) -> str:
+    domains = list(next(iter(table.values()))[split])
+    lines = [f"| {split} | " + " | ".join(f"{d} bpb (min..max) | {d} share" for d in domains) + " |",
+             "|---|" + "---|---|" * len(domains)]
+    for name, splits in table.items():
+        cells = []
+        for d in domains:
+            row = splits[split][d]
+            cells.append(f"{row['bpb']:.4f} ({row['min']:.4f}..{row['max']:.4f})")
+            cells.append("" if row.get("share") is None else f"{row['share']:.3f} ({row['teacher']})")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--project", type=Path, required=True, help="a make-repro project (its params.yaml, data/)")
+    parser.add_argument("--work", type=Path, required=True, help="where the oracle, params and runs go")
+    parser.add_argument("--oracle", help="build the oracle like this bootstrap entry (e.g. code-neox)")
+    parser.add_argument("--teachers", nargs="*", default=["code=code-neox", "prose=prose-gpt2"],
+                        help="DOMAIN=MODEL: the teacher each domain's share is measured against")
+    parser.add_argument("--runs", nargs="+", required=True, help="NAME=clm or NAME=STORE:LAMBDA (fused, oracle)")
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--report", type=Path, help="also write the tables as Markdown here")
+    args = parser.parse_args()
+    project, work = args.project.resolve(), args.work.resolve()
+    base = read_mapping(project / "params.yaml")
+    stores: dict[str, Path | None] = {"clm": None, "fused": project / "data/fused"}
+    teacher_of = {("fused", d): m for d, m in (t.split("=") for t in args.teachers)}
+    if args.oracle:
+        base, stores[ORACLE] = build_oracle(project, work, base, args.oracle)
+        base["sources"] = read_mapping(project / "params.yaml")["sources"]
+        teacher_of[(ORACLE, "code")] = ORACLE
+    clm = [train_run(project, work, base, "clm", None, {}, seed) for seed in args.seeds]
+    runs = {}
+    for spec in args.runs:
+        name, _, how = spec.partition("=")
+        store, lam, *loss = how.split(":") if ":" in how else (how, "1")
+        train = {"lambda": float(lam)} | ({"fusion_loss": loss[0]} if loss else {})
+        by_seed = clm if store == "clm" else [train_run(project, work, base, name, stores[store], train, seed)
+                                              for seed in args.seeds]
+        runs[name] = (by_seed, store)
+    teachers = teacher_scores(project, work, sorted(set(teacher_of.values())), base)
+    table = summarise(runs, clm, teachers, teacher_of)
+    result = {"seeds": args.seeds, "teachers": teachers, "runs": table}
+    if args.report:
+        args.report.write_text("\n\n".join(markdown(table, split) for split in SPLITS) + "\n")
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
