@@ -31,6 +31,16 @@ def test_sparse_fusion_loss_equals_the_dense_soft_label_cross_entropy():
     # a student equal to the targets has zero KL
     perfect = torch.log(dense.clamp(min=1e-12))
     assert fusion_loss(student_log_probs(perfect), targets, mask, "kl").abs() < 1e-5
+    # topk: the student renormalised over each row's ids (a one-hot row adds nothing)
+    held = dense > 0
+    conditional = torch.log_softmax(logits.masked_fill(~held, float("-inf")), -1)
+    within = -(dense * torch.where(held, conditional, torch.zeros_like(conditional))).sum(-1)
+    assert within[0, 1] == 0 and within[1, 3] == 0  # the one-hot rows
+    topk = fusion_loss(student_log_probs(logits), targets, mask, "topk")
+    torch.testing.assert_close(topk, (within * mask).sum() / mask.sum())
+    # its gradient leaves the rows' total mass alone: the same loss for logits shifted on the held ids
+    shifted = logits.detach() + 5.0 * held
+    torch.testing.assert_close(fusion_loss(student_log_probs(shifted), targets, mask, "topk"), topk.detach())
 
 
 def test_clm_loss_is_the_masked_mean_cross_entropy():
