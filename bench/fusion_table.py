@@ -50,19 +50,19 @@ def write_params(path: Path, base: dict, overrides: dict) -> Path:
     return path
 
 
-def oracle_entry(base: dict, like: str) -> dict:
+def oracle_entry(base: dict, like: str, steps: int | None) -> dict:
     """bootstrap entry `like` (e.g. the code specialist) with the target's tokenizer, learnt from the target's
-    domains."""
-    target = base["bootstrap"][base["target"]]
+    domains, and `steps` steps if given."""
+    target, entry = base["bootstrap"][base["target"]], base["bootstrap"][like]
     tokenizer = {**target["tokenizer"], "domains": sorted(target["domains"])}
-    return {**base["bootstrap"][like], "tokenizer": tokenizer}
+    return {**entry, "tokenizer": tokenizer, "train": {**entry["train"], "steps": steps or entry["train"]["steps"]}}
 
 
-def build_oracle(project: Path, work: Path, base: dict, like: str) -> tuple[dict, Path]:
+def build_oracle(project: Path, work: Path, base: dict, like: str, steps: int | None) -> tuple[dict, Path]:
     """bootstrap, extract, align the oracle and fuse it in place of `like` under `work` (each step skipped once
     done); returns the params and the fused store."""
     target, others = base["target"], [s for s in base["sources"] if s != like]
-    overrides = {"bootstrap": {ORACLE: oracle_entry(base, like)},
+    overrides = {"bootstrap": {ORACLE: oracle_entry(base, like, steps)},
                  "sources": [ORACLE if s == like else s for s in base["sources"]]}
     params = write_params(work / "params" / "oracle.yaml", base, overrides)
     models, logits, aligned = work / "models", work / "logits", work / "aligned"
@@ -120,7 +120,7 @@ def train_run(project: Path, work: Path, base: dict, name: str, store: Path | No
     run = f"{name}-s{seed}"
     metrics = work / "metrics" / f"{run}.json"
     if not metrics.exists():
-        params = write_params(work / "params" / f"{run}.yaml", base, {"seed": seed, "train": train})
+        params = write_params(work / "params" / f"{run}.yaml", base, {"seed": seed} | ({"train": train} if train else {}))
         stage("train", "clm" if store is None else "fused", "--params", str(params),
               "--corpus", str(project / "data/corpus"), "--models", str(project / "data/models"),
               "--fused", str(store or project / "data/fused"), "--logits", str(project / "data/logits"),
@@ -170,6 +170,7 @@ def main() -> None:
     parser.add_argument("--project", type=Path, required=True, help="a make-repro project (its params.yaml, data/)")
     parser.add_argument("--work", type=Path, required=True, help="where the oracle, params and runs go")
     parser.add_argument("--oracle", help="build the oracle like this bootstrap entry (e.g. code-neox)")
+    parser.add_argument("--oracle-steps", type=int, help="its training steps (default: the specialist's)")
     parser.add_argument("--teachers", nargs="*", default=["code=code-neox", "prose=prose-gpt2"],
                         help="DOMAIN=MODEL: the teacher each domain's share is measured against")
     parser.add_argument("--runs", nargs="+", required=True, help="NAME=clm or NAME=STORE:LAMBDA (fused, oracle)")
@@ -181,7 +182,7 @@ def main() -> None:
     stores: dict[str, Path | None] = {"clm": None, "fused": project / "data/fused"}
     teacher_of = {("fused", d): m for d, m in (t.split("=") for t in args.teachers)}
     if args.oracle:
-        base, stores[ORACLE] = build_oracle(project, work, base, args.oracle)
+        base, stores[ORACLE] = build_oracle(project, work, base, args.oracle, args.oracle_steps)
         base["sources"] = read_mapping(project / "params.yaml")["sources"]
         teacher_of[(ORACLE, "code")] = ORACLE
     clm = [train_run(project, work, base, "clm", None, {}, seed) for seed in args.seeds]

@@ -30,10 +30,11 @@ class Reader:
         return self.shards[index]
 
 
-def stream_of(shards, window_shards, steps, seed=0, batch_tokens=40):
+def stream_of(shards, window_shards, steps, seed=0, batch_tokens=40, rank=0, world=1, block=BLOCK):
     reader = Reader(shards)
     lengths = [np.array([len(d.input_ids) for d in shard]) for shard in shards]
-    return TrainStream(reader, lengths, window_shards, BLOCK, BOS, CONTEXT, batch_tokens, steps, seed), reader
+    return TrainStream(reader, lengths, window_shards, block, BOS, CONTEXT, batch_tokens, steps, seed, rank,
+                       world), reader
 
 
 def same_blocks(left, right):
@@ -75,9 +76,9 @@ def test_windows_visit_every_document_once_an_epoch_with_two_windows_in_memory_a
     assert max(map(len, held)) == 2  # a batch ran on into the next window: only its blocks of the last one stay
     assert all(len(step) == 1 or step[0] <= 3 for step in held)  # (40 tokens a step: at most 3 blocks of 16)
     assert len(reader.reads) == sum(len(visit.shards) for visit in stream.visits)  # each visit reads its shards once
-    for visit in epoch:  # a visit's blocks spell its documents, each once, in its packing order
+    for number, visit in enumerate(epoch):  # a visit's blocks spell its documents, each once, in its packing order
         window = [d for shard in visit.shards for d in shards[shard]]
-        packed = stream.pack(visit)
+        packed = stream.pack(number)
         stream_tokens = np.concatenate([packed[0].tokens] + [b.tokens[1:] for b in packed[1:]])
         expected = np.concatenate([np.concatenate([[BOS], window[i].input_ids])[:CONTEXT] for i in visit.order])
         assert np.array_equal(stream_tokens, expected)
@@ -97,6 +98,23 @@ def test_the_plan_is_fixed_by_the_seed_so_a_resumed_or_other_rank_reads_the_same
     other, _ = stream_of(shards, window_shards=3, steps=40, seed=1)
     assert other.plan != first.plan
     assert all(sum(first.visits[v].widths[b] for v, b in step) >= 40 for step in first.plan)
+
+
+def test_each_rank_keeps_the_fused_rows_of_its_own_blocks_only():
+    """World 3, an epoch of 64-token blocks (about 5 documents each): rank r's blocks, every third of each step,
+    are exactly the single process's, while it holds the rows of its own blocks' documents only: about a third of
+    the window's, plus the documents its blocks share with the others'."""
+    shards = shards_of(sequences(with_targets=True, n=210), [30] * 7)
+    whole, _ = stream_of(shards, window_shards=7, steps=14, batch_tokens=192, block=64)
+    ranks = [stream_of(shards, window_shards=7, steps=14, batch_tokens=192, rank=r, world=3, block=64)[0]
+             for r in range(3)]
+    for step in range(14):
+        batch = whole[step]
+        for rank, stream in enumerate(ranks):
+            same_blocks(stream[step][rank::3], batch[rank::3])  # with their fused rows
+    window = sum(len(d.targets.ids) for shard in shards for d in shard)
+    held = [sum(len(block.targets.ids) for block in stream.pack(0)) for stream in ranks]
+    assert max(held) < 0.45 * window and sum(held) > 0.95 * window, (held, window)
 
 
 def test_a_shard_that_no_longer_matches_its_planned_lengths_is_named():

@@ -13,6 +13,7 @@ from fusesoup.logits.store import LogitStore, ShardedStore
 from fusesoup.models import context_length
 from fusesoup.params import Params
 from fusesoup.storage import content_key
+from fusesoup.train.engine import rank_and_world
 from fusesoup.train.packing import TrainSequence
 from fusesoup.train.recipe import special_ids
 from fusesoup.train.stream import TrainStream
@@ -42,7 +43,8 @@ def document_lengths(store: ShardedStore) -> list[np.ndarray]:
 
 def train_stream(variant: str, params: Params, model, fused: Path, target_logits: Path) -> tuple[TrainStream, str]:
     """The stage's steps: the store streamed a window of train.window_shards shards at a time into
-    train.block_size blocks for `model`, and the key of the store."""
+    train.block_size blocks for `model` (this rank's fused rows only, under torch.distributed), and the key of the
+    store."""
     store = training_store(variant, fused, target_logits)
     lengths = document_lengths(store)
     if not sum(int(shard.sum()) for shard in lengths):
@@ -52,7 +54,8 @@ def train_stream(variant: str, params: Params, model, fused: Path, target_logits
         raise StageError(f"train.block_size {spec.block_size} is longer than the context of {params.target} "
                          f"({context} tokens)")
     stream = TrainStream(lambda shard: read_documents(store, shard), lengths, spec.window_shards, spec.block_size,
-                         special_ids(model.config).bos, context, spec.batch_tokens, spec.steps, params.seed)
+                         special_ids(model.config).bos, context, spec.batch_tokens, spec.steps, params.seed,
+                         *rank_and_world())
     return stream, store.manifest["key"]
 
 

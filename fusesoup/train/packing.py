@@ -103,6 +103,17 @@ def packed_widths(lengths: Sequence[int], block: int, context: int) -> list[int]
     return [min(start + block, tokens - 1) - start for start in range(0, tokens - 1, block)]
 
 
+def documents_of_blocks(lengths: Sequence[int], block: int, context: int) -> list[range]:
+    """For each block pack_documents cuts from documents of these lengths (in packing order), the documents (their
+    places in that order) whose tokens it holds, unread."""
+    ends = np.cumsum(np.minimum(np.asarray(lengths, dtype=np.int64) + 1, context))  # [BOS] doc, cut to context
+    total = int(ends[-1]) if len(ends) else 0
+    starts = np.arange(0, max(total - 1, 0), block)
+    first = np.searchsorted(ends, starts, side="right")  # the document of a block's first token
+    last = np.searchsorted(ends, np.minimum(starts + block, total - 1), side="right")  # of its last label
+    return [range(int(a), int(b) + 1) for a, b in zip(first, last)]
+
+
 def pack_documents(documents: Sequence[TrainSequence], block: int, bos: int, context: int, order: Sequence[int]
                    ) -> list[TrainBlock]:
     """Continued training's stream: the documents in `order` (packing_order) joined as [BOS] doc [BOS] doc ... (no

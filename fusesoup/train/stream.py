@@ -9,6 +9,9 @@ order (packing.pack_documents) and its blocks taken as above. Only the documents
 window's tokens and fused rows are read when a step first needs them and dropped after the last step that does (a
 batch that runs on into the next window keeps only its own blocks of the last one), so memory holds one window,
 however large the corpus. When the split fits one window the steps are exactly the in-memory plan of the split.
+Data parallel, rank r of `world` trains every world-th block of each step (the loop's `batch[rank::world]`): it
+keeps the fused rows of the documents its own blocks hold and drops the others' as each shard is read, so a rank
+holds its share of a window's rows (the tokens, a few bytes a position, of all of it).
 """
 from __future__ import annotations
 
@@ -17,7 +20,9 @@ from typing import NamedTuple, Protocol
 
 import numpy as np
 
-from fusesoup.train.packing import TrainBlock, TrainSequence, pack_documents, packed_widths, packing_order
+from fusesoup.logits.sparse import empty_rows
+from fusesoup.train.packing import (TrainBlock, TrainSequence, documents_of_blocks, pack_documents, packed_widths,
+                                    packing_order)
 from fusesoup.train.recipe import TrainingError
 
 Step = list[tuple[int, int]]  # (visit, block) pairs: the blocks one step takes
@@ -105,7 +110,8 @@ class TrainStream:
     `read_shard(index)` gives a shard's documents in stored order; `lengths[index]` their token counts."""
 
     def __init__(self, read_shard: Callable[[int], list[TrainSequence]], lengths: Sequence[np.ndarray],
-                 window_shards: int, block: int, bos: int, context: int, batch_tokens: int, steps: int, seed: int):
+                 window_shards: int, block: int, bos: int, context: int, batch_tokens: int, steps: int, seed: int,
+                 rank: int = 0, world: int = 1):
         self.read_shard, self.block, self.bos, self.context = read_shard, block, bos, context
         visits = plan_visits(lengths, window_shards, block, context, seed)
         self.visits: list[Visit] = []
@@ -118,6 +124,7 @@ class TrainStream:
 
         self.plan = cut_into_steps(numbered(), batch_tokens, steps, np.random.default_rng(seed))
         self.last_step = {visit: step for step, batch in enumerate(self.plan) for visit, _ in batch}
+        self.mine = {pair for batch in self.plan for pair in batch[rank::world]}  # the (visit, block)s this rank trains
         self.loaded: dict[int, dict[int, TrainBlock]] = {}  # visit -> its blocks still to be taken
 
     def __getitem__(self, step: int) -> list[TrainBlock]:
@@ -129,12 +136,22 @@ class TrainStream:
                 self.loaded[visit] = {b: block for b, block in self.loaded[visit].items() if (visit, b) in wanted}
         for visit, _ in self.plan[step]:
             if visit not in self.loaded:
-                self.loaded[visit] = dict(enumerate(self.pack(self.visits[visit])))
+                self.loaded[visit] = dict(enumerate(self.pack(visit)))
         return [self.loaded[visit][block] for visit, block in self.plan[step]]
 
-    def pack(self, visit: Visit) -> list[TrainBlock]:
-        """The window's blocks, read from its shards; TrainingError if its documents are not the planned ones."""
-        documents = [document for shard in visit.shards for document in self.read_shard(shard)]
+    def pack(self, number: int) -> list[TrainBlock]:
+        """Visit `number`'s blocks, read from its shards, with fused rows only where this rank's blocks are (module
+        docstring); TrainingError if its documents are not the planned ones."""
+        visit = self.visits[number]
+        held = documents_of_blocks(visit.lengths[visit.order], self.block, self.context)
+        needed = {int(visit.order[place]) for block, places in enumerate(held) if (number, block) in self.mine
+                  for place in places}
+        documents = []
+        for shard in visit.shards:
+            for document in self.read_shard(shard):
+                keep = len(documents) in needed
+                documents.append(document if keep or document.targets is None
+                                 else document._replace(targets=empty_rows(len(document.input_ids))))
         if [len(document.input_ids) for document in documents] != visit.lengths.tolist():
             raise TrainingError(f"shards {list(visit.shards)} do not hold the documents their lengths were planned "
                                 "from (the store changed during training?)")
