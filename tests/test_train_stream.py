@@ -104,8 +104,10 @@ def test_each_rank_keeps_the_fused_rows_of_its_own_blocks_only():
     """World 3, an epoch of 64-token blocks (about 5 documents each): rank r's blocks, every third of each step,
     are exactly the single process's, while it holds the rows of its own blocks' documents only: about a third of
     the window's, plus the documents its blocks share with the others'."""
-    shards = shards_of(sequences(with_targets=True, n=210), [30] * 7)
-    whole, _ = stream_of(shards, window_shards=7, steps=14, batch_tokens=192, block=64)
+    documents = sequences(with_targets=True, n=210)
+    shards = shards_of(documents, [30] * 7)
+    order = packing_order([len(d.input_ids) for d in documents], np.random.default_rng(0))
+    whole = PlannedBatches(pack_documents(documents, 64, BOS, CONTEXT, order), 192, 14, 0)  # one window: the same
     ranks = [stream_of(shards, window_shards=7, steps=14, batch_tokens=192, rank=r, world=3, block=64)[0]
              for r in range(3)]
     for step in range(14):
