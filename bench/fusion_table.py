@@ -7,11 +7,13 @@ params file of its own under --work, so each run is exactly what the DVC stage w
   aligned (an identity) and fused in the specialist's place with the other sources: the same fusion, with the
   code teacher's distributions reaching every position as same-tokenizer distillation would.
 - Each run NAME=STORE:LAMBDA[:LOSS] trains the target base with train@fused on STORE (`fused`: the project's fused
-  store, `oracle`: the oracle's) at train.lambda LAMBDA and train.fusion_loss LOSS (default: the project's), or
+  store, `oracle`: the oracle's, or one named by --store) at train.lambda LAMBDA and train.fusion_loss LOSS (default: the project's), or
   with train@clm (`clm`), once per seed (train order).
-- Per run and split: bpb per domain, mean and min..max over the seeds, and the captured share of the domain
-  teacher's edge, (bpb_clm - bpb_run) / (bpb_clm - bpb_teacher), against the seed-matched train@clm run. The
-  domain teacher is the oracle for runs on its store, else `--teachers`. Decide on valid; report test.
+- Per run, split and domain: the bpb (mean over the seeds), its relative gain over the seed-matched train@clm run
+  (mean and min..max over the seeds: the seed moves every run's bpb far more than fusion does, so runs compare
+  with the same seed), and the captured share of the domain teacher's edge, (bpb_clm - bpb_run) /
+  (bpb_clm - bpb_teacher). The domain teacher is the oracle for runs on its store, else `--teachers`. Decide on
+  valid; report test.
 
     python bench/fusion_table.py --project R --work R/exp --oracle code-neox --seeds 0 1 2 \\
         --runs clm=clm fuselm=fused:0.9 oracle=oracle:0.9:topk [--report table.md]
@@ -129,8 +131,9 @@ def train_run(project: Path, work: Path, base: dict, name: str, store: Path | No
     return read_json(metrics)
 
 
-def summarise(runs: dict, clm: dict, teachers: dict, teacher_of: dict) -> dict:
-    """Per run and split: bpb mean/min/max over seeds per domain and the captured share of the teacher's edge."""
+def summarise(runs: dict, clm: list[dict], teachers: dict, teacher_of: dict) -> dict:
+    """Per run and split and domain: the bpb (mean over seeds), its relative gain over the seed-matched train@clm
+    run (mean, min, max over seeds) and the captured share of the domain teacher's edge (mean over seeds)."""
     table = {}
     for name, (by_seed, store) in runs.items():
         table[name] = {}
@@ -139,28 +142,31 @@ def summarise(runs: dict, clm: dict, teachers: dict, teacher_of: dict) -> dict:
             for domain in by_seed[0][split]:
                 bpb = np.array([m[split][domain]["bpb"] for m in by_seed])
                 base = np.array([m[split][domain]["bpb"] for m in clm])
+                gain = (base - bpb) / base
+                row = {"bpb": float(bpb.mean()), "gain": float(gain.mean()), "gain_min": float(gain.min()),
+                       "gain_max": float(gain.max())}
                 teacher = teacher_of.get((store, domain))
-                row = {"bpb": float(bpb.mean()), "min": float(bpb.min()), "max": float(bpb.max()),
-                       "gain_vs_clm": float((base - bpb).mean() / base.mean())}
                 if teacher is not None:
                     edge = base - teachers[teacher][split][domain]
-                    row |= {"teacher": teacher, "share": float(((base - bpb) / edge).mean()) if (edge > 0).all()
-                            else None}
+                    row |= {"teacher": teacher,
+                            "share": float(((base - bpb) / edge).mean()) if (edge > 0).all() else None}
                 rows[domain] = row
             table[name][split] = rows
     return table
 
 
 def markdown(table: dict, split: str) -> str:
+    """One split's table: per domain the bpb, the relative gain over clm in % (min..max over seeds), the share."""
     domains = list(next(iter(table.values()))[split])
-    lines = [f"| {split} | " + " | ".join(f"{d} bpb (min..max) | {d} share" for d in domains) + " |",
-             "|---|" + "---|---|" * len(domains)]
+    lines = [f"| {split} | " + " | ".join(f"{d} bpb | {d} gain % (min..max) | {d} share" for d in domains) + " |",
+             "|---|" + "---|---|---|" * len(domains)]
     for name, splits in table.items():
         cells = []
         for d in domains:
             row = splits[split][d]
-            cells.append(f"{row['bpb']:.4f} ({row['min']:.4f}..{row['max']:.4f})")
-            cells.append("" if row.get("share") is None else f"{row['share']:.3f} ({row['teacher']})")
+            cells += [f"{row['bpb']:.4f}",
+                      f"{100 * row['gain']:+.2f} ({100 * row['gain_min']:+.2f}..{100 * row['gain_max']:+.2f})",
+                      "" if row.get("share") is None else f"{row['share']:.3f} ({row['teacher']})"]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -173,6 +179,7 @@ def main() -> None:
     parser.add_argument("--oracle-steps", type=int, help="its training steps (default: the specialist's)")
     parser.add_argument("--teachers", nargs="*", default=["code=code-neox", "prose=prose-gpt2"],
                         help="DOMAIN=MODEL: the teacher each domain's share is measured against")
+    parser.add_argument("--store", nargs="*", default=[], help="NAME=PATH: another fused store (same corpus)")
     parser.add_argument("--runs", nargs="+", required=True, help="NAME=clm or NAME=STORE:LAMBDA (fused, oracle)")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--report", type=Path, help="also write the tables as Markdown here")
@@ -180,7 +187,8 @@ def main() -> None:
     project, work = args.project.resolve(), args.work.resolve()
     base = read_mapping(project / "params.yaml")
     stores: dict[str, Path | None] = {"clm": None, "fused": project / "data/fused"}
-    teacher_of = {("fused", d): m for d, m in (t.split("=") for t in args.teachers)}
+    stores |= {name: Path(path).resolve() for name, path in (s.split("=") for s in args.store)}
+    teacher_of = {(store, d): m for store in stores for d, m in (t.split("=") for t in args.teachers)}
     if args.oracle:
         base, stores[ORACLE] = build_oracle(project, work, base, args.oracle, args.oracle_steps)
         base["sources"] = read_mapping(project / "params.yaml")["sources"]
