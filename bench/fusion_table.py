@@ -7,8 +7,8 @@ params file of its own under --work, so each run is exactly what the DVC stage w
   aligned (an identity) and fused in the specialist's place with the other sources: the same fusion, with the
   code teacher's distributions reaching every position as same-tokenizer distillation would.
 - Each run NAME=STORE:LAMBDA[:LOSS] trains the target base with train@fused on STORE (`fused`: the project's fused
-  store, `oracle`: the oracle's, or one named by --store) at train.lambda LAMBDA and train.fusion_loss LOSS (default: the project's), or
-  with train@clm (`clm`), once per seed (train order).
+  store, `oracle`: the oracle's, or one named by --store) at train.lambda LAMBDA and train.fusion_loss LOSS
+  (default: the project's), or with train@clm (`clm`), once per seed (train order).
 - Per run, split and domain: the bpb (mean over the seeds), its relative gain over the seed-matched train@clm run
   (mean and min..max over the seeds: the seed moves every run's bpb far more than fusion does, so runs compare
   with the same seed), and the captured share of the domain teacher's edge, (bpb_clm - bpb_run) /
@@ -60,11 +60,11 @@ def oracle_entry(base: dict, like: str, steps: int | None) -> dict:
     return {**entry, "tokenizer": tokenizer, "train": {**entry["train"], "steps": steps or entry["train"]["steps"]}}
 
 
-def build_oracle(project: Path, work: Path, base: dict, like: str, steps: int | None) -> tuple[dict, Path]:
-    """bootstrap, extract, align the oracle and fuse it in place of `like` under `work` (each step skipped once
-    done); returns the params and the fused store."""
+def build_oracle(project: Path, work: Path, base: dict, like: str, entry: dict) -> Path:
+    """bootstrap (as `entry` says), extract, align the oracle and fuse it in place of `like` under `work` (each step
+    skipped once done); returns the fused store."""
     target, others = base["target"], [s for s in base["sources"] if s != like]
-    overrides = {"bootstrap": {ORACLE: oracle_entry(base, like, steps)},
+    overrides = {"bootstrap": {ORACLE: entry},
                  "sources": [ORACLE if s == like else s for s in base["sources"]]}
     params = write_params(work / "params" / "oracle.yaml", base, overrides)
     models, logits, aligned = work / "models", work / "logits", work / "aligned"
@@ -74,7 +74,7 @@ def build_oracle(project: Path, work: Path, base: dict, like: str, steps: int | 
             if not (folder / name).exists():
                 (folder / name).symlink_to((project / "data" / folder.name / name).resolve())
     corpus, p = str(project / "data/corpus"), str(params)
-    steps = [
+    runs = [
         (models / ORACLE / "model.safetensors",
          ("bootstrap", ORACLE, "--params", p, "--corpus", corpus, "--out", str(models / ORACLE),
           "--metrics", str(work / "metrics/bootstrap.json"), "--plots", str(work / "plots/bootstrap.csv"))),
@@ -88,16 +88,14 @@ def build_oracle(project: Path, work: Path, base: dict, like: str, steps: int | 
          ("fuse", "--params", p, "--corpus", corpus, "--aligned", str(aligned), "--out", str(work / "fused"),
           "--metrics", str(work / "metrics"))),
     ]
-    for done, args in steps:
+    for done, args in runs:
         if not done.exists():
             stage(*args)
-    return read_mapping(params), work / "fused"
+    return work / "fused"
 
 
 def teacher_scores(project: Path, work: Path, names: list[str], base: dict) -> dict:
     """valid and test bpb per domain of each teacher (cached in work/teachers.json)."""
-    import torch  # noqa: F401  (only here: the driver itself stays light)
-
     from fusesoup.corpus import read_split
     from fusesoup.evaluate import score_by_domain
     from fusesoup.models import load_model
@@ -122,7 +120,8 @@ def train_run(project: Path, work: Path, base: dict, name: str, store: Path | No
     run = f"{name}-s{seed}"
     metrics = work / "metrics" / f"{run}.json"
     if not metrics.exists():
-        params = write_params(work / "params" / f"{run}.yaml", base, {"seed": seed} | ({"train": train} if train else {}))
+        overrides = {"seed": seed} | ({"train": train} if train else {})  # an empty mapping would replace train
+        params = write_params(work / "params" / f"{run}.yaml", base, overrides)
         stage("train", "clm" if store is None else "fused", "--params", str(params),
               "--corpus", str(project / "data/corpus"), "--models", str(project / "data/models"),
               "--fused", str(store or project / "data/fused"), "--logits", str(project / "data/logits"),
@@ -188,10 +187,11 @@ def main() -> None:
     base = read_mapping(project / "params.yaml")
     stores: dict[str, Path | None] = {"clm": None, "fused": project / "data/fused"}
     stores |= {name: Path(path).resolve() for name, path in (s.split("=") for s in args.store)}
-    teacher_of = {(store, d): m for store in stores for d, m in (t.split("=") for t in args.teachers)}
+    teacher_of = {(store, d): m for store in stores if store != "clm" for d, m in (t.split("=") for t in args.teachers)}
     if args.oracle:
-        base, stores[ORACLE] = build_oracle(project, work, base, args.oracle, args.oracle_steps)
-        base["sources"] = read_mapping(project / "params.yaml")["sources"]
+        entry = oracle_entry(base, args.oracle, args.oracle_steps)
+        stores[ORACLE] = build_oracle(project, work, base, args.oracle, entry)
+        base = deep_merge(base, {"bootstrap": {ORACLE: entry}})  # so that its scores can load it
         teacher_of[(ORACLE, "code")] = ORACLE
     clm = [train_run(project, work, base, "clm", None, {}, seed) for seed in args.seeds]
     runs = {}

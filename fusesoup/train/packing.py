@@ -97,16 +97,21 @@ def packing_order(lengths: Sequence[int], rng: np.random.Generator) -> np.ndarra
     return order[np.asarray(lengths, dtype=np.int64)[order] > 0]
 
 
+def joined_lengths(lengths: Sequence[int], context: int) -> np.ndarray:
+    """Each document's tokens in pack_documents' stream: [BOS] doc, cut to `context`."""
+    return np.minimum(np.asarray(lengths, dtype=np.int64) + 1, context)
+
+
 def packed_widths(lengths: Sequence[int], block: int, context: int) -> list[int]:
     """The widths of the blocks pack_documents cuts from documents of these lengths (in packing order), unread."""
-    tokens = int(np.minimum(np.asarray(lengths, dtype=np.int64) + 1, context).sum())  # [BOS] doc, cut to context
+    tokens = int(joined_lengths(lengths, context).sum())
     return [min(start + block, tokens - 1) - start for start in range(0, tokens - 1, block)]
 
 
 def documents_of_blocks(lengths: Sequence[int], block: int, context: int) -> list[range]:
     """For each block pack_documents cuts from documents of these lengths (in packing order), the documents (their
     places in that order) whose tokens it holds, unread."""
-    ends = np.cumsum(np.minimum(np.asarray(lengths, dtype=np.int64) + 1, context))  # [BOS] doc, cut to context
+    ends = np.cumsum(joined_lengths(lengths, context))
     total = int(ends[-1]) if len(ends) else 0
     starts = np.arange(0, max(total - 1, 0), block)
     first = np.searchsorted(ends, starts, side="right")  # the document of a block's first token
