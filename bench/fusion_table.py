@@ -6,9 +6,12 @@ params file of its own under --work, so each run is exactly what the DVC stage w
   bootstrap entry with the target's tokenizer, learnt from the target's domains: the same vocabulary), extracted,
   aligned (an identity) and fused in the specialist's place with the other sources: the same fusion, with the
   code teacher's distributions reaching every position as same-tokenizer distillation would.
-- Each run NAME=STORE:LAMBDA[:LOSS] trains the target base with train@fused on STORE (`fused`: the project's fused
-  store, `oracle`: the oracle's, or one named by --store) at train.lambda LAMBDA and train.fusion_loss LOSS
-  (default: the project's), or with train@clm (`clm`), once per seed (train order).
+- `--build NAME=OVERRIDES` aligns and fuses the project's sources again with params overrides (JSON, e.g.
+  '{"align": {"vocab": "exact"}}') into a store NAME under --work; `--store NAME=PATH` names one built elsewhere.
+- Each run NAME=STORE[:LAMBDA[:LOSS]][:KEY=VALUE,...] trains the target base with train@fused on STORE (`fused`:
+  the project's fused store, `oracle`: the oracle's, or one of --build / --store) at train.lambda LAMBDA,
+  train.fusion_loss LOSS and any other train.KEY (default: the project's), or with train@clm (`clm`), once per seed
+  (train order).
 - Per run, split and domain: the bpb (mean over the seeds), its relative gain over the seed-matched train@clm run
   (mean and min..max over the seeds: the seed moves every run's bpb far more than fusion does, so runs compare
   with the same seed), and the captured share of the domain teacher's edge, (bpb_clm - bpb_run) /
@@ -16,7 +19,8 @@ params file of its own under --work, so each run is exactly what the DVC stage w
   valid; report test.
 
     python bench/fusion_table.py --project R --work R/exp --oracle code-neox --seeds 0 1 2 \\
-        --runs clm=clm fuselm=fused:0.9 oracle=oracle:0.9:topk [--report table.md]
+        --build exact='{"align": {"vocab": "exact"}}' --runs clm=clm fuselm=fused:0.9 oracle=oracle:0.9:topk \\
+        chunk=exact:0.9:chunk_weight=0.5,chunk_temperature=10 [--report table.md]
 """
 from __future__ import annotations
 
@@ -60,38 +64,67 @@ def oracle_entry(base: dict, like: str, steps: int | None) -> dict:
     return {**entry, "tokenizer": tokenizer, "train": {**entry["train"], "steps": steps or entry["train"]["steps"]}}
 
 
-def build_oracle(project: Path, work: Path, base: dict, like: str, entry: dict) -> Path:
-    """bootstrap (as `entry` says), extract, align the oracle and fuse it in place of `like` under `work` (each step
-    skipped once done); returns the fused store."""
-    target, others = base["target"], [s for s in base["sources"] if s != like]
-    overrides = {"bootstrap": {ORACLE: entry},
-                 "sources": [ORACLE if s == like else s for s in base["sources"]]}
-    params = write_params(work / "params" / "oracle.yaml", base, overrides)
-    models, logits, aligned = work / "models", work / "logits", work / "aligned"
-    for folder, names in ((models, [target]), (logits, [target]), (aligned, others)):
-        folder.mkdir(parents=True, exist_ok=True)
-        for name in names:
-            if not (folder / name).exists():
-                (folder / name).symlink_to((project / "data" / folder.name / name).resolve())
+def link_project(project: Path, folder: Path, names: list[str]) -> None:
+    """folder/NAME -> the project's data/<folder's name>/NAME, for each name not there yet."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        if not (folder / name).exists():
+            (folder / name).symlink_to((project / "data" / folder.name / name).resolve())
+
+
+def align_and_fuse(project: Path, work: Path, params: Path, sources: list[str]) -> Path:
+    """align@ every source in `sources` not aligned under work/aligned yet, then fuse them into work/fused (each
+    step skipped once done), as the stages would with `params`; returns the fused store."""
     corpus, p = str(project / "data/corpus"), str(params)
-    runs = [
-        (models / ORACLE / "model.safetensors",
-         ("bootstrap", ORACLE, "--params", p, "--corpus", corpus, "--out", str(models / ORACLE),
-          "--metrics", str(work / "metrics/bootstrap.json"), "--plots", str(work / "plots/bootstrap.csv"))),
-        (logits / ORACLE / "manifest.json",
-         ("extract", ORACLE, "--params", p, "--corpus", corpus, "--models", str(models), "--out",
-          str(logits / ORACLE), "--metrics", str(work / "metrics/extract.json"), "--no-progress")),
-        (aligned / ORACLE / "manifest.json",
-         ("align", ORACLE, "--params", p, "--corpus", corpus, "--models", str(models), "--logits", str(logits),
-          "--out", str(aligned / ORACLE), "--metrics", str(work / "metrics/align.json"))),
-        (work / "fused" / "manifest.json",
-         ("fuse", "--params", p, "--corpus", corpus, "--aligned", str(aligned), "--out", str(work / "fused"),
-          "--metrics", str(work / "metrics"))),
-    ]
-    for done, args in runs:
-        if not done.exists():
-            stage(*args)
+    models, logits, aligned = work / "models", work / "logits", work / "aligned"
+    for name in sources:
+        if not (aligned / name / "manifest.json").exists():
+            stage("align", name, "--params", p, "--corpus", corpus, "--models", str(models), "--logits",
+                  str(logits), "--out", str(aligned / name), "--metrics", str(work / "metrics/align" / f"{name}.json"))
+    if not (work / "fused" / "manifest.json").exists():
+        stage("fuse", "--params", p, "--corpus", corpus, "--aligned", str(aligned), "--out", str(work / "fused"),
+              "--metrics", str(work / "metrics"))
     return work / "fused"
+
+
+def build_store(project: Path, work: Path, base: dict, overrides: dict) -> Path:
+    """The project's sources aligned and fused with these params overrides (e.g. {"align": {"vocab": "exact"}})
+    under `work`; returns the fused store."""
+    params = write_params(work / "params.yaml", base, overrides)
+    link_project(project, work / "models", [base["target"], *base["sources"]])
+    link_project(project, work / "logits", [base["target"], *base["sources"]])
+    return align_and_fuse(project, work, params, base["sources"])
+
+
+def build_oracle(project: Path, work: Path, base: dict, like: str, entry: dict) -> Path:
+    """bootstrap (as `entry` says) and extract the oracle, then align it and the other sources and fuse them with
+    the oracle in place of `like`, under `work` (each step skipped once done); returns the fused store."""
+    target = base["target"]
+    sources = [ORACLE if s == like else s for s in base["sources"]]
+    params = write_params(work / "params" / "oracle.yaml", base, {"bootstrap": {ORACLE: entry}, "sources": sources})
+    models, logits = work / "models", work / "logits"
+    link_project(project, models, [target, *(s for s in sources if s != ORACLE)])
+    link_project(project, logits, [target, *(s for s in sources if s != ORACLE)])
+    corpus, p = str(project / "data/corpus"), str(params)
+    if not (models / ORACLE / "model.safetensors").exists():
+        stage("bootstrap", ORACLE, "--params", p, "--corpus", corpus, "--out", str(models / ORACLE),
+              "--metrics", str(work / "metrics/bootstrap.json"), "--plots", str(work / "plots/bootstrap.csv"))
+    if not (logits / ORACLE / "manifest.json").exists():
+        stage("extract", ORACLE, "--params", p, "--corpus", corpus, "--models", str(models), "--out",
+              str(logits / ORACLE), "--metrics", str(work / "metrics/extract.json"), "--no-progress")
+    return align_and_fuse(project, work, params, sources)
+
+
+def parse_run(how: str) -> tuple[str, dict]:
+    """STORE[:LAMBDA[:LOSS]][:KEY=VALUE,...] -> (store, train overrides)."""
+    store, *parts = how.split(":")
+    train, plain = {}, ["lambda", "fusion_loss"]
+    for part in parts:
+        if "=" in part:
+            train |= {key: yaml.safe_load(value) for key, value in (item.split("=", 1) for item in part.split(","))}
+        else:
+            train[plain.pop(0)] = yaml.safe_load(part)
+    return store, train
 
 
 def teacher_scores(project: Path, work: Path, names: list[str], base: dict) -> dict:
@@ -179,14 +212,18 @@ def main() -> None:
     parser.add_argument("--teachers", nargs="*", default=["code=code-neox", "prose=prose-gpt2"],
                         help="DOMAIN=MODEL: the teacher each domain's share is measured against")
     parser.add_argument("--store", nargs="*", default=[], help="NAME=PATH: another fused store (same corpus)")
-    parser.add_argument("--runs", nargs="+", required=True, help="NAME=clm or NAME=STORE:LAMBDA (fused, oracle)")
+    parser.add_argument("--build", nargs="*", default=[], help="NAME=JSON: a fused store built with these overrides")
+    parser.add_argument("--runs", nargs="+", required=True,
+                        help="NAME=clm or NAME=STORE[:LAMBDA[:LOSS]][:KEY=VALUE,...] (module docstring)")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--report", type=Path, help="also write the tables as Markdown here")
     args = parser.parse_args()
     project, work = args.project.resolve(), args.work.resolve()
     base = read_mapping(project / "params.yaml")
     stores: dict[str, Path | None] = {"clm": None, "fused": project / "data/fused"}
-    stores |= {name: Path(path).resolve() for name, path in (s.split("=") for s in args.store)}
+    stores |= {name: Path(path).resolve() for name, path in (s.split("=", 1) for s in args.store)}
+    stores |= {name: build_store(project, work / "stores" / name, base, json.loads(overrides))
+               for name, overrides in (s.split("=", 1) for s in args.build)}
     teacher_of = {(store, d): m for store in stores if store != "clm" for d, m in (t.split("=") for t in args.teachers)}
     if args.oracle:
         entry = oracle_entry(base, args.oracle, args.oracle_steps)
@@ -197,8 +234,7 @@ def main() -> None:
     runs = {}
     for spec in args.runs:
         name, _, how = spec.partition("=")
-        store, lam, *loss = how.split(":") if ":" in how else (how, "1")
-        train = {"lambda": float(lam)} | ({"fusion_loss": loss[0]} if loss else {})
+        store, train = parse_run(how)
         by_seed = clm if store == "clm" else [train_run(project, work, base, name, stores[store], train, seed)
                                               for seed in args.seeds]
         runs[name] = (by_seed, store)

@@ -9,6 +9,12 @@ source's CE of a sequence, mean over the target's positions, compares across tok
 - `min_ce_token`:  per position, the source with the smallest ce_s,i;
 - `avg_ce_token`:  per position, w_s,i = softmax_s(r_s,i).
 Ties go to the source listed first (the order of `sources` in params.yaml).
+
+Chunks (`fuse_chunks`, for train.chunk_weight): a chunk ends where every source's alignment group ends, so each
+chunk is whole groups of every source and a source's CE summed over it is its cost of those bytes, exact whatever
+its tokenizer. The fused teacher's chunk log-likelihood is log sum_s w_s,c exp(-CE_s,c), the weights from the same
+rule on the chunks' mean CE per position: the chosen source's CE under the min methods, so `min_ce_token` takes the
+best source per chunk.
 """
 from __future__ import annotations
 
@@ -17,7 +23,7 @@ from typing import Callable, NamedTuple, Sequence
 import numpy as np
 
 from fusesoup.errors import lookup
-from fusesoup.logits.sparse import SparseRows, merge_entries, with_temperature
+from fusesoup.logits.sparse import Chunks, SparseRows, merge_entries, with_temperature
 from fusesoup.logits.sparse_store import MIXED
 from fusesoup.params import FuseMethod
 
@@ -33,6 +39,7 @@ class Fused(NamedTuple):
     rows: SparseRows
     source: np.ndarray  # [n] uint8: index of the source each position took, MIXED where averaged
     weights: np.ndarray  # [S, n] float: each source's weight at each position (one-hot for the min methods)
+    chunks: Chunks | None = None  # fuse_chunks' output, where the sources' group ends were given
 
 
 def softmax(values: np.ndarray, axis: int = 0) -> np.ndarray:
@@ -86,10 +93,27 @@ def mix(sources: Sequence[SparseRows], weights: np.ndarray, vocab_size: int) -> 
                          vocab_size)
 
 
-def fuse_sequence(sources: Sequence[SourceRows], method: FuseMethod, temperature: float, vocab_size: int) -> Fused:
-    """The fused target distribution of one sequence from S sources' aligned rows."""
+def fuse_chunks(group_ends: np.ndarray, ce: np.ndarray, method: FuseMethod) -> Chunks:
+    """[S, n] each source's group ends (1 at a group's last position) and per-position CE (sums kept within
+    groups) -> the chunks every source's groups tile, and the fused teacher's CE of each (module docstring)."""
+    end = np.logical_and.reduce(np.asarray(group_ends) > 0, axis=0)
+    end[-1] = True  # a sequence's last position closes every group
+    starts = np.flatnonzero(np.concatenate([[True], end[:-1]]))
+    lengths = np.diff(np.append(starts, len(end)))
+    sums = np.add.reduceat(np.asarray(ce, np.float64), starts, axis=1)  # [S, C] each source's CE of each chunk
+    weights = source_weights(np.repeat(sums / lengths, lengths, axis=1), method)[:, starts]  # [S, C]
+    with np.errstate(divide="ignore"):  # log 0 for a source of weight 0
+        chunk_ce = -np.logaddexp.reduce(np.log(weights) - sums, axis=0)
+    return Chunks(end.astype(np.uint8), np.repeat(chunk_ce / lengths, lengths))
+
+
+def fuse_sequence(sources: Sequence[SourceRows], method: FuseMethod, temperature: float, vocab_size: int,
+                  group_ends: np.ndarray | None = None) -> Fused:
+    """The fused target distribution of one sequence from S sources' aligned rows (and its chunks, given the
+    sources' [S, n] group ends)."""
     ce = np.stack([source.ce for source in sources])
     weights = source_weights(ce, method)
     scaled = [with_temperature(source.rows, temperature) for source in sources]
     chosen = weights.argmax(axis=0) if FUSE_METHODS[method].chooses else np.full(ce.shape[1], MIXED)
-    return Fused(mix(scaled, weights, vocab_size), chosen.astype(np.uint8), weights)
+    chunks = None if group_ends is None else fuse_chunks(group_ends, ce, method)
+    return Fused(mix(scaled, weights, vocab_size), chosen.astype(np.uint8), weights, chunks)

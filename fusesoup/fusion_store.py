@@ -12,7 +12,7 @@ import pyarrow as pa
 from fusesoup.corpus import split_path
 from fusesoup.errors import StageError
 from fusesoup.fusion import SourceRows, fuse_sequence, source_weights
-from fusesoup.logits.codec import dequantize_ce
+from fusesoup.logits.codec import dequantize_ce, quantize_ce
 from fusesoup.logits.sparse import SPARSE_CODEC
 from fusesoup.logits.sparse_store import FUSED_EXTRAS, SparseSequence, SparseStore, sparse_table
 from fusesoup.logits.store import fill_store, list_rows, write_manifest
@@ -53,8 +53,11 @@ class ShardFuser(NamedTuple):
                         raise FusionError(f"{store.directory}: {split} row {other.sequence} does not hold the "
                                           f"target tokens of {first.directory} row {head.sequence}")
                 sources = [SourceRows(s.rows, dequantize_ce(s.extras["ce_codes"])) for s in sequences]
-                fused = fuse_sequence(sources, self.method, self.temperature, vocab_size)
-                items.append(SparseSequence(head.sequence, head.input_ids, fused.rows, {"source": fused.source}))
+                group_ends = np.stack([s.extras["group_end"] for s in sequences])
+                fused = fuse_sequence(sources, self.method, self.temperature, vocab_size, group_ends)
+                items.append(SparseSequence(head.sequence, head.input_ids, fused.rows,
+                                            {"source": fused.source, "chunk_end": fused.chunks.end,
+                                             "chunk_ce_codes": quantize_ce(fused.chunks.ce)}))
                 positions += len(head.input_ids)
         return sparse_table(items, vocab_size, FUSED_EXTRAS), positions
 
@@ -65,8 +68,8 @@ def fuse_store(stores: Sequence[SparseStore], out: Path | str, method: FuseMetho
     processes); returns its manifest."""
     check_compatible(stores)
     out, first, vocab_size = Path(out), stores[0], stores[0].vocab_size
-    parts = {"codec": SPARSE_CODEC, "sources": [s.manifest["key"] for s in stores], "method": method,
-             "temperature": temperature}
+    parts = {"codec": SPARSE_CODEC, "extras": sorted(FUSED_EXTRAS), "sources": [s.manifest["key"] for s in stores],
+             "method": method, "temperature": temperature}
     key = content_key(parts)
     plan = {split: len(first.shards(split)) for split in sorted(first.manifest["splits"])}
     build = ShardFuser(list(stores), method, temperature)

@@ -48,7 +48,8 @@ def main(argv: list[str] | None = None) -> None:
     checkpoints = Path(args.checkpoints)
     started = time.perf_counter()
     log = train_target(model, batches, spec, lam, spec.fusion_loss, params.seed, checkpoints, key,
-                       progress=not args.no_progress, peak_tflops=params.runtime.peak_tflops)
+                       progress=not args.no_progress, peak_tflops=params.runtime.peak_tflops,
+                       chunk_weight=spec.chunk_weight if variant == "fused" else 0.0)
     seconds = time.perf_counter() - started
     if dist.is_initialized():
         weights = full_state_dict(model) if spec.distributed == "fsdp" else None  # gathered onto rank 0's CPU
@@ -74,7 +75,7 @@ def main(argv: list[str] | None = None) -> None:
         metrics[split] = {domain: {"bpb": r.bpb} for domain, r in results.items()}
     write_json(args.metrics, metrics)
     write_csv(args.plots, log,
-              ["step", "loss", "clm", "fusion", "lr", "tokens", "tok_s", "mfu"])
+              ["step", "loss", "clm", "fusion", "chunk", "lr", "tokens", "tok_s", "mfu"])
     print(f"train@{variant}: {len(log)} steps in {seconds:.0f} s, final loss {log[-1]['loss']:.3f}; valid bpb "
           + ", ".join(f"{d} {m['bpb']:.3f}" for d, m in metrics["valid"].items()), flush=True)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from fusesoup.fusion import SourceRows, fuse_sequence, source_weights
+from fusesoup.fusion import SourceRows, fuse_chunks, fuse_sequence, source_weights
 from fusesoup.logits.sparse import SparseRows, merge_entries, one_hot_rows
 from fusesoup.logits.sparse_store import MIXED
 
@@ -61,3 +61,35 @@ def test_ties_go_to_the_first_source_and_temperature_flattens(sources):
     hot = fuse_sequence(sources, "min_ce", 2.0, VOCAB)
     p = np.sqrt([0.75, 0.25]) / np.sqrt([0.75, 0.25]).sum()
     np.testing.assert_allclose(dense(hot.rows)[1, [4, 3]], p, atol=1e-6)
+
+
+@pytest.mark.parametrize("method", ["min_ce", "avg_ce", "min_ce_token", "avg_ce_token"])
+def test_chunks_are_whole_groups_of_every_source_and_carry_the_fused_teachers_likelihood(method):
+    # the target's own store (every token a group) and two teachers cutting the 6 tokens differently
+    ends = np.array([[1, 1, 1, 1, 1, 1], [0, 1, 1, 0, 0, 1], [1, 1, 0, 1, 0, 1]])
+    ce = np.array([[1.0] * 6, [0.5, 0.5, 2.0, 1.0, 1.0, 1.2], [0.2, 0.2, 0.3, 0.3, 3.0, 3.0]])
+    chunks = fuse_chunks(ends, ce, method)
+    assert chunks.end.tolist() == [0, 1, 0, 0, 0, 1]  # where all three groups end: tokens 0-1 and 2-5
+    # dense reference: each source's likelihood of each chunk, weighted as the method weighs whole sequences or
+    # (per token) the chunk's mean CE per position, mixed as probabilities
+    spans = [range(0, 2), range(2, 6)]
+    sums = np.array([[ce[s, list(span)].sum() for span in spans] for s in range(3)])  # [S, C]
+    if method in ("min_ce", "avg_ce"):
+        scores = np.repeat(ce.mean(axis=1, keepdims=True), 2, axis=1)
+    else:
+        scores = sums / np.array([len(span) for span in spans])
+    r = np.exp(-scores)
+    weights = (scores == scores.min(axis=0)).astype(float) if method.startswith("min") else np.exp(r) / np.exp(r).sum(0)
+    assert (weights.sum(axis=0) > 0).all() and (not method.startswith("min") or (weights.sum(axis=0) == 1).all())
+    likelihood = (weights * np.exp(-sums)).sum(axis=0)
+    for c, span in enumerate(spans):
+        np.testing.assert_allclose(chunks.ce[list(span)], -np.log(likelihood[c]) / len(span), rtol=1e-9)
+    if method == "min_ce_token":  # the best source per chunk: the third on tokens 0-1 (0.4), the target on 2-5 (4.0)
+        np.testing.assert_allclose([chunks.ce[:2].sum(), chunks.ce[2:].sum()], [0.4, 4.0])
+
+
+def test_fused_sequences_carry_chunks_when_given_group_ends(sources):
+    fused = fuse_sequence(sources, "min_ce", 1.0, VOCAB, group_ends=np.array([[1, 1], [0, 1]]))
+    assert fused.chunks.end.tolist() == [0, 1]
+    np.testing.assert_allclose(fused.chunks.ce, [1.75, 1.75])  # source 1 (mean CE 1.75) over its one 2-token chunk
+    assert fuse_sequence(sources, "min_ce", 1.0, VOCAB).chunks is None

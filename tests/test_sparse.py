@@ -76,7 +76,9 @@ def _sequences(first: int, count: int) -> list:
         ids = np.arange(sequence % 5 + 1) + sequence
         rows = merge_entries(np.repeat(np.arange(len(ids)), 2), np.stack([ids, ids + 1], 1).ravel(),
                              np.tile([0.7, 0.3], len(ids)), len(ids), 100)
-        out.append(SparseSequence(sequence, ids, rows, {"source": np.zeros(len(ids), np.uint8)}))
+        out.append(SparseSequence(sequence, ids, rows, {"source": np.zeros(len(ids), np.uint8),
+                                                        "chunk_end": np.ones(len(ids), np.uint8),
+                                                        "chunk_ce_codes": np.arange(len(ids), dtype=np.uint16)}))
     return out
 
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from fusesoup.bootstrap import build_model
-from fusesoup.logits.sparse import merge_entries
+from fusesoup.logits.sparse import Chunks, merge_entries
 from fusesoup.params import ContinuedTraining, ModelSpec
 from fusesoup.train.loop import make_batch, micro_batches, train_target
 from fusesoup.train.packing import TrainBlock, TrainSequence, pack_documents, packing_order
@@ -237,6 +237,39 @@ def test_packing_joins_documents_in_a_seeded_order_and_keeps_each_token_with_its
     assert np.array_equal(positions, np.concatenate([np.arange(len(documents[i].input_ids) + 1) for i in order]))
 
 
+def test_packing_keeps_the_chunks_that_lie_whole_in_a_block():
+    rows = sequences(with_targets=True, n=2)
+    documents = [TrainSequence(np.arange(3, 8), rows[0].targets.take(np.arange(5)),
+                               Chunks(np.array([0, 1, 1, 0, 1], np.uint8), np.array([1.0, 1.0, 2.0, 3.0, 3.0]))),
+                 TrainSequence(np.arange(3, 7), rows[1].targets.take(np.arange(4)),
+                               Chunks(np.array([1, 0, 1, 1], np.uint8), np.array([1.0, 2.0, 2.0, 1.0])))]
+    packed = pack_documents(documents, 4, 1, 64, [0, 1])
+    # labels 3 4 5 6 | 7 BOS 3 4 | 5 6: chunks (3 4) (5) (6 7) | (3) (4 5) (6); a block edge splits (6 7) and (4 5)
+    assert [b.chunks.of.tolist() for b in packed] == [[0, 0, 1, -1], [-1, -1, 0, -1], [-1, 0]]
+    assert [b.chunks.ce.tolist() for b in packed] == [[2.0, 2.0], [1.0], [1.0]]  # each chunk's CE, summed
+    # cut at the context (3 tokens each kept): the chunk the cut leaves open is left out, the next BOS closes none
+    cut = pack_documents(documents, 8, 1, 4, [0, 1])
+    assert [b.chunks.of.tolist() for b in cut] == [[0, 0, 1, -1, 2, 3, 3]]
+    assert cut[0].chunks.ce.tolist() == [2.0, 2.0, 1.0, 4.0]
+
+
+def test_the_chunk_term_adds_mu_times_chunk_likelihood_matching(tmp_path):
+    rng = np.random.default_rng(5)
+    documents = [d._replace(chunks=Chunks((rng.random(len(d.input_ids)) < 0.5).astype(np.uint8) | np.eye(
+        1, len(d.input_ids), len(d.input_ids) - 1, dtype=np.uint8)[0], rng.random(len(d.input_ids)) * 3))
+        for d in sequences(with_targets=True)]
+    data = pack_documents(documents, SPEC.block_size, 1, 64, order_of(documents))
+    assert sum(int((b.chunks.of >= 0).sum()) for b in data) > 100
+    log = train_target(tiny_model(), planned(data), UNCHECKPOINTED, 0.9, "ce", 0, tmp_path / "a", "k", False,
+                       chunk_weight=0.5)
+    for row in log:
+        assert row["chunk"] > 0 and row["loss"] == pytest.approx(0.9 * row["clm"] + 0.1 * row["fusion"]
+                                                                 + 0.5 * row["chunk"], rel=1e-5)
+    plain = train_target(tiny_model(), planned(data), UNCHECKPOINTED, 0.9, "ce", 0, tmp_path / "b", "k", False)
+    assert all(row["chunk"] == "" for row in plain) and plain[0]["loss"] == pytest.approx(
+        0.9 * log[0]["clm"] + 0.1 * log[0]["fusion"], rel=1e-5)  # the same first step, without the chunk term
+
+
 def test_a_packed_document_is_seen_as_it_would_be_alone():
     """Attention stays within each document and positions restart at its BOS: the logits of a block's second
     document are the ones the document gets alone."""
@@ -244,7 +277,7 @@ def test_a_packed_document_is_seen_as_it_would_be_alone():
     documents = sequences(with_targets=False, n=2)
     both = pack_documents(documents, 64, 1, 64, order_of(documents))
     assert len(both) == 1
-    input_ids, position_ids, labels, mask, _ = make_batch(both, pad=0)
+    input_ids, position_ids, labels, mask, _, _ = make_batch(both, pad=0)
     with torch.no_grad():
         packed = model(input_ids=input_ids, position_ids=position_ids, use_cache=False).logits
         order = np.random.default_rng(0).permutation(2)

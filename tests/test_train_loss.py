@@ -1,11 +1,16 @@
-"""The sparse fusion loss against a dense reference, and the CLM term."""
+"""The sparse fusion loss and the chunk likelihood loss against dense references, and the CLM term."""
 from __future__ import annotations
 
 import numpy as np
 import torch
 
+import math
+
+import pytest
+
 from fusesoup.logits.sparse import merge_entries
-from fusesoup.train.loss import clm_loss, fusion_loss, pad_targets, student_log_probs
+from fusesoup.train.loss import (binary_kl, chunk_likelihood_loss, clm_loss, fusion_loss, pad_chunks, pad_targets,
+                                 student_log_probs)
 
 
 def test_sparse_fusion_loss_equals_the_dense_soft_label_cross_entropy():
@@ -49,3 +54,43 @@ def test_clm_loss_is_the_masked_mean_cross_entropy():
     mask = torch.tensor([[1, 1, 1], [1, 0, 0]])
     each = torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="none")
     torch.testing.assert_close(clm_loss(student_log_probs(logits), labels, mask), each[mask.flatten().bool()].mean())
+
+
+@pytest.mark.parametrize("temperature", [1.0, 10.0])
+def test_chunk_likelihood_loss_equals_the_dense_bernoulli_kl_of_each_chunk(temperature):
+    torch.manual_seed(2)
+    vocab, width = 7, 6
+    rows = [(np.array([0, 0, 1, -1, 2, 2]), np.array([1.5, 0.7, 4.0])),  # a label without a chunk
+            (np.array([-1, 0, 0, 0]), np.array([2.5]))]  # a shorter row: padded
+    chunks = pad_chunks(*zip(*rows), width)
+    assert chunks.of.tolist() == [[0, 0, 1, -1, 2, 2], [-1, 3, 3, 3, -1, -1]]
+    logits = torch.randn(2, width, vocab, requires_grad=True)
+    labels = torch.randint(0, vocab, (2, width))
+    mask = torch.tensor([[1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 0, 0]], dtype=torch.bool)
+    loss = chunk_likelihood_loss(student_log_probs(logits), labels, chunks, mask, temperature)
+    # reference, one chunk at a time in float64: p = exp(-ce / tau), q = prod q(label)^(1 / tau)
+    log_q = torch.log_softmax(logits.detach().double(), -1).gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+    total = 0.0
+    for b, (of, ces) in enumerate(rows):
+        for c, ce in enumerate(ces):
+            where = np.flatnonzero(of == c)
+            p, q = math.exp(-ce / temperature), math.exp(float(log_q[b, where].sum()) / temperature)
+            total += len(where) * (p * math.log(p / q) + (1 - p) * math.log((1 - p) / (1 - q)))
+    assert loss.item() == pytest.approx(total / 10, rel=1e-5)  # over the 10 masked-in positions
+    loss.backward()
+    assert logits.grad[0, 3].abs().sum() == 0 and logits.grad[1, 0].abs().sum() == 0  # no chunk, no gradient
+    # a chunk with a masked label is left out whole; a silent micro-batch adds nothing
+    partly = mask.clone()
+    partly[1, 2] = False
+    left = chunk_likelihood_loss(student_log_probs(logits), labels, chunks, partly, temperature, positions=10.0)
+    first_row = chunk_likelihood_loss(student_log_probs(logits[:1]), labels[:1], pad_chunks(*zip(*rows[:1]), width),
+                                      mask[:1], temperature, positions=10.0)
+    torch.testing.assert_close(left, first_row)
+    silent = chunk_likelihood_loss(student_log_probs(logits), labels, chunks, torch.zeros_like(mask), temperature, 10.0)
+    assert silent.item() == 0
+
+
+def test_binary_kl_is_zero_at_equal_likelihoods_and_finite_at_the_ends():
+    log_p = torch.tensor([-1e-9, -0.1, -3.0, -80.0], dtype=torch.float64)
+    torch.testing.assert_close(binary_kl(log_p, log_p), torch.zeros(4, dtype=torch.float64))
+    assert torch.isfinite(binary_kl(log_p, torch.tensor([0.0, -50.0, -1e-12, -1.0], dtype=torch.float64))).all()

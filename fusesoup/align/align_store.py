@@ -32,7 +32,7 @@ from fusesoup.params import Align
 from fusesoup.storage import content_key
 from fusesoup.token_bytes import prepended_space, shadowed_fallbacks, text_token_bytes, token_bytes
 
-TRANSFER_RULES = "one-to-one-merge-spans-first-row-v3"  # part of the key: a change of the transfer rules re-aligns
+TRANSFER_RULES = "one-to-one-merge-spans-first-row-groups-v4"  # part of the key: a change of the transfer rules re-aligns
 
 
 class AlignmentError(StageError):
@@ -118,7 +118,8 @@ class ShardAligner(NamedTuple):
                 except ValueError as error:
                     raise AlignmentError(f"{corpus} row {theirs.sequence}: {error}") from None
                 items.append(SparseSequence(theirs.sequence, theirs.logits.input_ids, aligned.rows,
-                                            {"ce_codes": quantize_ce(aligned.ce), "status": aligned.status}))
+                                            {"ce_codes": quantize_ce(aligned.ce), "status": aligned.status,
+                                             "group_end": aligned.group_end}))
                 positions += len(aligned.status)
         return sparse_table(items, self.setup.target_vocab_size, ALIGNED_EXTRAS), positions
 

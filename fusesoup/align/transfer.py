@@ -37,7 +37,9 @@ class AlignedSequence(NamedTuple):
 
     rows: SparseRows  # n rows of target ids, most likely first, renormalised over the kept entries
     ce: np.ndarray  # [n] float32: the teacher's cross-entropy carried onto target positions
-    status: np.ndarray  # [n] uint8: EXACT, MAPPED or FALLBACK
+    status: np.ndarray  # [n] uint8: EXACT, MAPPED, FALLBACK or SPAN
+    group_end: np.ndarray  # [n] uint8: 1 at the last target position of each alignment group (a chunk both
+    #                        tokenizations cut the same way: the unit of chunk-level likelihood matching)
 
 
 class SpanInputs(NamedTuple):
@@ -97,7 +99,9 @@ def transfer_groups(groups: Sequence[tuple[range, range]], teacher: SequenceLogi
     ce_sums = np.concatenate([[0.0], np.cumsum(teacher.ce, dtype=np.float64)])
     lengths = target_stop - target_start
     ce = np.repeat((ce_sums[teacher_stop] - ce_sums[teacher_start]) / lengths, lengths).astype(np.float32)
-    return AlignedSequence(fill_empty_rows(rows, target_ids), ce, status)
+    group_end = np.zeros(n, np.uint8)
+    group_end[target_stop - 1] = 1
+    return AlignedSequence(fill_empty_rows(rows, target_ids), ce, status, group_end)
 
 
 def groups_from_path(path: Sequence[tuple[int, int]]) -> list[tuple[range, range]]:

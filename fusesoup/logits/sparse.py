@@ -44,6 +44,14 @@ class SparseRows(NamedTuple):
         return SparseRows(offsets, self.ids[entries], self.logprobs[entries])
 
 
+class Chunks(NamedTuple):
+    """What rides along with a sequence's fused rows for chunk likelihood matching (fusion.fuse_chunks): the chunks
+    every source's tokenization cuts alike, and the fused teacher's CE of each."""
+
+    end: np.ndarray  # [n] uint8: 1 at the last position of each chunk
+    ce: np.ndarray  # [n] float: the fused teacher's CE of the position's chunk, split evenly over its positions
+
+
 def empty_rows(n: int) -> SparseRows:
     """n rows without entries (no mass: positions that are not trained on)."""
     return SparseRows(np.zeros(n + 1, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32))

@@ -2,10 +2,11 @@
 
 One row per corpus sequence: `sequence`, the target's `input_ids`, the rows' `counts` / `ids` / `codes`
 (sparse.py) and a few per-position extras:
-- aligned: `ce_codes` (the teacher's CE carried onto target positions, codec.py's CE quantisation) and `status`
-  (EXACT / MAPPED / FALLBACK, transfer.py);
+- aligned: `ce_codes` (the teacher's CE carried onto target positions, codec.py's CE quantisation), `status`
+  (EXACT / MAPPED / FALLBACK / SPAN, transfer.py) and `group_end` (1 at the last position of each alignment group);
 - fused: `source` (the index in the manifest's `sources` of the source each position took; MIXED where several
-  were averaged).
+  were averaged), `chunk_end` (1 at the last position of each chunk: where every source's group ends) and
+  `chunk_ce_codes` (the fused teacher's CE of each chunk, split evenly over its positions; fusion.fuse_chunks).
 Shards, sidecars, checksums and manifest follow store.py, so writes are atomic and a killed stage resumes.
 """
 from __future__ import annotations
@@ -20,8 +21,8 @@ from fusesoup.logits.sparse import SPARSE_CODEC, SparseRows, decode_rows, encode
 from fusesoup.logits.store import ShardedStore, list_rows
 from fusesoup.storage import StorageError
 
-ALIGNED_EXTRAS = {"ce_codes": np.dtype(np.uint16), "status": np.dtype(np.uint8)}
-FUSED_EXTRAS = {"source": np.dtype(np.uint8)}
+ALIGNED_EXTRAS = {"ce_codes": np.dtype(np.uint16), "status": np.dtype(np.uint8), "group_end": np.dtype(np.uint8)}
+FUSED_EXTRAS = {"source": np.dtype(np.uint8), "chunk_end": np.dtype(np.uint8), "chunk_ce_codes": np.dtype(np.uint16)}
 MIXED = 255  # `source` of a fused position that averages several sources
 
 

@@ -30,7 +30,8 @@ from fusesoup.params import ContinuedTraining, FusionLoss
 from fusesoup.storage import atomic_dir, read_json
 from fusesoup.train.engine import (accumulating, distribute, load_training_state, rank_and_world,
                                    save_training_state)
-from fusesoup.train.loss import clm_loss, fusion_loss, pad_targets, student_log_probs
+from fusesoup.train.loss import (chunk_likelihood_loss, clm_loss, fusion_loss, pad_chunks, pad_targets,
+                                 student_log_probs)
 from fusesoup.train.memory import check_fits, device_memory, format_memory_plan, plan_memory
 from fusesoup.train.packing import TrainBlock
 from fusesoup.train.stream import StepBatches
@@ -57,9 +58,9 @@ def micro_batches(batch: Sequence[TrainBlock], budget: int | None) -> list[list[
 
 
 def make_batch(blocks: Sequence[TrainBlock], pad: int):
-    """(input_ids, position_ids, labels, mask: the trained labels, each [B, W]; fused targets or None), right-padded
-    to the longest block (only the stream's last block is shorter); padding is masked and, being last, never
-    attended to by a real token."""
+    """(input_ids, position_ids, labels, mask: the trained labels, each [B, W]; fused targets or None; chunks or
+    None), right-padded to the longest block (only the stream's last block is shorter); padding is masked and, being
+    last, never attended to by a real token."""
     width = max(block.width for block in blocks)
     input_ids = torch.full((len(blocks), width), pad, dtype=torch.long)
     labels = torch.full((len(blocks), width), pad, dtype=torch.long)
@@ -71,14 +72,17 @@ def make_batch(blocks: Sequence[TrainBlock], pad: int):
         positions[row, : block.width] = torch.from_numpy(block.positions[:-1])
         mask[row, : block.width] = torch.from_numpy(block.trained)
     fused = None if blocks[0].targets is None else pad_targets([block.targets for block in blocks], width)
-    return input_ids, positions, labels, mask, fused
+    chunks = None if blocks[0].chunks is None else pad_chunks([block.chunks.of for block in blocks],
+                                                               [block.chunks.ce for block in blocks], width)
+    return input_ids, positions, labels, mask, fused, chunks
 
 
 def batch_losses(model, micro: Sequence[TrainBlock], pad: int, device: torch.device, lam: float, kind: FusionLoss,
-                 positions: float, silent: bool = False):
-    """(loss, clm, fusion or None) of one micro-batch, as sums over its trained positions / `positions` (the global
-    batch's count); `silent`: every position masked (a rank without a block this step adds nothing)."""
-    input_ids, position_ids, labels, mask, fused = make_batch(micro, pad)
+                 positions: float, silent: bool = False, chunk_weight: float = 0.0, chunk_temperature: float = 1.0):
+    """(loss, clm, fusion or None, chunk or None) of one micro-batch, as sums over its trained positions /
+    `positions` (the global batch's count); `silent`: every position masked (a rank without a block this step adds
+    nothing); the chunk term where `chunk_weight` > 0 and the blocks carry chunks."""
+    input_ids, position_ids, labels, mask, fused, chunks = make_batch(micro, pad)
     if silent:
         mask = torch.zeros_like(mask)
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
@@ -90,7 +94,12 @@ def batch_losses(model, micro: Sequence[TrainBlock], pad: int, device: torch.dev
     if fused is not None and lam < 1:
         fusion = fusion_loss(log_probs, fused._replace(ids=fused.ids.to(device), probs=fused.probs.to(device)),
                              mask.to(device), kind, positions)
-    return (clm if fusion is None else lam * clm + (1 - lam) * fusion), clm, fusion
+    chunk = None
+    if chunks is not None and chunk_weight > 0:
+        chunk = chunk_likelihood_loss(log_probs, labels.to(device), chunks._replace(of=chunks.of.to(device),
+                                      ce=chunks.ce.to(device)), mask.to(device), chunk_temperature, positions)
+    loss = clm if fusion is None else lam * clm + (1 - lam) * fusion
+    return (loss if chunk is None else loss + chunk_weight * chunk), clm, fusion, chunk
 
 
 def save_checkpoint(directory: Path, key: str, model, optimizer, step: int, log: list[dict]) -> None:
@@ -128,11 +137,11 @@ def load_checkpoint(directory: Path, key: str, model, optimizer) -> tuple[int, l
 
 
 def train_target(model, batches: StepBatches, spec: ContinuedTraining, lam: float, kind: FusionLoss,
-                 seed: int, checkpoints: Path, key: str, progress: bool = True, peak_tflops: float | None = None
-                 ) -> list[dict]:
+                 seed: int, checkpoints: Path, key: str, progress: bool = True, peak_tflops: float | None = None,
+                 chunk_weight: float = 0.0) -> list[dict]:
     """Train `model` in place (sharded in place under fsdp: engine.full_state_dict gathers it) on `batches[step]`,
     the whole batch of each step (stream.TrainStream or stream.PlannedBatches); returns one log row per step (total,
-    clm and fusion loss, lr, tokens seen, and the step's throughput: tokens per second and, on a GPU of known peak
+    clm, fusion and chunk loss, lr, tokens seen, and the step's throughput: tokens per second and, on a GPU of known peak
     (throughput.py; `peak_tflops` per device), model FLOPs utilisation; wall time, so the columns that differ
     between identical runs)."""
     pad = special_ids(model.config).pad
@@ -165,16 +174,18 @@ def train_target(model, batches: StepBatches, spec: ContinuedTraining, lam: floa
             count = torch.tensor([len(micros)], device=device)
             dist.all_reduce(count, op=dist.ReduceOp.MAX)
             micros += [(batch[:1], True)] * (int(count.item()) - len(micros))
-        terms, fused_term = torch.zeros(3, device=device), False
+        terms, fused_term, chunk_term = torch.zeros(4, device=device), False, False
         # gradient accumulation: every micro-batch's loss sums are divided by the global batch's position count,
         # so the accumulated gradient is the whole batch's, whatever the micro-batch size; the engines average
         # over ranks, hence the loss x world
         for index, (micro, silent) in enumerate(micros):
-            loss, clm, fusion = batch_losses(engine, micro, pad, device, lam, kind, positions, silent=silent)
+            loss, clm, fusion, chunk = batch_losses(engine, micro, pad, device, lam, kind, positions, silent,
+                                                    chunk_weight, spec.chunk_temperature)
             with accumulating(engine, last=index == len(micros) - 1):
                 (loss * world).backward()
-            terms += torch.stack([loss.detach(), clm.detach(), (clm if fusion is None else fusion).detach()])
-            fused_term = fusion is not None
+            terms += torch.stack([loss.detach(), clm.detach(), (clm if fusion is None else fusion).detach(),
+                                  (clm if chunk is None else chunk).detach()])
+            fused_term, chunk_term = fusion is not None, chunk is not None
         if world > 1:
             dist.all_reduce(terms)  # each rank holds its share of the global means
         if not torch.isfinite(terms[0]):
@@ -187,7 +198,8 @@ def train_target(model, batches: StepBatches, spec: ContinuedTraining, lam: floa
         tokens_per_second = positions / (time.perf_counter() - step_started)  # the global batch's, all ranks
         mfu = model_flops_utilisation(tokens_per_second, per_token, peak, world)
         log.append({"step": step, "loss": terms[0].item(), "clm": terms[1].item(),
-                    "fusion": terms[2].item() if fused_term else "", "lr": lr, "tokens": seen,
+                    "fusion": terms[2].item() if fused_term else "", "chunk": terms[3].item() if chunk_term else "",
+                    "lr": lr, "tokens": seen,
                     "tok_s": round(tokens_per_second, 1), "mfu": "" if mfu is None else round(mfu, 4)})
         bar.set_postfix(loss=f"{terms[0].item():.3f}", tok_s=f"{tokens_per_second:.0f}",
                         **({} if mfu is None else {"mfu": f"{mfu:.1%}"}), refresh=False)

@@ -1,11 +1,19 @@
-"""FuseLLM's objective, L = lambda * L_CLM + (1 - lambda) * L_fuse, with the fusion term on the stored entries only.
+"""FuseLLM's objective, L = lambda * L_CLM + (1 - lambda) * L_fuse (+ mu * L_chunk), the fusion term on the stored
+entries only.
 
 The fused targets are sparse (at most a few dozen target ids per position), so the fusion loss gathers the
 student's log-softmax at those ids: a [B, L, E] gather, never a [B, L, V] target tensor (FuseLLM's collator builds
 a dense [B, 2048, 32000] one in a Python loop).
+
+L_chunk (train.chunk_weight mu): approximate likelihood matching of chunks (ALM, Minixhofer et al. 2025). A chunk
+is text both tokenizations cut alike (fusion.fuse_chunks), so the teacher's log-likelihood of it, t = -CE, and the
+student's, s = the sum of its labels' log-probs, are probabilities of the same event, whatever the tokenizers. Each
+is read as a Bernoulli exp(x / tau) (tau: train.chunk_temperature) and the loss is their KL, weighted by the chunk's
+tokens: it reaches the spans where the token-level transfer falls back to a one-hot.
 """
 from __future__ import annotations
 
+import math
 from typing import Callable, NamedTuple
 
 import numpy as np
@@ -34,6 +42,51 @@ def pad_targets(rows: list[SparseRows], width: int) -> SparseTargets:
         ids[b, row_of, slot] = r.ids
         probs[b, row_of, slot] = np.exp(r.logprobs)
     return SparseTargets(torch.from_numpy(ids), torch.from_numpy(probs))
+
+
+class ChunkTargets(NamedTuple):
+    """The whole chunks of a batch (packing.BlockChunks of each row), numbered across the batch."""
+
+    of: torch.Tensor  # [B, L] int64: each label's chunk, -1 where it has none (and on padding)
+    ce: torch.Tensor  # [C] float32: the teacher's CE of each chunk
+
+
+def pad_chunks(chunk_of: list[np.ndarray], chunk_ce: list[np.ndarray], width: int) -> ChunkTargets:
+    """Per row b, each label's chunk (-1: none) and the chunks' CEs (packing.BlockChunks) -> [B, width] chunk numbers
+    (row b's after rows 0..b-1's) and their [C] CEs."""
+    of = np.full((len(chunk_of), width), -1, np.int64)
+    first = 0
+    for b, (row, ce) in enumerate(zip(chunk_of, chunk_ce, strict=True)):
+        of[b, : len(row)] = np.where(row >= 0, row + first, -1)
+        first += len(ce)
+    return ChunkTargets(torch.from_numpy(of), torch.from_numpy(np.concatenate([np.zeros(0), *chunk_ce]).astype(np.float32)))
+
+
+def log1mexp(x: torch.Tensor) -> torch.Tensor:
+    """log(1 - exp(x)) for x < 0, accurate at both ends (log1p near -inf, expm1 near 0)."""
+    return torch.where(x < -math.log(2), torch.log1p(-torch.exp(x)), torch.log(-torch.expm1(x)))
+
+
+def binary_kl(log_p: torch.Tensor, log_q: torch.Tensor, floor: float = 1e-6) -> torch.Tensor:
+    """KL(Bernoulli(p) || Bernoulli(q)) from log p and log q, each kept at most -floor (so 1 - p > 0)."""
+    log_p, log_q = log_p.clamp(max=-floor), log_q.clamp(max=-floor)
+    return log_p.exp() * (log_p - log_q) + (-torch.expm1(log_p)) * (log1mexp(log_p) - log1mexp(log_q))
+
+
+def chunk_likelihood_loss(log_probs: torch.Tensor, labels: torch.Tensor, chunks: ChunkTargets, mask: torch.Tensor,
+                          temperature: float = 1.0, positions: float | None = None) -> torch.Tensor:
+    """L_chunk (module docstring): sum over chunks of tokens * binary_kl(-ce / tau, s / tau), over the masked-in
+    positions (or `positions`). log_probs [B, L, V], labels and mask [B, L]; a chunk with a masked label is left out."""
+    label_log_probs = log_probs.gather(-1, labels.unsqueeze(-1)).squeeze(-1)  # [B, L]
+    index, zeros = chunks.of.clamp(min=0).flatten(), label_log_probs.new_zeros(len(chunks.ce))
+    inside = (chunks.of >= 0) & mask
+    student = zeros.index_add(0, index, torch.where(inside, label_log_probs, 0.0).flatten())  # [C] log q(chunk)
+    tokens = zeros.index_add(0, index, inside.flatten().to(zeros.dtype))
+    sizes = zeros.index_add(0, index, (chunks.of >= 0).flatten().to(zeros.dtype))
+    whole = (tokens == sizes) & (tokens > 0)
+    divergence = binary_kl(-chunks.ce.to(student.dtype) / temperature, student / temperature)
+    total = torch.where(whole, divergence * tokens, torch.zeros_like(divergence)).sum()
+    return total / (mask.sum().clamp(min=1).to(total.dtype) if positions is None else positions)
 
 
 def student_log_probs(logits: torch.Tensor) -> torch.Tensor:

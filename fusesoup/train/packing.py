@@ -14,7 +14,7 @@ from typing import NamedTuple, Sequence
 import numpy as np
 import torch
 
-from fusesoup.logits.sparse import SparseRows, concat_rows, empty_rows
+from fusesoup.logits.sparse import Chunks, SparseRows, concat_rows, empty_rows
 from fusesoup.train.recipe import TrainingError
 
 IGNORE = -100  # the label transformers' causal-LM loss skips
@@ -25,6 +25,7 @@ class TrainSequence(NamedTuple):
 
     input_ids: np.ndarray  # [n] the target's tokens, no BOS
     targets: SparseRows | None  # n fused rows (row i: the distribution over token i), None for CLM-only training
+    chunks: Chunks | None = None  # the fused teacher's chunks over the n tokens (train.chunk_weight), or None
 
 
 class TrainBlock(NamedTuple):
@@ -33,6 +34,7 @@ class TrainBlock(NamedTuple):
     tokens: np.ndarray  # [m + 1] int64
     positions: np.ndarray  # [m + 1] int64, each token's position in its document (0: a BOS)
     targets: SparseRows | None  # m rows: row j the fused distribution of label j (empty at a BOS label)
+    chunks: "BlockChunks | None" = None  # the teacher's chunks that lie whole among the block's labels
 
     @property
     def width(self) -> int:
@@ -43,6 +45,49 @@ class TrainBlock(NamedTuple):
     def trained(self) -> np.ndarray:
         """[m] bool: the labels that are trained on (not a document's BOS)."""
         return self.positions[1:] != 0
+
+
+class BlockChunks(NamedTuple):
+    """The chunks (fusion.Chunks) whose labels all lie in one block: a chunk a block edge or a document's cut at
+    the context splits is left out, as is a BOS label."""
+
+    of: np.ndarray  # [m] int64: label j's chunk (0..C-1, in order), -1 where it has none
+    ce: np.ndarray  # [C] float64: the fused teacher's CE of each chunk (its log-likelihood is -ce)
+
+
+class ChunkStream(NamedTuple):
+    """The chunks of join_documents' stream (no EOS), token by token."""
+
+    of: np.ndarray  # [T] int64: each token's chunk, numbered along the stream; -1 at a BOS and on a chunk left open
+    ce: np.ndarray  # [T] float64: the token's share of its chunk's CE
+    sizes: np.ndarray  # [chunks] int64: each chunk's tokens
+
+
+def chunk_stream(documents: Sequence[TrainSequence], context: int) -> ChunkStream:
+    """The chunks of the documents joined in this order, each cut to context - 1 tokens as join_documents cuts them
+    (the chunk a cut leaves open gets -1)."""
+    chunk_of, ce, first = [], [], 0
+    for document in documents:
+        kept = min(len(document.input_ids), context - 1)
+        end = document.chunks.end[:kept].astype(bool)
+        number = first + np.concatenate([[0], np.cumsum(end[:-1])]).astype(np.int64)
+        closed = int(np.count_nonzero(end))
+        number[number >= first + closed] = -1  # after the last end: the chunk the cut left open
+        chunk_of += [[-1], number]
+        ce += [[0.0], document.chunks.ce[:kept]]
+        first += closed
+    of = np.concatenate(chunk_of).astype(np.int64)
+    return ChunkStream(of, np.concatenate(ce).astype(np.float64), np.bincount(of[of >= 0], minlength=first))
+
+
+def block_chunks(stream: ChunkStream, labels: slice) -> BlockChunks:
+    """The chunks of the stream's tokens `labels` (a block's labels) that lie wholly within them."""
+    inside = stream.of[labels]
+    numbers, local, counts = np.unique(inside, return_inverse=True, return_counts=True)
+    whole = counts == np.append(stream.sizes, 0)[np.where(numbers >= 0, numbers, -1)]  # -1: no chunk, size 0
+    renumber = np.where(whole, np.cumsum(whole) - 1, -1)
+    of = renumber[local]
+    return BlockChunks(of, np.bincount(of[of >= 0], weights=stream.ce[labels][of >= 0], minlength=int(whole.sum())))
 
 
 def join_documents(documents: Sequence[Sequence[int]], bos: int, eos: int | None, context: int
@@ -137,9 +182,12 @@ def pack_documents(documents: Sequence[TrainSequence], block: int, bos: int, con
             cut = len(document.input_ids) >= context  # join_documents kept context - 1 of its tokens
             parts += [empty_rows(1), document.targets.take(np.arange(context - 1)) if cut else document.targets]
         rows = concat_rows(parts)
+    chunked = bool(kept) and documents[kept[0]].chunks is not None
+    chunks = chunk_stream([documents[i] for i in kept], context) if chunked else None
     blocks = []
     for start in range(0, len(tokens) - 1, block):
         end = min(start + block, len(tokens) - 1)  # labels tokens[start + 1 : end + 1]
         blocks.append(TrainBlock(tokens[start: end + 1], positions[start: end + 1],
-                                 None if rows is None else rows.take(np.arange(start + 1, end + 1))))
+                                 None if rows is None else rows.take(np.arange(start + 1, end + 1)),
+                                 block_chunks(chunks, slice(start + 1, end + 1)) if chunked else None))
     return blocks
