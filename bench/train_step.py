@@ -35,7 +35,7 @@ from fusesoup.models import context_length, load_model  # noqa: E402
 from fusesoup.params import load_params  # noqa: E402
 from fusesoup.storage import read_json  # noqa: E402
 from fusesoup.train.data import read_documents, train_stream, training_store  # noqa: E402
-from fusesoup.train.loop import train_target  # noqa: E402
+from fusesoup.train.loop import ExtraTerms, train_target  # noqa: E402
 from fusesoup.train.packing import pack_documents, packing_order  # noqa: E402
 from fusesoup.train.recipe import special_ids  # noqa: E402
 from fusesoup.train.stream import PlannedBatches  # noqa: E402
@@ -83,7 +83,7 @@ def seconds_per_step(variant: str, params, args, scratch: Path, layout: str = "s
     lam = params.train.lam if variant == "fused" else 1.0
     started = time.perf_counter()  # loading data and model is not part of a step
     log = train_target(model, batches, spec, lam, spec.fusion_loss, params.seed, scratch / f"{variant}-{layout}",
-                       "bench", progress=False)
+                       "bench", progress=False, extra=ExtraTerms.of(spec) if variant == "fused" else ExtraTerms())
     seconds = time.perf_counter() - started
     return seconds / args.steps, log[-1]["tokens"] / seconds, started - reading
 

@@ -15,6 +15,10 @@ chunk is whole groups of every source and a source's CE summed over it is its co
 its tokenizer. The fused teacher's chunk log-likelihood is log sum_s w_s,c exp(-CE_s,c), the weights from the same
 rule on the chunks' mean CE per position: the chosen source's CE under the min methods, so `min_ce_token` takes the
 best source per chunk.
+
+Rank rows (`fuse_ranks`, for train.uld_weight): at each position, the rank rows of the sources that have one there
+(transfer.py: where their distribution fell back to a one-hot), mixed by probability with the sources' weights
+renormalised over them; a position none of its weighted sources has a row at gets none.
 """
 from __future__ import annotations
 
@@ -23,7 +27,7 @@ from typing import Callable, NamedTuple, Sequence
 import numpy as np
 
 from fusesoup.errors import lookup
-from fusesoup.logits.sparse import Chunks, SparseRows, merge_entries, with_temperature
+from fusesoup.logits.sparse import Chunks, RankRows, SparseRows, merge_entries, with_temperature
 from fusesoup.logits.sparse_store import MIXED
 from fusesoup.params import FuseMethod
 
@@ -40,6 +44,7 @@ class Fused(NamedTuple):
     source: np.ndarray  # [n] uint8: index of the source each position took, MIXED where averaged
     weights: np.ndarray  # [S, n] float: each source's weight at each position (one-hot for the min methods)
     chunks: Chunks | None = None  # fuse_chunks' output, where the sources' group ends were given
+    ranks: RankRows | None = None  # fuse_ranks' output, where the sources' rank rows were given
 
 
 def softmax(values: np.ndarray, axis: int = 0) -> np.ndarray:
@@ -107,13 +112,28 @@ def fuse_chunks(group_ends: np.ndarray, ce: np.ndarray, method: FuseMethod) -> C
     return Chunks(end.astype(np.uint8), np.repeat(chunk_ce / lengths, lengths))
 
 
+def fuse_ranks(ranks: Sequence[RankRows], weights: np.ndarray) -> RankRows:
+    """S sources' rank rows over n positions and their [S, n] weights -> the mixed rank rows (module docstring);
+    a source with fewer ranks than another counts as 0 beyond its own."""
+    n, k = weights.shape[1], max(r.logprobs.shape[1] for r in ranks)
+    mixed, total = np.zeros((n, k)), np.zeros(n)
+    for source, rows in enumerate(ranks):
+        weight = weights[source, rows.at]
+        mixed[rows.at, : rows.logprobs.shape[1]] += weight[:, None] * np.exp(rows.logprobs.astype(np.float64))
+        total[rows.at] += weight
+    at = np.flatnonzero(total > 0)
+    with np.errstate(divide="ignore"):  # rank 0 of a source with fewer ranks: log 0
+        return RankRows(at, np.log(mixed[at] / total[at, None]).astype(np.float32))
+
+
 def fuse_sequence(sources: Sequence[SourceRows], method: FuseMethod, temperature: float, vocab_size: int,
-                  group_ends: np.ndarray | None = None) -> Fused:
+                  group_ends: np.ndarray | None = None, ranks: Sequence[RankRows] | None = None) -> Fused:
     """The fused target distribution of one sequence from S sources' aligned rows (and its chunks, given the
-    sources' [S, n] group ends)."""
+    sources' [S, n] group ends; its rank rows, given theirs)."""
     ce = np.stack([source.ce for source in sources])
     weights = source_weights(ce, method)
     scaled = [with_temperature(source.rows, temperature) for source in sources]
     chosen = weights.argmax(axis=0) if FUSE_METHODS[method].chooses else np.full(ce.shape[1], MIXED)
     chunks = None if group_ends is None else fuse_chunks(group_ends, ce, method)
-    return Fused(mix(scaled, weights, vocab_size), chosen.astype(np.uint8), weights, chunks)
+    ranked = None if ranks is None else fuse_ranks(ranks, weights)
+    return Fused(mix(scaled, weights, vocab_size), chosen.astype(np.uint8), weights, chunks, ranked)

@@ -13,7 +13,7 @@ from fusesoup.corpus import split_path
 from fusesoup.errors import StageError
 from fusesoup.fusion import SourceRows, fuse_sequence, source_weights
 from fusesoup.logits.codec import dequantize_ce, quantize_ce
-from fusesoup.logits.sparse import SPARSE_CODEC
+from fusesoup.logits.sparse import SPARSE_CODEC, decode_ranks, encode_ranks
 from fusesoup.logits.sparse_store import FUSED_EXTRAS, SparseSequence, SparseStore, sparse_table
 from fusesoup.logits.store import fill_store, list_rows, write_manifest
 from fusesoup.params import FuseMethod
@@ -53,12 +53,15 @@ class ShardFuser(NamedTuple):
                         raise FusionError(f"{store.directory}: {split} row {other.sequence} does not hold the "
                                           f"target tokens of {first.directory} row {head.sequence}")
                 sources = [SourceRows(s.rows, dequantize_ce(s.extras["ce_codes"])) for s in sequences]
+                n = len(head.input_ids)
                 group_ends = np.stack([s.extras["group_end"] for s in sequences])
-                fused = fuse_sequence(sources, self.method, self.temperature, vocab_size, group_ends)
+                ranks = [decode_ranks(s.extras["rank_codes"], n) for s in sequences]
+                fused = fuse_sequence(sources, self.method, self.temperature, vocab_size, group_ends, ranks)
                 items.append(SparseSequence(head.sequence, head.input_ids, fused.rows,
                                             {"source": fused.source, "chunk_end": fused.chunks.end,
-                                             "chunk_ce_codes": quantize_ce(fused.chunks.ce)}))
-                positions += len(head.input_ids)
+                                             "chunk_ce_codes": quantize_ce(fused.chunks.ce),
+                                             "rank_codes": encode_ranks(fused.ranks, n)}))
+                positions += n
         return sparse_table(items, vocab_size, FUSED_EXTRAS), positions
 
 

@@ -227,6 +227,7 @@ class ContinuedTraining(TrainSpec):
     fusion_loss: FusionLoss = "ce"  # soft-label cross-entropy, KL, or cross-entropy within the targets' ids (topk)
     chunk_weight: Annotated[float, Field(ge=0)] = 0.0  # mu: + mu * chunk likelihood matching (train/loss.py); 0 = off
     chunk_temperature: PositiveFloat = 1.0  # tau: each chunk's likelihood read as a Bernoulli exp(logp / tau)
+    uld_weight: Annotated[float, Field(ge=0)] = 0.0  # nu: + nu * rank matching (ULD) where rows fell back; 0 = off
     checkpoint_every: PositiveInt = 50  # steps between atomic checkpoints (resume point of a killed run)
     micro_batch_tokens: PositiveInt | None = None  # padded tokens per forward pass (gradients accumulated); None: all
     distributed: Engine = "ddp"  # the engine on several processes (fusesoup/train/engine.py)

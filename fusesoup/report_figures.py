@@ -75,14 +75,14 @@ def interpolation_png(frame: pl.DataFrame) -> bytes:
 
 
 def training_png(training: dict[str, pl.DataFrame]) -> bytes:
-    """Total, CLM, fusion and chunk loss against step, one panel per variant (a fusion or chunk loss that is all 0 or
-    absent is left out)."""
+    """Total, CLM, fusion, chunk and ULD loss against step, one panel per variant (a term that is all 0 or absent is
+    left out)."""
     variants = sorted(training)
     figure = _figure(5.0 * len(variants), 4.0)
     for axes, variant in zip(_row_of_axes(figure, len(variants)), variants):
         frame = training[variant].sort("step")
         for column, label, style in (("loss", "total", "-"), ("clm", "clm", "--"), ("fusion", "fusion", ":"),
-                                     ("chunk", "chunk", "-.")):
+                                     ("chunk", "chunk", "-."), ("uld", "uld", (0, (1, 3)))):
             if column in ("loss", "clm") or (column in frame.columns and (frame[column] != 0).any()):
                 axes.plot(frame["step"].to_numpy(), frame[column].to_numpy(), style, label=label)
         axes.set_xlabel("step")

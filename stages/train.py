@@ -26,7 +26,7 @@ from fusesoup.storage import atomic_dir, directory_fingerprint, write_csv, write
 from fusesoup.train.data import run_key, train_stream
 from fusesoup.train.engine import full_state_dict
 from fusesoup.train.launch import init_distributed
-from fusesoup.train.loop import train_target
+from fusesoup.train.loop import EXTRA_COLUMNS, ExtraTerms, train_target
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> None:
     started = time.perf_counter()
     log = train_target(model, batches, spec, lam, spec.fusion_loss, params.seed, checkpoints, key,
                        progress=not args.no_progress, peak_tflops=params.runtime.peak_tflops,
-                       chunk_weight=spec.chunk_weight if variant == "fused" else 0.0)
+                       extra=ExtraTerms.of(spec) if variant == "fused" else ExtraTerms())
     seconds = time.perf_counter() - started
     if dist.is_initialized():
         weights = full_state_dict(model) if spec.distributed == "fsdp" else None  # gathered onto rank 0's CPU
@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> None:
         metrics[split] = {domain: {"bpb": r.bpb} for domain, r in results.items()}
     write_json(args.metrics, metrics)
     write_csv(args.plots, log,
-              ["step", "loss", "clm", "fusion", "chunk", "lr", "tokens", "tok_s", "mfu"])
+              ["step", "loss", "clm", *EXTRA_COLUMNS, "lr", "tokens", "tok_s", "mfu"])
     print(f"train@{variant}: {len(log)} steps in {seconds:.0f} s, final loss {log[-1]['loss']:.3f}; valid bpb "
           + ", ".join(f"{d} {m['bpb']:.3f}" for d, m in metrics["valid"].items()), flush=True)
 

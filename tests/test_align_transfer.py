@@ -69,6 +69,9 @@ def test_spans_fall_back_to_a_one_hot_on_the_token_each_row_predicts_and_keep_ce
     assert result.ce.tolist() == [1.5, 1.5, 1.5]  # 3.0 split over two rows; 1.0 + 0.5 on one
     assert result.ce.sum() == pytest.approx(source.ce.sum())
     assert result.group_end.tolist() == [0, 1, 1]  # "hel"+"lo" one chunk, " world" another
+    # each group start fell back: the teacher's top-k there (same text before both) is kept by rank
+    assert result.ranks.at.tolist() == [0, 2]
+    np.testing.assert_array_equal(result.ranks.logprobs, source.topk_logprobs[[0, 1]])
 
 
 def test_dtw_pairs_agree_through_the_vocab_map_or_fall_back():

@@ -120,7 +120,7 @@ def test_alignment_and_fusion_outputs(built):
 def test_continued_training_outputs(built):
     clm_curve = (built / "plots/train/clm.csv").read_text().splitlines()
     fused_curve = (built / "plots/train/fused.csv").read_text().splitlines()
-    assert clm_curve[0] == fused_curve[0] == "step,loss,clm,fusion,chunk,lr,tokens,tok_s,mfu"
+    assert clm_curve[0] == fused_curve[0] == "step,loss,clm,fusion,chunk,uld,lr,tokens,tok_s,mfu"
     steps = load_params(built / "params.yaml").train.steps
     assert len(clm_curve) == len(fused_curve) == steps + 1
     # same tokens in the same order; the fusion term only in train@fused

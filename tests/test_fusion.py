@@ -4,8 +4,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from fusesoup.fusion import SourceRows, fuse_chunks, fuse_sequence, source_weights
-from fusesoup.logits.sparse import SparseRows, merge_entries, one_hot_rows
+from fusesoup.fusion import SourceRows, fuse_chunks, fuse_ranks, fuse_sequence, source_weights
+from fusesoup.logits.sparse import RankRows, SparseRows, decode_ranks, encode_ranks, merge_entries, one_hot_rows
 from fusesoup.logits.sparse_store import MIXED
 
 VOCAB = 8
@@ -93,3 +93,17 @@ def test_fused_sequences_carry_chunks_when_given_group_ends(sources):
     assert fused.chunks.end.tolist() == [0, 1]
     np.testing.assert_allclose(fused.chunks.ce, [1.75, 1.75])  # source 1 (mean CE 1.75) over its one 2-token chunk
     assert fuse_sequence(sources, "min_ce", 1.0, VOCAB).chunks is None
+
+
+def test_rank_rows_mix_the_weighted_sources_that_have_one_and_round_trip_through_the_store():
+    a = RankRows(np.array([0, 2]), np.log(np.array([[0.5, 0.3, 0.1], [0.7, 0.2, 0.05]], np.float32)))
+    b = RankRows(np.array([2, 3]), np.log(np.array([[0.4, 0.4], [0.9, 0.05]], np.float32)))  # k = 2
+    weights = np.array([[1.0, 0.0, 0.25, 0.0], [0.0, 1.0, 0.75, 1.0]])
+    mixed = fuse_ranks([a, b], weights)
+    assert mixed.at.tolist() == [0, 2, 3]  # position 1: its one weighted source has no row there
+    dense = np.exp(mixed.logprobs)
+    np.testing.assert_allclose(dense, [[0.5, 0.3, 0.1], [0.25 * 0.7 + 0.75 * 0.4, 0.25 * 0.2 + 0.75 * 0.4, 0.25 * 0.05],
+                                       [0.9, 0.05, 0.0]], rtol=1e-6)
+    assert fuse_ranks([a, b], np.array([[0.0] * 4, [1.0] * 4])).at.tolist() == [2, 3]  # min_ce chose b
+    back = decode_ranks(encode_ranks(a, 4), 4)
+    assert back.at.tolist() == [0, 2] and np.abs(back.logprobs - a.logprobs).max() <= 1 / 32

@@ -78,7 +78,8 @@ def _sequences(first: int, count: int) -> list:
                              np.tile([0.7, 0.3], len(ids)), len(ids), 100)
         out.append(SparseSequence(sequence, ids, rows, {"source": np.zeros(len(ids), np.uint8),
                                                         "chunk_end": np.ones(len(ids), np.uint8),
-                                                        "chunk_ce_codes": np.arange(len(ids), dtype=np.uint16)}))
+                                                        "chunk_ce_codes": np.arange(len(ids), dtype=np.uint16),
+                                                        "rank_codes": np.full(2 * len(ids), 255, np.uint8)}))
     return out
 
 

@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from fusesoup.bootstrap import build_model
-from fusesoup.logits.sparse import Chunks, merge_entries
+from fusesoup.logits.sparse import Chunks, RankRows, merge_entries
 from fusesoup.params import ContinuedTraining, ModelSpec
-from fusesoup.train.loop import make_batch, micro_batches, train_target
+from fusesoup.train.loop import ExtraTerms, make_batch, micro_batches, train_target
 from fusesoup.train.packing import TrainBlock, TrainSequence, pack_documents, packing_order
 from fusesoup.train.stream import PlannedBatches, plan_steps
 from fusesoup.train.recipe import TrainingError
@@ -253,6 +253,21 @@ def test_packing_keeps_the_chunks_that_lie_whole_in_a_block():
     assert cut[0].chunks.ce.tolist() == [2.0, 2.0, 1.0, 4.0]
 
 
+def test_packing_keeps_each_rank_row_with_its_label():
+    rows = sequences(with_targets=True, n=2)
+    documents = [TrainSequence(np.arange(3, 8), rows[0].targets.take(np.arange(5)), None,
+                               RankRows(np.array([0, 2, 4]), np.log(np.array([[0.5], [0.6], [0.7]], np.float32)))),
+                 TrainSequence(np.arange(3, 7), rows[1].targets.take(np.arange(4)), None,
+                               RankRows(np.array([1]), np.log(np.array([[0.8]], np.float32))))]
+    # labels 3 4 5 6 | 7 BOS 3 4 | 5 6: rows at doc 0's 3, 5, 7 and doc 1's 4
+    packed = pack_documents(documents, 4, 1, 64, [0, 1])
+    assert [b.ranks.at.tolist() for b in packed] == [[0, 2], [0, 3], []]
+    np.testing.assert_allclose(np.exp(np.concatenate([b.ranks.logprobs[:, 0] for b in packed])), [0.5, 0.6, 0.7, 0.8],
+                               rtol=1e-6)
+    cut = pack_documents(documents, 8, 1, 4, [0, 1])  # 3 tokens each kept: doc 0's row at 4 goes with its token
+    assert cut[0].ranks.at.tolist() == [0, 2, 5]
+
+
 def test_the_chunk_term_adds_mu_times_chunk_likelihood_matching(tmp_path):
     rng = np.random.default_rng(5)
     documents = [d._replace(chunks=Chunks((rng.random(len(d.input_ids)) < 0.5).astype(np.uint8) | np.eye(
@@ -261,13 +276,28 @@ def test_the_chunk_term_adds_mu_times_chunk_likelihood_matching(tmp_path):
     data = pack_documents(documents, SPEC.block_size, 1, 64, order_of(documents))
     assert sum(int((b.chunks.of >= 0).sum()) for b in data) > 100
     log = train_target(tiny_model(), planned(data), UNCHECKPOINTED, 0.9, "ce", 0, tmp_path / "a", "k", False,
-                       chunk_weight=0.5)
+                       extra=ExtraTerms(chunk_weight=0.5))
     for row in log:
         assert row["chunk"] > 0 and row["loss"] == pytest.approx(0.9 * row["clm"] + 0.1 * row["fusion"]
                                                                  + 0.5 * row["chunk"], rel=1e-5)
     plain = train_target(tiny_model(), planned(data), UNCHECKPOINTED, 0.9, "ce", 0, tmp_path / "b", "k", False)
     assert all(row["chunk"] == "" for row in plain) and plain[0]["loss"] == pytest.approx(
         0.9 * log[0]["clm"] + 0.1 * log[0]["fusion"], rel=1e-5)  # the same first step, without the chunk term
+
+
+def test_the_uld_term_adds_nu_times_rank_matching(tmp_path):
+    rng = np.random.default_rng(6)
+    documents = []
+    for d in sequences(with_targets=True):
+        at = np.flatnonzero(rng.random(len(d.input_ids)) < 0.3)
+        probs = np.sort(rng.dirichlet(np.ones(4), len(at)), axis=1)[:, ::-1]
+        documents.append(d._replace(ranks=RankRows(at, np.log(probs).astype(np.float32))))
+    data = pack_documents(documents, SPEC.block_size, 1, 64, order_of(documents))
+    log = train_target(tiny_model(), planned(data), UNCHECKPOINTED, 0.9, "ce", 0, tmp_path / "a", "k", False,
+                       extra=ExtraTerms(uld_weight=2.0))
+    for row in log:
+        assert row["uld"] > 0 and row["chunk"] == "" and row["loss"] == pytest.approx(
+            0.9 * row["clm"] + 0.1 * row["fusion"] + 2.0 * row["uld"], rel=1e-5)
 
 
 def test_a_packed_document_is_seen_as_it_would_be_alone():
@@ -277,7 +307,7 @@ def test_a_packed_document_is_seen_as_it_would_be_alone():
     documents = sequences(with_targets=False, n=2)
     both = pack_documents(documents, 64, 1, 64, order_of(documents))
     assert len(both) == 1
-    input_ids, position_ids, labels, mask, _, _ = make_batch(both, pad=0)
+    input_ids, position_ids, labels, mask, *_ = make_batch(both, pad=0)
     with torch.no_grad():
         packed = model(input_ids=input_ids, position_ids=position_ids, use_cache=False).logits
         order = np.random.default_rng(0).permutation(2)

@@ -9,8 +9,9 @@ import math
 import pytest
 
 from fusesoup.logits.sparse import merge_entries
-from fusesoup.train.loss import (binary_kl, chunk_likelihood_loss, clm_loss, fusion_loss, pad_chunks, pad_targets,
-                                 student_log_probs)
+from fusesoup.logits.sparse import RankRows
+from fusesoup.train.loss import (binary_kl, chunk_likelihood_loss, clm_loss, fusion_loss, pad_chunks, pad_ranks,
+                                 pad_targets, rank_matching_loss, student_log_probs)
 
 
 def test_sparse_fusion_loss_equals_the_dense_soft_label_cross_entropy():
@@ -94,3 +95,29 @@ def test_binary_kl_is_zero_at_equal_likelihoods_and_finite_at_the_ends():
     log_p = torch.tensor([-1e-9, -0.1, -3.0, -80.0], dtype=torch.float64)
     torch.testing.assert_close(binary_kl(log_p, log_p), torch.zeros(4, dtype=torch.float64))
     assert torch.isfinite(binary_kl(log_p, torch.tensor([0.0, -50.0, -1e-12, -1.0], dtype=torch.float64))).all()
+
+
+def test_rank_matching_loss_equals_the_dense_l1_between_sorted_distributions():
+    torch.manual_seed(3)
+    vocab, width, k = 9, 5, 4
+    teacher = np.log(np.array([[0.6, 0.2, 0.1, 0.05], [0.3, 0.3, 0.2, 0.1], [0.9, 0.05, 0.01, 0.0]], np.float32))
+    rows = [RankRows(np.array([1, 4]), teacher[:2]), RankRows(np.array([0]), teacher[2:])]
+    ranks = pad_ranks(rows, width)
+    assert ranks.rows.tolist() == [1, 4, 5]  # b * width + j
+    logits = torch.randn(2, width, vocab, requires_grad=True)
+    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]], dtype=torch.bool)
+    loss = rank_matching_loss(student_log_probs(logits), ranks, mask)
+    student = torch.softmax(logits.detach().double(), -1)
+    total = 0.0
+    for (b, j), p in zip([(0, 1), (0, 4), (1, 0)], np.exp(teacher.astype(np.float64))):
+        q = np.sort(student[b, j].numpy())[::-1][:k]  # the student's probabilities, largest first
+        total += np.abs(p - q).sum()
+    assert loss.item() == pytest.approx(total / 8, rel=1e-5)  # over the 8 masked-in positions
+    loss.backward()
+    assert logits.grad[0, 0].abs().sum() == 0 and logits.grad[0, 1].abs().sum() > 0  # only rows with a teacher row
+    # a masked label adds nothing; a student that matches the teacher's sorted top-k exactly has no loss there
+    assert rank_matching_loss(student_log_probs(logits), ranks, torch.zeros_like(mask)).item() == 0
+    exact = torch.full((1, 1, vocab), -30.0)
+    exact[0, 0, [7, 2, 5]] = torch.log(torch.tensor([0.5, 0.3, 0.2]))
+    one = RankRows(np.array([0]), np.log(np.array([[0.5, 0.3, 0.2]], np.float32)))
+    assert rank_matching_loss(student_log_probs(exact), pad_ranks([one], 1), torch.ones(1, 1, dtype=torch.bool)) < 1e-5

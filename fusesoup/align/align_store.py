@@ -25,14 +25,14 @@ from fusesoup.align.transfer import (EXACT, FALLBACK, MAPPED, SPAN, AlignedSeque
 from fusesoup.corpus import read_texts, split_path
 from fusesoup.errors import StageError
 from fusesoup.logits.codec import SequenceLogits, quantize_ce
-from fusesoup.logits.sparse import SPARSE_CODEC
+from fusesoup.logits.sparse import SPARSE_CODEC, encode_ranks
 from fusesoup.logits.sparse_store import ALIGNED_EXTRAS, SparseSequence, SparseStore, sparse_table
 from fusesoup.logits.store import LogitStore, fill_store, write_manifest
 from fusesoup.params import Align
 from fusesoup.storage import content_key
 from fusesoup.token_bytes import prepended_space, shadowed_fallbacks, text_token_bytes, token_bytes
 
-TRANSFER_RULES = "one-to-one-merge-spans-first-row-groups-v4"  # part of the key: a change of the transfer rules re-aligns
+TRANSFER_RULES = "one-to-one-merge-spans-first-row-groups-ranks-v5"  # part of the key: a change of the transfer rules re-aligns
 
 
 class AlignmentError(StageError):
@@ -119,7 +119,8 @@ class ShardAligner(NamedTuple):
                     raise AlignmentError(f"{corpus} row {theirs.sequence}: {error}") from None
                 items.append(SparseSequence(theirs.sequence, theirs.logits.input_ids, aligned.rows,
                                             {"ce_codes": quantize_ce(aligned.ce), "status": aligned.status,
-                                             "group_end": aligned.group_end}))
+                                             "group_end": aligned.group_end,
+                                             "rank_codes": encode_ranks(aligned.ranks, len(aligned.status))}))
                 positions += len(aligned.status)
         return sparse_table(items, self.setup.target_vocab_size, ALIGNED_EXTRAS), positions
 

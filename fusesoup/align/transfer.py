@@ -16,6 +16,9 @@ Rules per alignment group (from `offset_align` or a DTW path):
   and the other does not (byte-level BPE), the teacher's candidates there stand for their bytes without its space
   and are spelled with the target's: `first_map` (Leads.first_row_bytes through the same vocabulary mapping) takes
   the place of the vocabulary map on row 0, and a span at the start reads its strings the same way (spans.py).
+- where a group's first target row falls back to a one-hot, the teacher's top-k log-probs at the group's first
+  teacher row (the same text before both, so both predict how it goes on) are kept by rank (`ranks`), for rank
+  matching (ULD, train.uld_weight), which needs no shared vocabulary.
 """
 from __future__ import annotations
 
@@ -26,7 +29,7 @@ import numpy as np
 
 from fusesoup.align.spans import Leads, Segmenter, expand_span
 from fusesoup.logits.codec import SequenceLogits
-from fusesoup.logits.sparse import SparseRows, fill_empty_rows, merge_entries
+from fusesoup.logits.sparse import RankRows, SparseRows, fill_empty_rows, merge_entries
 
 # status of a target position: same bytes, agreed through the vocab map, one-hot, expanded from a span
 EXACT, MAPPED, FALLBACK, SPAN = 0, 1, 2, 3
@@ -40,6 +43,7 @@ class AlignedSequence(NamedTuple):
     status: np.ndarray  # [n] uint8: EXACT, MAPPED, FALLBACK or SPAN
     group_end: np.ndarray  # [n] uint8: 1 at the last target position of each alignment group (a chunk both
     #                        tokenizations cut the same way: the unit of chunk-level likelihood matching)
+    ranks: RankRows  # the teacher's top-k by rank at the group starts that fell back (module docstring)
 
 
 class SpanInputs(NamedTuple):
@@ -101,7 +105,9 @@ def transfer_groups(groups: Sequence[tuple[range, range]], teacher: SequenceLogi
     ce = np.repeat((ce_sums[teacher_stop] - ce_sums[teacher_start]) / lengths, lengths).astype(np.float32)
     group_end = np.zeros(n, np.uint8)
     group_end[target_stop - 1] = 1
-    return AlignedSequence(fill_empty_rows(rows, target_ids), ce, status, group_end)
+    fell_back = status[target_start] == FALLBACK
+    ranks = RankRows(target_start[fell_back], teacher.topk_logprobs[teacher_start[fell_back]].astype(np.float32))
+    return AlignedSequence(fill_empty_rows(rows, target_ids), ce, status, group_end, ranks)
 
 
 def groups_from_path(path: Sequence[tuple[int, int]]) -> list[tuple[range, range]]:

@@ -19,6 +19,7 @@ from fusesoup.logits.codec import LOGPROB_STEP, id_dtype
 
 SPARSE_CODEC = "sparse-uint8-delta-v1"
 MAX_ENTRIES = 255  # per position: counts are uint8
+NO_RANKS = 255  # rank code of a position without a teacher row to match by rank
 
 
 class SparseRows(NamedTuple):
@@ -50,6 +51,45 @@ class Chunks(NamedTuple):
 
     end: np.ndarray  # [n] uint8: 1 at the last position of each chunk
     ce: np.ndarray  # [n] float: the fused teacher's CE of the position's chunk, split evenly over its positions
+
+
+class RankRows(NamedTuple):
+    """A teacher's top-k log-probs by rank at some positions of a sequence, for rank matching (ULD) where its
+    distribution could not be moved onto the target's vocabulary (transfer.py)."""
+
+    at: np.ndarray  # [N] int64: the positions that have one, ascending
+    logprobs: np.ndarray  # [N, k] float32: most likely first, as the teacher gave them (not renormalised)
+
+    def take(self, start: int, stop: int) -> "RankRows":
+        """The rows at positions start..stop-1, renumbered from 0."""
+        low, high = np.searchsorted(self.at, [start, stop])
+        return RankRows(self.at[low:high] - start, self.logprobs[low:high])
+
+
+def no_ranks(k: int) -> RankRows:
+    return RankRows(np.zeros(0, np.int64), np.zeros((0, k), np.float32))
+
+
+def concat_ranks(parts: Sequence[tuple[int, RankRows]]) -> RankRows:
+    """(length, rows) of consecutive pieces -> one RankRows over all their positions."""
+    starts = np.cumsum([0] + [length for length, _ in parts[:-1]])
+    return RankRows(np.concatenate([np.zeros(0, np.int64)] + [r.at + s for s, (_, r) in zip(starts, parts)]),
+                    np.concatenate([r.logprobs for _, r in parts]) if parts else np.zeros((0, 0), np.float32))
+
+
+def encode_ranks(ranks: RankRows, n: int) -> np.ndarray:
+    """RankRows of a sequence of n positions -> its stored `rank_codes`: n x k uint8, row-major, each log-prob as
+    round(-logprob / LOGPROB_STEP) clipped to 0..254, NO_RANKS on every entry of a position without a row."""
+    codes = np.full((n, ranks.logprobs.shape[1]), NO_RANKS, np.uint8)
+    codes[ranks.at] = np.clip(np.rint(-ranks.logprobs.astype(np.float64) / LOGPROB_STEP), 0, NO_RANKS - 1)
+    return codes.reshape(-1)
+
+
+def decode_ranks(codes: np.ndarray, n: int) -> RankRows:
+    """The inverse of `encode_ranks` (to LOGPROB_STEP / 2)."""
+    codes = np.asarray(codes).reshape(n, -1) if n else np.zeros((0, 0), np.uint8)
+    at = np.flatnonzero(codes[:, 0] != NO_RANKS) if codes.shape[1] else np.zeros(0, np.int64)
+    return RankRows(at.astype(np.int64), (codes[at].astype(np.float32) * -LOGPROB_STEP).astype(np.float32))
 
 
 def empty_rows(n: int) -> SparseRows:

@@ -3,10 +3,12 @@
 One row per corpus sequence: `sequence`, the target's `input_ids`, the rows' `counts` / `ids` / `codes`
 (sparse.py) and a few per-position extras:
 - aligned: `ce_codes` (the teacher's CE carried onto target positions, codec.py's CE quantisation), `status`
-  (EXACT / MAPPED / FALLBACK / SPAN, transfer.py) and `group_end` (1 at the last position of each alignment group);
+  (EXACT / MAPPED / FALLBACK / SPAN, transfer.py), `group_end` (1 at the last position of each alignment group) and
+  `rank_codes` (n x k: the teacher's top-k by rank where the row fell back, sparse.encode_ranks);
 - fused: `source` (the index in the manifest's `sources` of the source each position took; MIXED where several
   were averaged), `chunk_end` (1 at the last position of each chunk: where every source's group ends) and
-  `chunk_ce_codes` (the fused teacher's CE of each chunk, split evenly over its positions; fusion.fuse_chunks).
+  `chunk_ce_codes` (the fused teacher's CE of each chunk, split evenly over its positions; fusion.fuse_chunks) and
+  `rank_codes` (the sources' rank rows mixed by their weights; fusion.fuse_ranks).
 Shards, sidecars, checksums and manifest follow store.py, so writes are atomic and a killed stage resumes.
 """
 from __future__ import annotations
@@ -21,8 +23,10 @@ from fusesoup.logits.sparse import SPARSE_CODEC, SparseRows, decode_rows, encode
 from fusesoup.logits.store import ShardedStore, list_rows
 from fusesoup.storage import StorageError
 
-ALIGNED_EXTRAS = {"ce_codes": np.dtype(np.uint16), "status": np.dtype(np.uint8), "group_end": np.dtype(np.uint8)}
-FUSED_EXTRAS = {"source": np.dtype(np.uint8), "chunk_end": np.dtype(np.uint8), "chunk_ce_codes": np.dtype(np.uint16)}
+ALIGNED_EXTRAS = {"ce_codes": np.dtype(np.uint16), "status": np.dtype(np.uint8), "group_end": np.dtype(np.uint8),
+                  "rank_codes": np.dtype(np.uint8)}
+FUSED_EXTRAS = {"source": np.dtype(np.uint8), "chunk_end": np.dtype(np.uint8), "chunk_ce_codes": np.dtype(np.uint16),
+                "rank_codes": np.dtype(np.uint8)}
 MIXED = 255  # `source` of a fused position that averages several sources
 
 
@@ -37,7 +41,7 @@ class SparseSequence(NamedTuple):
     sequence: int  # row index in the corpus split
     input_ids: np.ndarray  # [n] the target's tokens
     rows: SparseRows  # n rows: the distribution over the token at each position
-    extras: dict[str, np.ndarray]  # [n] each, raw stored values (see the module docstring)
+    extras: dict[str, np.ndarray]  # [n] each ([n * k] for rank_codes), raw stored values (module docstring)
 
 
 def sparse_table(items: list[SparseSequence], vocab_size: int, extras: dict[str, np.dtype]) -> pa.Table:

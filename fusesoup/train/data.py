@@ -9,7 +9,7 @@ import numpy as np
 
 from fusesoup.errors import StageError
 from fusesoup.logits.codec import dequantize_ce
-from fusesoup.logits.sparse import Chunks
+from fusesoup.logits.sparse import Chunks, decode_ranks
 from fusesoup.logits.sparse_store import FUSED_EXTRAS, SparseStore
 from fusesoup.logits.store import LogitStore, ShardedStore
 from fusesoup.models import context_length
@@ -29,10 +29,11 @@ def training_store(variant: str, fused: Path, target_logits: Path) -> ShardedSto
 
 
 def read_documents(store: ShardedStore, shard: int | None = None) -> list[TrainSequence]:
-    """The train split's documents (or one shard's), in stored order, with their fused rows and chunks from a fused
-    store."""
+    """The train split's documents (or one shard's), in stored order, with their fused rows, chunks and rank rows from
+    a fused store."""
     if isinstance(store, SparseStore):
-        return [TrainSequence(s.input_ids, s.rows, Chunks(s.extras["chunk_end"], dequantize_ce(s.extras["chunk_ce_codes"])))
+        return [TrainSequence(s.input_ids, s.rows, Chunks(s.extras["chunk_end"], dequantize_ce(s.extras["chunk_ce_codes"])),
+                              decode_ranks(s.extras["rank_codes"], len(s.input_ids)))
                 for batch in store.iter_batches(SPLIT, 256, shard) for s in batch]
     return [TrainSequence(s.logits.input_ids, None) for batch in store.iter_batches(SPLIT, 256, shard) for s in batch]
 

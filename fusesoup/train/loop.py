@@ -20,7 +20,7 @@ import contextlib
 import json
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import torch
 import torch.distributed as dist
@@ -30,8 +30,8 @@ from fusesoup.params import ContinuedTraining, FusionLoss
 from fusesoup.storage import atomic_dir, read_json
 from fusesoup.train.engine import (accumulating, distribute, load_training_state, rank_and_world,
                                    save_training_state)
-from fusesoup.train.loss import (chunk_likelihood_loss, clm_loss, fusion_loss, pad_chunks, pad_targets,
-                                 student_log_probs)
+from fusesoup.train.loss import (chunk_likelihood_loss, clm_loss, fusion_loss, pad_chunks, pad_ranks, pad_targets,
+                                 rank_matching_loss, student_log_probs)
 from fusesoup.train.memory import check_fits, device_memory, format_memory_plan, plan_memory
 from fusesoup.train.packing import TrainBlock
 from fusesoup.train.stream import StepBatches
@@ -39,6 +39,7 @@ from fusesoup.train.throughput import flops_per_token, model_flops_utilisation, 
 from fusesoup.train.recipe import GRAD_CLIP, TrainingError, lr_at, make_optimizer, set_lr, special_ids
 
 CHECKPOINT_FORMAT = "dcp-v1"  # a checkpoint of another format (or key) is not resumed from
+EXTRA_COLUMNS = ("fusion", "chunk", "uld")  # the log's loss terms besides the total and clm ("" where off)
 
 
 def micro_batches(batch: Sequence[TrainBlock], budget: int | None) -> list[list[TrainBlock]]:
@@ -58,9 +59,9 @@ def micro_batches(batch: Sequence[TrainBlock], budget: int | None) -> list[list[
 
 
 def make_batch(blocks: Sequence[TrainBlock], pad: int):
-    """(input_ids, position_ids, labels, mask: the trained labels, each [B, W]; fused targets or None; chunks or
-    None), right-padded to the longest block (only the stream's last block is shorter); padding is masked and, being
-    last, never attended to by a real token."""
+    """(input_ids, position_ids, labels, mask: the trained labels, each [B, W]; fused targets, chunks and rank rows,
+    each or None), right-padded to the longest block (only the stream's last block is shorter); padding is masked
+    and, being last, never attended to by a real token."""
     width = max(block.width for block in blocks)
     input_ids = torch.full((len(blocks), width), pad, dtype=torch.long)
     labels = torch.full((len(blocks), width), pad, dtype=torch.long)
@@ -74,15 +75,29 @@ def make_batch(blocks: Sequence[TrainBlock], pad: int):
     fused = None if blocks[0].targets is None else pad_targets([block.targets for block in blocks], width)
     chunks = None if blocks[0].chunks is None else pad_chunks([block.chunks.of for block in blocks],
                                                                [block.chunks.ce for block in blocks], width)
-    return input_ids, positions, labels, mask, fused, chunks
+    ranks = None if blocks[0].ranks is None else pad_ranks([block.ranks for block in blocks], width)
+    return input_ids, positions, labels, mask, fused, chunks, ranks
+
+
+class ExtraTerms(NamedTuple):
+    """The span-aware terms train@fused adds (train.chunk_weight, chunk_temperature, uld_weight); all off: CLM and
+    fusion only."""
+
+    chunk_weight: float = 0.0
+    chunk_temperature: float = 1.0
+    uld_weight: float = 0.0
+
+    @classmethod
+    def of(cls, spec: ContinuedTraining) -> "ExtraTerms":
+        return cls(spec.chunk_weight, spec.chunk_temperature, spec.uld_weight)
 
 
 def batch_losses(model, micro: Sequence[TrainBlock], pad: int, device: torch.device, lam: float, kind: FusionLoss,
-                 positions: float, silent: bool = False, chunk_weight: float = 0.0, chunk_temperature: float = 1.0):
-    """(loss, clm, fusion or None, chunk or None) of one micro-batch, as sums over its trained positions /
-    `positions` (the global batch's count); `silent`: every position masked (a rank without a block this step adds
-    nothing); the chunk term where `chunk_weight` > 0 and the blocks carry chunks."""
-    input_ids, position_ids, labels, mask, fused, chunks = make_batch(micro, pad)
+                 positions: float, silent: bool = False, extra: ExtraTerms = ExtraTerms()):
+    """(loss, clm, fusion, chunk, uld; each of the last three or None) of one micro-batch, as sums over its trained
+    positions / `positions` (the global batch's count); `silent`: every position masked (a rank without a block this
+    step adds nothing); the chunk and ULD terms where their weight in `extra` is > 0 and the blocks carry them."""
+    input_ids, position_ids, labels, mask, fused, chunks, ranks = make_batch(micro, pad)
     if silent:
         mask = torch.zeros_like(mask)
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
@@ -94,12 +109,16 @@ def batch_losses(model, micro: Sequence[TrainBlock], pad: int, device: torch.dev
     if fused is not None and lam < 1:
         fusion = fusion_loss(log_probs, fused._replace(ids=fused.ids.to(device), probs=fused.probs.to(device)),
                              mask.to(device), kind, positions)
-    chunk = None
-    if chunks is not None and chunk_weight > 0:
+    chunk = uld = None
+    if chunks is not None and extra.chunk_weight > 0:
         chunk = chunk_likelihood_loss(log_probs, labels.to(device), chunks._replace(of=chunks.of.to(device),
-                                      ce=chunks.ce.to(device)), mask.to(device), chunk_temperature, positions)
+                                      ce=chunks.ce.to(device)), mask.to(device), extra.chunk_temperature, positions)
+    if ranks is not None and extra.uld_weight > 0:
+        uld = rank_matching_loss(log_probs, ranks._replace(rows=ranks.rows.to(device),
+                                 logprobs=ranks.logprobs.to(device)), mask.to(device), positions)
     loss = clm if fusion is None else lam * clm + (1 - lam) * fusion
-    return (loss if chunk is None else loss + chunk_weight * chunk), clm, fusion, chunk
+    loss = loss if chunk is None else loss + extra.chunk_weight * chunk
+    return (loss if uld is None else loss + extra.uld_weight * uld), clm, fusion, chunk, uld
 
 
 def save_checkpoint(directory: Path, key: str, model, optimizer, step: int, log: list[dict]) -> None:
@@ -138,10 +157,10 @@ def load_checkpoint(directory: Path, key: str, model, optimizer) -> tuple[int, l
 
 def train_target(model, batches: StepBatches, spec: ContinuedTraining, lam: float, kind: FusionLoss,
                  seed: int, checkpoints: Path, key: str, progress: bool = True, peak_tflops: float | None = None,
-                 chunk_weight: float = 0.0) -> list[dict]:
+                 extra: ExtraTerms = ExtraTerms()) -> list[dict]:
     """Train `model` in place (sharded in place under fsdp: engine.full_state_dict gathers it) on `batches[step]`,
     the whole batch of each step (stream.TrainStream or stream.PlannedBatches); returns one log row per step (total,
-    clm, fusion and chunk loss, lr, tokens seen, and the step's throughput: tokens per second and, on a GPU of known peak
+    clm, fusion, chunk and ULD loss (`extra`: the span-aware terms, off by default), lr, tokens seen, and the step's throughput: tokens per second and, on a GPU of known peak
     (throughput.py; `peak_tflops` per device), model FLOPs utilisation; wall time, so the columns that differ
     between identical runs)."""
     pad = special_ids(model.config).pad
@@ -174,23 +193,21 @@ def train_target(model, batches: StepBatches, spec: ContinuedTraining, lam: floa
             count = torch.tensor([len(micros)], device=device)
             dist.all_reduce(count, op=dist.ReduceOp.MAX)
             micros += [(batch[:1], True)] * (int(count.item()) - len(micros))
-        terms, fused_term, chunk_term = torch.zeros(4, device=device), False, False
+        terms, present = torch.zeros(5, device=device), [False] * 3  # loss, clm, fusion, chunk, uld
         # gradient accumulation: every micro-batch's loss sums are divided by the global batch's position count,
         # so the accumulated gradient is the whole batch's, whatever the micro-batch size; the engines average
         # over ranks, hence the loss x world
         for index, (micro, silent) in enumerate(micros):
-            loss, clm, fusion, chunk = batch_losses(engine, micro, pad, device, lam, kind, positions, silent,
-                                                    chunk_weight, spec.chunk_temperature)
+            loss, clm, *parts = batch_losses(engine, micro, pad, device, lam, kind, positions, silent, extra)
             with accumulating(engine, last=index == len(micros) - 1):
                 (loss * world).backward()
-            terms += torch.stack([loss.detach(), clm.detach(), (clm if fusion is None else fusion).detach(),
-                                  (clm if chunk is None else chunk).detach()])
-            fused_term, chunk_term = fusion is not None, chunk is not None
+            terms += torch.stack([loss.detach(), clm.detach(), *((clm if p is None else p).detach() for p in parts)])
+            present = [p is not None for p in parts]
         if world > 1:
             dist.all_reduce(terms)  # each rank holds its share of the global means
         if not torch.isfinite(terms[0]):
             raise TrainingError(f"loss is {terms[0].item()} at step {step} (clm {terms[1].item()}, fusion "
-                                f"{terms[2].item() if fused_term else None}, lr {lr:.3g}); nothing was saved")
+                                f"{terms[2].item() if present[0] else None}, lr {lr:.3g}); nothing was saved")
         torch.nn.utils.clip_grad_norm_(engine.parameters(), GRAD_CLIP)
         optimizer.step()
 
@@ -198,7 +215,7 @@ def train_target(model, batches: StepBatches, spec: ContinuedTraining, lam: floa
         tokens_per_second = positions / (time.perf_counter() - step_started)  # the global batch's, all ranks
         mfu = model_flops_utilisation(tokens_per_second, per_token, peak, world)
         log.append({"step": step, "loss": terms[0].item(), "clm": terms[1].item(),
-                    "fusion": terms[2].item() if fused_term else "", "chunk": terms[3].item() if chunk_term else "",
+                    **{name: terms[2 + i].item() if present[i] else "" for i, name in enumerate(EXTRA_COLUMNS)},
                     "lr": lr, "tokens": seen,
                     "tok_s": round(tokens_per_second, 1), "mfu": "" if mfu is None else round(mfu, 4)})
         bar.set_postfix(loss=f"{terms[0].item():.3f}", tok_s=f"{tokens_per_second:.0f}",

@@ -1,5 +1,5 @@
-"""FuseLLM's objective, L = lambda * L_CLM + (1 - lambda) * L_fuse (+ mu * L_chunk), the fusion term on the stored
-entries only.
+"""FuseLLM's objective, L = lambda * L_CLM + (1 - lambda) * L_fuse (+ mu * L_chunk + nu * L_ULD), the fusion term on
+the stored entries only.
 
 The fused targets are sparse (at most a few dozen target ids per position), so the fusion loss gathers the
 student's log-softmax at those ids: a [B, L, E] gather, never a [B, L, V] target tensor (FuseLLM's collator builds
@@ -10,6 +10,10 @@ is text both tokenizations cut alike (fusion.fuse_chunks), so the teacher's log-
 student's, s = the sum of its labels' log-probs, are probabilities of the same event, whatever the tokenizers. Each
 is read as a Bernoulli exp(x / tau) (tau: train.chunk_temperature) and the loss is their KL, weighted by the chunk's
 tokens: it reaches the spans where the token-level transfer falls back to a one-hot.
+
+L_ULD (train.uld_weight nu): universal logit distillation (Boizard et al. 2024) where a teacher's row could not be
+moved onto the target's vocabulary: sum over ranks r < k of |p_teacher(r) - q_student(r)|, both distributions'
+probabilities sorted, so no token needs a counterpart: how sure the teacher is of what follows, not what it is.
 """
 from __future__ import annotations
 
@@ -20,7 +24,7 @@ import numpy as np
 import torch
 
 from fusesoup.errors import lookup
-from fusesoup.logits.sparse import SparseRows
+from fusesoup.logits.sparse import RankRows, SparseRows
 from fusesoup.params import FusionLoss
 
 
@@ -60,6 +64,30 @@ def pad_chunks(chunk_of: list[np.ndarray], chunk_ce: list[np.ndarray], width: in
         of[b, : len(row)] = np.where(row >= 0, row + first, -1)
         first += len(ce)
     return ChunkTargets(torch.from_numpy(of), torch.from_numpy(np.concatenate([np.zeros(0), *chunk_ce]).astype(np.float32)))
+
+
+class RankTargets(NamedTuple):
+    """The rank rows of a batch (packing.TrainBlock.ranks of each row)."""
+
+    rows: torch.Tensor  # [N] int64: the flat index b * width + j of each label with a rank row
+    logprobs: torch.Tensor  # [N, k] float32: the teacher's top-k log-probs, most likely first
+
+
+def pad_ranks(ranks: list[RankRows], width: int) -> RankTargets:
+    """Per row b, its rank rows -> their flat label indices in a [B, width] batch and their log-probs."""
+    rows = np.concatenate([np.zeros(0, np.int64)] + [b * width + r.at for b, r in enumerate(ranks)])
+    return RankTargets(torch.from_numpy(rows), torch.from_numpy(np.concatenate([r.logprobs for r in ranks])))
+
+
+def rank_matching_loss(log_probs: torch.Tensor, ranks: RankTargets, mask: torch.Tensor,
+                       positions: float | None = None) -> torch.Tensor:
+    """L_ULD (module docstring) summed over the masked-in labels with a rank row, over the masked-in positions (or
+    `positions`); log_probs [B, L, V], mask [B, L]."""
+    student = log_probs.flatten(0, 1)[ranks.rows]  # [N, V]
+    k = min(ranks.logprobs.shape[1], student.shape[-1])
+    distance = (ranks.logprobs[:, :k].exp() - student.topk(k, dim=-1).values.exp()).abs().sum(-1)  # [N]
+    total = torch.where(mask.flatten()[ranks.rows], distance, torch.zeros_like(distance)).sum()
+    return total / (mask.sum().clamp(min=1).to(total.dtype) if positions is None else positions)
 
 
 def log1mexp(x: torch.Tensor) -> torch.Tensor:

@@ -14,7 +14,7 @@ from typing import NamedTuple, Sequence
 import numpy as np
 import torch
 
-from fusesoup.logits.sparse import Chunks, SparseRows, concat_rows, empty_rows
+from fusesoup.logits.sparse import Chunks, RankRows, SparseRows, concat_ranks, concat_rows, empty_rows, no_ranks
 from fusesoup.train.recipe import TrainingError
 
 IGNORE = -100  # the label transformers' causal-LM loss skips
@@ -26,6 +26,7 @@ class TrainSequence(NamedTuple):
     input_ids: np.ndarray  # [n] the target's tokens, no BOS
     targets: SparseRows | None  # n fused rows (row i: the distribution over token i), None for CLM-only training
     chunks: Chunks | None = None  # the fused teacher's chunks over the n tokens (train.chunk_weight), or None
+    ranks: RankRows | None = None  # the fused teacher's rank rows over the n tokens (train.uld_weight), or None
 
 
 class TrainBlock(NamedTuple):
@@ -35,6 +36,7 @@ class TrainBlock(NamedTuple):
     positions: np.ndarray  # [m + 1] int64, each token's position in its document (0: a BOS)
     targets: SparseRows | None  # m rows: row j the fused distribution of label j (empty at a BOS label)
     chunks: "BlockChunks | None" = None  # the teacher's chunks that lie whole among the block's labels
+    ranks: RankRows | None = None  # the rank rows of the block's labels (none at a BOS label)
 
     @property
     def width(self) -> int:
@@ -184,10 +186,17 @@ def pack_documents(documents: Sequence[TrainSequence], block: int, bos: int, con
         rows = concat_rows(parts)
     chunked = bool(kept) and documents[kept[0]].chunks is not None
     chunks = chunk_stream([documents[i] for i in kept], context) if chunked else None
+    ranked = bool(kept) and documents[kept[0]].ranks is not None
+    if ranked:  # row i: the rank row of tokens[i], as for the fused rows
+        k = documents[kept[0]].ranks.logprobs.shape[1]
+        lengths = [min(len(documents[i].input_ids), context - 1) for i in kept]  # as join_documents cuts them
+        ranks = concat_ranks([piece for i, n in zip(kept, lengths) for piece in
+                              ((1, no_ranks(k)), (n, documents[i].ranks.take(0, n)))])
     blocks = []
     for start in range(0, len(tokens) - 1, block):
         end = min(start + block, len(tokens) - 1)  # labels tokens[start + 1 : end + 1]
         blocks.append(TrainBlock(tokens[start: end + 1], positions[start: end + 1],
                                  None if rows is None else rows.take(np.arange(start + 1, end + 1)),
-                                 block_chunks(chunks, slice(start + 1, end + 1)) if chunked else None))
+                                 block_chunks(chunks, slice(start + 1, end + 1)) if chunked else None,
+                                 ranks.take(start + 1, end + 1) if ranked else None))
     return blocks

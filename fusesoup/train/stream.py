@@ -20,7 +20,7 @@ from typing import NamedTuple, Protocol
 
 import numpy as np
 
-from fusesoup.logits.sparse import empty_rows
+from fusesoup.logits.sparse import empty_rows, no_ranks
 from fusesoup.train.packing import (TrainBlock, TrainSequence, documents_of_blocks, pack_documents, packed_widths,
                                     packing_order)
 from fusesoup.train.recipe import TrainingError
@@ -150,8 +150,9 @@ class TrainStream:
         for shard in visit.shards:
             for document in self.read_shard(shard):
                 keep = len(documents) in needed
-                documents.append(document if keep or document.targets is None
-                                 else document._replace(targets=empty_rows(len(document.input_ids))))
+                documents.append(document if keep or document.targets is None else document._replace(
+                    targets=empty_rows(len(document.input_ids)),
+                    ranks=None if document.ranks is None else no_ranks(document.ranks.logprobs.shape[1])))
         if [len(document.input_ids) for document in documents] != visit.lengths.tolist():
             raise TrainingError(f"shards {list(visit.shards)} do not hold the documents their lengths were planned "
                                 "from (the store changed during training?)")
