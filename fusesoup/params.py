@@ -205,7 +205,7 @@ class Extract(Strict):
 class Align(Strict):
     """Cross-tokenizer alignment (stages/align.py): every key but workers is part of the aligned store's key."""
 
-    vocab: VocabMethod = "min_ed"  # teacher id -> target id: same bytes, else nearest or prefix
+    vocab: VocabMethod = "exact"  # teacher id -> target id: same bytes only, or else nearest (min_ed) or prefix
     method: Literal["offsets", "dtw"] = "offsets"  # shared byte offsets (exact), or FuseLLM's DTW on token bytes
     spans: Literal["onehot", "expand"] = "onehot"  # target rows inside a span: FuseLLM's one-hot, or spans.py
     workers: Workers = 0

@@ -89,9 +89,11 @@ def test_the_dag_runs_on_given_models_only(external):
     for name in SOURCES:  # aligned onto the target, not only loaded
         aligned = json.loads((repo / "metrics/align" / f"{name}.json").read_text())
         positions = aligned["positions"]["train"]["all"]
-        assert positions["positions"] > 0 and aligned["vocab_map"]["unmapped"] == 0
-        # the real 32k and 50k vocabularies against a 400-token target: mostly spans (one-hot in the tiny profile)
-        expected = {"base-qwen": (1.0, 1.0), "code-neox": (0.5, 0.99)}.get(name, (0.05, 0.5))
+        assert positions["positions"] > 0 and aligned["vocab_map"]["nearest"] == 0  # align.vocab: exact
+        # the real 32k and 50k vocabularies against a 400-token target: mostly spans (one-hot in the tiny profile);
+        # a row takes the teacher's top-k only, and an untrained 50k-token teacher's top-k rarely holds a token the
+        # small target has, so few of its one-to-one rows translate (min_ed filled them with nearest tokens: 5-50%)
+        expected = {"base-qwen": (1.0, 1.0), "code-neox": (0.5, 0.99)}.get(name, (0.01, 0.5))
         assert expected[0] <= positions["exact"] <= expected[1], name
     evaluation = json.loads((repo / "metrics/eval.json").read_text())
     for name in (*SOURCES, "target-clm", "target-fused", "soup-vanilla"):
