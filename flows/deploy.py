@@ -12,9 +12,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from prefect import get_client
+from prefect import Flow, get_client
 
-from flows.pipeline import pipeline
 from flows.serve import DEPLOYMENT, deployment_options
 from fusesoup.params import load_params
 
@@ -34,13 +33,19 @@ def ensure_pool(name: str) -> str:
             return client.create_work_pool(WorkPoolCreate(name=name, type="process")).type
 
 
+def deploy_flow(entrypoint: str, name: str, pool: str, source: str | Path = CODE_ROOT, **options) -> str:
+    """Register the flow at `entrypoint` (`path.py:function`, read from `source` at each run) as deployment `name`
+    on `pool`, created as a process pool if missing; `options` as Flow.deploy takes them. Its id."""
+    ensure_pool(pool)
+    flow = Flow.from_source(source=str(source), entrypoint=entrypoint)
+    return str(flow.deploy(name=name, work_pool_name=pool, build=False, push=False, print_next_steps=False,
+                           **options))
+
+
 def deploy(pool: str, repo_dir: str | Path, source: str | Path = CODE_ROOT) -> str:
     """Register the pipeline on `pool` (flow code from `source`, run on the project `repo_dir`); its id."""
-    ensure_pool(pool)
     settings = load_params(Path(repo_dir) / "params.yaml").flow
-    flow = pipeline.from_source(source=str(source), entrypoint=ENTRYPOINT)
-    return str(flow.deploy(name=DEPLOYMENT, work_pool_name=pool, build=False, push=False, print_next_steps=False,
-                           **deployment_options(repo_dir, settings)))
+    return deploy_flow(ENTRYPOINT, DEPLOYMENT, pool, source, **deployment_options(repo_dir, settings))
 
 
 def main(argv: list[str] | None = None) -> None:

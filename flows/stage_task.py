@@ -1,6 +1,6 @@
-"""One DVC stage as a Prefect task: `dvc repro -s STAGE` in a process group of its own, its output in the run
-log at the right level, killed on timeout, cancel or interrupt; and the workspace lock that keeps two flow runs
-from racing in one project.
+"""One DVC stage as a Prefect task: `dvc repro -s STAGE` (or any command, run_command) in a process group of its
+own, its output in the run log at the right level, killed on timeout, cancel or interrupt; and the workspace lock
+that keeps two flow runs from racing in one project.
 """
 from __future__ import annotations
 
@@ -85,8 +85,14 @@ def _not_stopping(task, task_run, state) -> bool:
 
 
 def run_dvc(what: str, args: list[str], repo_dir: str, timeout_s: float) -> list[str] | State:
-    """Run `dvc ARGS` for `what` (a stage, the experiment) in its own process group, streaming its output into the
-    run log; returns the output lines.
+    """`dvc ARGS` for `what` (a stage, the experiment) through run_command."""
+    return run_command(what, [sys.executable, "-m", "dvc", "--wait-for-lock", *args], f"dvc {' '.join(args)}",
+                       repo_dir, timeout_s)
+
+
+def run_command(what: str, command: list[str], shown: str, repo_dir: str, timeout_s: float) -> list[str] | State:
+    """Run `command` (`shown` in errors) for `what` in `repo_dir`, in its own process group, streaming its output
+    into the run log; returns the output lines.
 
     The group is killed on timeout and on any way out of this function (error, cancellation), since neither
     Prefect's timeout nor its cancellation reaches a child process. In a flow run being stopped (`stop_stages`) it
@@ -94,8 +100,7 @@ def run_dvc(what: str, args: list[str], repo_dir: str, timeout_s: float) -> list
     """
     logger = get_run_logger()
     run_id = str(flow_run.get_id())
-    command = [sys.executable, "-m", "dvc", "--wait-for-lock", *args]
-    # Stage commands that call `python` or `dvc` get the interpreter that runs this flow.
+    # Commands that call `python` or `dvc` get the interpreter that runs this flow.
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
     lines: list[str] = []
@@ -133,7 +138,7 @@ def run_dvc(what: str, args: list[str], repo_dir: str, timeout_s: float) -> list
     if expired.is_set():
         raise StageRunError(f"{what} timed out after {timeout_s:g} s and was killed; last lines:\n{tail}")
     if code != 0:
-        raise StageRunError(f"{what} failed: `dvc {' '.join(args)}` exited with code {code}; last lines:\n{tail}")
+        raise StageRunError(f"{what} failed: `{shown}` exited with code {code}; last lines:\n{tail}")
     return lines
 
 
