@@ -1,11 +1,14 @@
 """Schedules that fire: a real `prefect server start` (localhost, temp PREFECT_HOME, analytics off), the flow served
 by `python -m flows.serve` on a cron of every minute, and the server's own scheduler creating the run that the
-served flow then completes. Nothing here is mocked: the server, its scheduler service and the runner are Prefect's."""
+served flow then completes; runs through process work pools and `prefect worker start` (the pipeline, and one
+teacher's extraction spread over two workers). Nothing here is mocked: the server, its scheduler service, the runner
+and the workers are Prefect's."""
 from __future__ import annotations
 
 import contextlib
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -17,7 +20,9 @@ import psutil
 import pytest
 import yaml
 
+from flows.extract_workers import WORKER_DEPLOYMENT, stage_command
 from flows.serve import DEPLOYMENT
+from tests import dvc_project
 from tests.dvc_project import REPO, subprocess_env
 from tests.test_flow import make_project
 
@@ -102,16 +107,28 @@ def project_with_flow_params(root: Path, stages: dict, **flow) -> Path:
 
 
 @contextlib.contextmanager
-def served(repo: Path, env: dict[str, str], log: Path):
-    """`python -m flows.serve --repo REPO` running until the block ends; yields the process."""
+def running(command: list[str], cwd: Path, env: dict[str, str], log: Path):
+    """`command` running in its own process group, its output in `log`, until the block ends; yields the process."""
     with log.open("w") as out:
-        process = subprocess.Popen([sys.executable, "-m", "flows.serve", "--repo", str(repo)], cwd=REPO, env=env,
-                                   stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        process = subprocess.Popen(command, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT,
+                                   start_new_session=True)
     try:
         yield process
     finally:
         os.killpg(process.pid, 15)
         process.wait(timeout=30)
+
+
+def served(repo: Path, env: dict[str, str], log: Path):
+    """`python -m flows.serve --repo REPO` running until the block ends; yields the process."""
+    return running([sys.executable, "-m", "flows.serve", "--repo", str(repo)], REPO, env, log)
+
+
+def pool_worker(pool: str, name: str, env: dict[str, str], log: Path, *options: str):
+    """`prefect worker start --pool POOL --name NAME [OPTIONS]` (polling every 2 s) until the block ends, in the
+    log's folder; yields the process."""
+    return running([sys.executable, "-m", "prefect", "worker", "start", "--pool", pool, "--name", name, *options],
+                   log.parent, {**env, "PREFECT_WORKER_QUERY_SECONDS": "2"}, log)
 
 
 def wait_for(condition, timeout_s: float, what: str, process: subprocess.Popen, log: Path):
@@ -213,15 +230,77 @@ def test_a_run_through_a_process_work_pool_and_worker(server, tmp_path):
     [deployment] = api(api_url, "deployments/filter", {"deployments": {"name": {"any_": [DEPLOYMENT]}}})
     assert deployment["work_pool_name"] == "fusesoup-local" and deployment["parameters"] == {"repo_dir": str(repo)}
     log = tmp_path / "worker.log"
-    with log.open("w") as out:
-        worker = subprocess.Popen([sys.executable, "-m", "prefect", "worker", "start", "--pool", "fusesoup-local"],
-                                  cwd=tmp_path, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
+    with pool_worker("fusesoup-local", "worker", env, log) as worker:
         run = api(api_url, f"deployments/{deployment['id']}/create_flow_run")
         state = lambda: api(api_url, "flow_runs/filter", {"flow_runs": {"id": {"any_": [run["id"]]}}})[0]["state"]
         wait_for(lambda: state()["type"] in ("COMPLETED", "FAILED", "CRASHED"), 120, "finished run", worker, log)
-    finally:
-        os.killpg(worker.pid, 15)
-        worker.wait(timeout=30)
     assert state()["type"] == "COMPLETED", log.read_text()[-3000:]
     assert (repo / "hello.txt").read_text() == "scheduled\n"
+
+
+TEACHER = "prose-gpt2"  # the smallest of the tiny profile's sources
+
+
+def store_files(store: Path) -> dict[str, bytes]:
+    """Every file under `store` (shards, sidecars, manifest) by its path in the store: its bytes."""
+    return {str(path.relative_to(store)): path.read_bytes() for path in sorted(store.rglob("*")) if path.is_file()}
+
+
+def test_extract_across_two_pool_workers_fills_the_store_one_process_fills(server, tmp_path):
+    api_url, _, env = server
+    repo = dvc_project.make_project(tmp_path / "repo")  # the tiny profile, on a quarter of its corpus
+    dvc_project.set_param(repo, "corpus.domain_max_bytes", {"code": 30000, "prose": 30000})
+    dvc_project.set_param(repo, "extract.shard_sequences", 16)  # 6 shards of train: 3 for each worker
+    dvc_project.dvc(repo, "repro", f"bootstrap@{TEACHER}")
+    with pytest.raises(ValueError, match=r"^extract@nope: no such stage in .*dvc.yaml; is 'nope' one of"):
+        stage_command(repo, "nope")  # extract-across stops there, before it starts any worker
+    reference = tmp_path / "reference"
+    dvc_project.run([sys.executable, "-m", "stages.extract", TEACHER, "--params", "params.yaml", "--corpus",
+                     "data/corpus", "--models", "data/models", "--out", str(reference / "store"), "--metrics",
+                     str(reference / "metrics.json"), "--num-workers", "1", "--no-progress"], repo)
+    command = [sys.executable, "-m", "flows.extract_workers", "--teacher", TEACHER, "--workers", "2",
+               "--pool", "fusesoup-extract", "--repo", str(repo)]
+    machines = {name: tmp_path / name / "worker.log" for name in ("machine-a", "machine-b")}
+    for log in machines.values():
+        log.parent.mkdir()
+    with contextlib.ExitStack() as stack:  # two workers of one pool, one run at a time each: two machines
+        for name, log in machines.items():
+            stack.enter_context(pool_worker("fusesoup-extract", name, env, log, "--limit", "1"))
+        done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+        children = api(api_url, "flow_runs/filter", {"deployments": {"name": {"any_": [WORKER_DEPLOYMENT]}}})
+        assert sorted((run["parameters"]["worker_index"], run["parameters"]["num_workers"], run["name"],
+                       run["state"]["type"]) for run in children) == [
+            (i, 2, f"extract@{TEACHER} worker {i} of 2", "COMPLETED") for i in (0, 1)]
+        [parent] = api(api_url, "flow_runs/filter", {"flow_runs": {"name": {"any_": [
+            f"extract@{TEACHER} across 2 workers"]}}})
+        assert {run["parent_task_run_id"] for run in children} <= {
+            task["id"] for task in api(api_url, "task_runs/filter", {"flow_runs": {"id": {"any_": [parent["id"]]}}})}
+        # each machine ran one (a worker that loses a race for a run logs its aborted submission, not this line)
+        ran = {name: re.findall(r"Flow run '(.+?)' submitted to infrastructure", log.read_text())
+               for name, log in machines.items()}
+        assert sorted(names for names in ran.values()) == [[f"extract@{TEACHER} worker {i} of 2"] for i in (0, 1)], ran
+
+        store = repo / "data" / "logits" / TEACHER
+        files = store_files(store)
+        assert files == store_files(reference / "store")  # byte for byte what one process writes
+        assert {"train/shard-00000.parquet", "train/shard-00001.parquet", "manifest.json"} <= files.keys()
+        metrics = repo / "metrics" / "extract" / f"{TEACHER}.json"
+        assert metrics.read_bytes() == (reference / "metrics.json").read_bytes()
+        status = dvc_project.dvc(repo, "status", f"extract@{TEACHER}", "--json")
+        assert json.loads(status.stdout) == {}  # dvc.lock records the store: `dvc repro` would skip the stage
+
+        # worker 1's first shard blocked by a directory where its sidecar goes: worker 1 fails, worker 0 finds its
+        # shards done; the parent fails naming worker 1 only, and never completes the store
+        (store / "train" / "shard-00001.json").unlink()
+        (store / "train" / "shard-00001.json").mkdir()
+        failed = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert failed.returncode == 1, failed.stdout[-3000:]
+    [line] = [line for line in failed.stderr.splitlines() if line.startswith("error:")]
+    assert line.startswith(f"error: extract@{TEACHER}: worker 1 of 2 Failed: ") and "worker 0 of" not in line, line
+    assert "shard-00001.json" in line, line
+    assert not (store / "manifest.json").exists()
+    states = {run["parameters"]["worker_index"]: run["state"]["type"] for run in api(
+        api_url, "flow_runs/filter", {"deployments": {"name": {"any_": [WORKER_DEPLOYMENT]}}})
+        if run["id"] not in {child["id"] for child in children}}
+    assert states == {0: "COMPLETED", 1: "FAILED"}
