@@ -225,8 +225,8 @@ class ContinuedTraining(TrainSpec):
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
     lam: Annotated[float, Field(ge=0, le=1, alias="lambda")] = 0.9  # weight of CLM in train@fused (FuseLLM: 0.9)
     fusion_loss: FusionLoss = "ce"  # soft-label cross-entropy, KL, or cross-entropy within the targets' ids (topk)
-    chunk_weight: Annotated[float, Field(ge=0)] = 0.0  # mu: + mu * chunk likelihood matching (train/loss.py); 0 = off
-    chunk_temperature: PositiveFloat = 1.0  # tau: each chunk's likelihood read as a Bernoulli exp(logp / tau)
+    chunk_weight: Annotated[float, Field(ge=0)] = 1.0  # mu: + mu * chunk likelihood matching (train/loss.py); 0 = off
+    chunk_temperature: PositiveFloat = 10.0  # tau: each chunk's likelihood read as a Bernoulli exp(logp / tau)
     uld_weight: Annotated[float, Field(ge=0)] = 0.0  # nu: + nu * rank matching (ULD) where rows fell back; 0 = off
     checkpoint_every: PositiveInt = 50  # steps between atomic checkpoints (resume point of a killed run)
     micro_batch_tokens: PositiveInt | None = None  # padded tokens per forward pass (gradients accumulated); None: all
