@@ -59,7 +59,7 @@ def batches_of(variant: str, params, model, fused: Path, logits: Path, layout: s
     spec = params.train
     if layout == "streamed":
         return train_stream(variant, params, model, fused, logits)[0]
-    documents = read_documents(training_store(variant, fused, logits))
+    documents = read_documents(training_store(variant, fused, logits), spec=spec)
     context, bos = context_length(model.config), special_ids(model.config).bos
     if layout == "in-memory":
         order = packing_order([len(d.input_ids) for d in documents], np.random.default_rng(params.seed))

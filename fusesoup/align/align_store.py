@@ -32,7 +32,8 @@ from fusesoup.params import Align
 from fusesoup.storage import content_key
 from fusesoup.token_bytes import prepended_space, shadowed_fallbacks, text_token_bytes, token_bytes
 
-TRANSFER_RULES = "one-to-one-merge-spans-first-row-groups-ranks-v5"  # part of the key: a change of the transfer rules re-aligns
+# part of the key: a change of the transfer rules re-aligns
+TRANSFER_RULES = "one-to-one-merge-spans-first-row-groups-ranks-v5"
 
 
 class AlignmentError(StageError):

@@ -13,7 +13,7 @@ from fusesoup.logits.sparse import Chunks, decode_ranks
 from fusesoup.logits.sparse_store import FUSED_EXTRAS, SparseStore
 from fusesoup.logits.store import LogitStore, ShardedStore
 from fusesoup.models import context_length
-from fusesoup.params import Params
+from fusesoup.params import ContinuedTraining, Params
 from fusesoup.storage import content_key
 from fusesoup.train.engine import rank_and_world
 from fusesoup.train.packing import TrainSequence
@@ -28,13 +28,17 @@ def training_store(variant: str, fused: Path, target_logits: Path) -> ShardedSto
     return SparseStore(fused, FUSED_EXTRAS) if variant == "fused" else LogitStore(target_logits)
 
 
-def read_documents(store: ShardedStore, shard: int | None = None) -> list[TrainSequence]:
-    """The train split's documents (or one shard's), in stored order, with their fused rows, chunks and rank rows from
-    a fused store."""
+def read_documents(store: ShardedStore, shard: int | None = None, spec: ContinuedTraining | None = None
+                   ) -> list[TrainSequence]:
+    """The train split's documents (or one shard's), in stored order, with their fused rows from a fused store, and
+    their chunks and rank rows where `spec` turns the chunk or ULD term on (else neither is decoded or held)."""
     if isinstance(store, SparseStore):
-        return [TrainSequence(s.input_ids, s.rows, Chunks(s.extras["chunk_end"], dequantize_ce(s.extras["chunk_ce_codes"])),
-                              decode_ranks(s.extras["rank_codes"], len(s.input_ids)))
-                for batch in store.iter_batches(SPLIT, 256, shard) for s in batch]
+        chunked, ranked = spec is not None and spec.chunk_weight > 0, spec is not None and spec.uld_weight > 0
+        def document(s):
+            chunks = Chunks(s.extras["chunk_end"], dequantize_ce(s.extras["chunk_ce_codes"])) if chunked else None
+            return TrainSequence(s.input_ids, s.rows, chunks,
+                                 decode_ranks(s.extras["rank_codes"], len(s.input_ids)) if ranked else None)
+        return [document(s) for batch in store.iter_batches(SPLIT, 256, shard) for s in batch]
     return [TrainSequence(s.logits.input_ids, None) for batch in store.iter_batches(SPLIT, 256, shard) for s in batch]
 
 
@@ -58,7 +62,7 @@ def train_stream(variant: str, params: Params, model, fused: Path, target_logits
     if spec.block_size > context:
         raise StageError(f"train.block_size {spec.block_size} is longer than the context of {params.target} "
                          f"({context} tokens)")
-    stream = TrainStream(lambda shard: read_documents(store, shard), lengths, spec.window_shards, spec.block_size,
+    stream = TrainStream(lambda shard: read_documents(store, shard, spec), lengths, spec.window_shards, spec.block_size,
                          special_ids(model.config).bos, context, spec.batch_tokens, spec.steps, params.seed,
                          *rank_and_world())
     return stream, store.manifest["key"]

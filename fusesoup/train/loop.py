@@ -160,9 +160,9 @@ def train_target(model, batches: StepBatches, spec: ContinuedTraining, lam: floa
                  extra: ExtraTerms = ExtraTerms()) -> list[dict]:
     """Train `model` in place (sharded in place under fsdp: engine.full_state_dict gathers it) on `batches[step]`,
     the whole batch of each step (stream.TrainStream or stream.PlannedBatches); returns one log row per step (total,
-    clm, fusion, chunk and ULD loss (`extra`: the span-aware terms, off by default), lr, tokens seen, and the step's throughput: tokens per second and, on a GPU of known peak
-    (throughput.py; `peak_tflops` per device), model FLOPs utilisation; wall time, so the columns that differ
-    between identical runs)."""
+    clm, fusion, chunk and ULD loss (`extra`: the span-aware terms, off by default), lr, tokens seen, and the step's
+    throughput: tokens per second and, on a GPU of known peak (throughput.py; `peak_tflops` per device), model FLOPs
+    utilisation; wall time, so the columns that differ between identical runs)."""
     pad = special_ids(model.config).pad
     device = next(model.parameters()).device
     per_token, peak = flops_per_token(model, spec.block_size), peak_flops(device, peak_tflops)

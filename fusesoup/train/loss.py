@@ -63,7 +63,8 @@ def pad_chunks(chunk_of: list[np.ndarray], chunk_ce: list[np.ndarray], width: in
     for b, (row, ce) in enumerate(zip(chunk_of, chunk_ce, strict=True)):
         of[b, : len(row)] = np.where(row >= 0, row + first, -1)
         first += len(ce)
-    return ChunkTargets(torch.from_numpy(of), torch.from_numpy(np.concatenate([np.zeros(0), *chunk_ce]).astype(np.float32)))
+    ce = np.concatenate([np.zeros(0), *chunk_ce]).astype(np.float32)
+    return ChunkTargets(torch.from_numpy(of), torch.from_numpy(ce))
 
 
 class RankTargets(NamedTuple):
