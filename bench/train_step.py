@@ -17,6 +17,7 @@ training read it before streaming; each in a fresh process.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import subprocess
 import sys
@@ -82,8 +83,9 @@ def seconds_per_step(variant: str, params, args, scratch: Path, layout: str = "s
     batches[0]
     lam = params.train.lam if variant == "fused" else 1.0
     started = time.perf_counter()  # loading data and model is not part of a step
-    log = train_target(model, batches, spec, lam, spec.fusion_loss, params.seed, scratch / f"{variant}-{layout}",
-                       "bench", progress=False, extra=ExtraTerms.of(spec) if variant == "fused" else ExtraTerms())
+    with contextlib.redirect_stdout(sys.stderr):  # the run's memory plan: stdout is the JSON alone
+        log = train_target(model, batches, spec, lam, spec.fusion_loss, params.seed, scratch / f"{variant}-{layout}",
+                           "bench", progress=False, extra=ExtraTerms.of(spec) if variant == "fused" else ExtraTerms())
     seconds = time.perf_counter() - started
     return seconds / args.steps, log[-1]["tokens"] / seconds, started - reading
 

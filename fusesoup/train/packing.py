@@ -83,10 +83,13 @@ def chunk_stream(documents: Sequence[TrainSequence], context: int) -> ChunkStrea
 
 
 def block_chunks(stream: ChunkStream, labels: slice) -> BlockChunks:
-    """The chunks of the stream's tokens `labels` (a block's labels) that lie wholly within them."""
+    """The chunks of the stream's tokens `labels` (a block's labels) that lie wholly within them (in time linear in
+    the block, not the stream)."""
     inside = stream.of[labels]
     numbers, local, counts = np.unique(inside, return_inverse=True, return_counts=True)
-    whole = counts == np.append(stream.sizes, 0)[np.where(numbers >= 0, numbers, -1)]  # -1: no chunk, size 0
+    sizes = np.zeros(len(numbers), np.int64)  # -1 (no chunk) has size 0, so it is never whole
+    sizes[numbers >= 0] = stream.sizes[numbers[numbers >= 0]]
+    whole = counts == sizes
     renumber = np.where(whole, np.cumsum(whole) - 1, -1)
     of = renumber[local]
     return BlockChunks(of, np.bincount(of[of >= 0], weights=stream.ce[labels][of >= 0], minlength=int(whole.sum())))
