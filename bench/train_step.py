@@ -10,7 +10,9 @@ training ran before packing) on the same documents.
 Streaming: train@fused's peak RSS over --rss-steps steps on the fused store at 1x and at --scale x the corpus (the
 store's train shards listed --scale times over: the same files, a corpus that many times longer), streamed in
 windows of --window-shards shards (so the run crosses windows), against the whole store packed in memory, as
-training read it before streaming; each in a fresh process.
+training read it before streaming; each in a fresh process. The same runs time the read up to the first step: a
+streamed window costs the same at any corpus size, the whole store in memory --scale times as much (linear
+packing: a packing step that scans its window per block makes that ratio grow with the square of --scale).
 
     python bench/train_step.py [--steps 20] [--repeats 3] [--scale 4 --window-shards 2 --rss-steps 90]
 """
@@ -90,11 +92,13 @@ def seconds_per_step(variant: str, params, args, scratch: Path, layout: str = "s
     return seconds / args.steps, log[-1]["tokens"] / seconds, started - reading
 
 
-def peak_rss_mb(variant: str, args, *extra: str) -> float:
+def child_run(variant: str, args, *extra: str) -> tuple[float, float]:
+    """(peak RSS in MB, seconds to read the data up to the first step) of `variant` run in a fresh process."""
     done = subprocess.run([sys.executable, __file__, "--rss-child", variant, "--steps", str(args.steps),
                            "--params", args.params, "--models", args.models, "--fused", args.fused,
                            "--logits", args.logits, *extra], capture_output=True, text=True, check=True)
-    return float(done.stdout.strip().splitlines()[-1])
+    rss, read = done.stdout.strip().splitlines()[-1].split()
+    return float(rss), float(read)
 
 
 def main() -> None:
@@ -120,9 +124,9 @@ def main() -> None:
             fused = scaled_store(Path(args.fused), args.child_scale, Path(scratch) / "fused")
             params = params.model_copy(update={"train": params.train.model_copy(
                 update={"window_shards": args.window_shards})})
-            seconds_per_step(args.rss_child, params, args, Path(scratch), args.layout, str(fused))
+            read = seconds_per_step(args.rss_child, params, args, Path(scratch), args.layout, str(fused))[2]
             status = Path("/proc/self/status").read_text()
-            print(int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmHWM:"))) / 1024)
+            print(int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmHWM:"))) / 1024, read)
             return
         times, throughput = {"clm": [], "fused": []}, {"packed": [], "unpacked": []}
         reading = {"clm": [], "fused": []}
@@ -138,15 +142,15 @@ def main() -> None:
     fastest = {kind: max(values) for kind, values in throughput.items()}
     rss_args = argparse.Namespace(**{**vars(args), "steps": args.rss_steps})
     window = ["--window-shards", str(args.window_shards)]
-    streaming = {f"{layout} {scale}x": peak_rss_mb("fused", rss_args, "--layout", layout, "--child-scale", str(scale),
-                                                   *window)
-                 for layout in ("streamed", "in-memory") for scale in (1, args.scale)} if args.rss_steps else {}
+    runs = {f"{layout} {scale}x": child_run("fused", rss_args, "--layout", layout, "--child-scale", str(scale), *window)
+            for layout in ("streamed", "in-memory") for scale in (1, args.scale)} if args.rss_steps else {}
+    streaming, reads = ({name: run[i] for name, run in runs.items()} for i in (0, 1))
     print(json.dumps({
         "steps": args.steps, "batch_tokens": params.train.batch_tokens, "threads": torch.get_num_threads(),
         "clm_s_per_step": best["clm"], "fused_s_per_step": best["fused"],
         "time_ratio": best["fused"] / best["clm"],
         "data_read_s": {variant: round(min(values), 2) for variant, values in reading.items()},
-        "peak_rss_mb": {variant: peak_rss_mb(variant, args) for variant in ("clm", "fused")},
+        "peak_rss_mb": {variant: child_run(variant, args)[0] for variant in ("clm", "fused")},
         "fused_tokens_per_s": {kind: round(value) for kind, value in fastest.items()},
         "packed_over_unpacked": fastest["packed"] / fastest["unpacked"],
         "fused_peak_rss_mb_over_corpus": {
@@ -155,6 +159,11 @@ def main() -> None:
             f"streamed {args.scale}x / 1x": streaming[f"streamed {args.scale}x"] / streaming["streamed 1x"],
             f"in-memory {args.scale}x / 1x": streaming[f"in-memory {args.scale}x"] / streaming["in-memory 1x"],
         } if streaming else "not measured (--rss-steps 0)",
+        "fused_first_read_s_over_corpus": {
+            **{name: round(seconds, 2) for name, seconds in reads.items()},
+            f"streamed {args.scale}x / 1x": reads[f"streamed {args.scale}x"] / reads["streamed 1x"],
+            f"in-memory {args.scale}x / 1x": reads[f"in-memory {args.scale}x"] / reads["in-memory 1x"],
+        } if reads else "not measured (--rss-steps 0)",
     }, indent=2))
 
 
