@@ -144,7 +144,8 @@ def main() -> None:
     window = ["--window-shards", str(args.window_shards)]
     runs = {f"{layout} {scale}x": child_run("fused", rss_args, "--layout", layout, "--child-scale", str(scale), *window)
             for layout in ("streamed", "in-memory") for scale in (1, args.scale)} if args.rss_steps else {}
-    streaming, reads = ({name: run[i] for name, run in runs.items()} for i in (0, 1))
+    streaming = {name: rss for name, (rss, _) in runs.items()}
+    reads = {name: read for name, (_, read) in runs.items()}
     print(json.dumps({
         "steps": args.steps, "batch_tokens": params.train.batch_tokens, "threads": torch.get_num_threads(),
         "clm_s_per_step": best["clm"], "fused_s_per_step": best["fused"],
