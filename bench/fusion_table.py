@@ -6,10 +6,15 @@ params file of its own under --work, so each run is exactly what the DVC stage w
   bootstrap entry with the target's tokenizer, learnt from the target's domains: the same vocabulary), extracted,
   aligned (an identity) and fused in the specialist's place with the other sources: the same fusion, with the
   code teacher's distributions reaching every position as same-tokenizer distillation would.
+  `live` runs distil from the oracle itself, run beside the student, over its whole vocabulary (train@fused's
+  --live-teacher): the dense ceiling, with nothing lost in storage.
 - `--build NAME=OVERRIDES` aligns and fuses the project's sources again with params overrides (JSON, e.g.
-  '{"align": {"vocab": "exact"}}') into a store NAME under --work; `--store NAME=PATH` names one built elsewhere.
+  '{"align": {"vocab": "exact"}}'; with "extract" overrides every source is extracted again) into a store NAME
+  under --work; `--oracle-build NAME=OVERRIDES` the same with the oracle in its specialist's place; `--store
+  NAME=PATH` names one built elsewhere.
 - Each run NAME=STORE[:LAMBDA[:LOSS]][:KEY=VALUE,...] trains the target base with train@fused on STORE (`fused`:
-  the project's fused store, `oracle`: the oracle's, or one of --build / --store) at train.lambda LAMBDA,
+  the project's fused store, `oracle`: the oracle's, `live`, or one of --build / --oracle-build / --store) at
+  train.lambda LAMBDA,
   train.fusion_loss LOSS and any other train.KEY (default: the project's), or with train@clm (`clm`), once per seed
   (train order).
 - Per run, split and domain: the bpb (mean over the seeds), its relative gain over the seed-matched train@clm run
@@ -19,8 +24,8 @@ params file of its own under --work, so each run is exactly what the DVC stage w
   valid; report test.
 
     python bench/fusion_table.py --project R --work R/exp --oracle code-neox --seeds 0 1 2 \\
-        --build exact='{"align": {"vocab": "exact"}}' --runs clm=clm fuselm=fused:0.9 oracle=oracle:0.9:topk \\
-        chunk=exact:0.9:chunk_weight=0.5,chunk_temperature=10 [--report table.md]
+        --oracle-build sampled='{"extract": {"targets": "sample", "k": 12}}' \\
+        --runs clm=clm dense=live:0.5 top10=oracle:0.5 sampled=sampled:0.5 [--report table.md]
 """
 from __future__ import annotations
 
@@ -40,6 +45,7 @@ from fusesoup.params import deep_merge, parse_params, read_mapping  # noqa: E402
 from fusesoup.storage import read_json, write_json  # noqa: E402
 
 ORACLE = "oracle"
+LIVE = "live"  # the store name of runs that distil from the oracle run live (the dense ceiling)
 SPLITS = ("valid", "test")
 
 
@@ -72,11 +78,12 @@ def link_project(project: Path, folder: Path, names: list[str]) -> None:
             (folder / name).symlink_to((project / "data" / folder.name / name).resolve())
 
 
-def align_and_fuse(project: Path, work: Path, params: Path, sources: list[str]) -> Path:
-    """align@ every source in `sources` not aligned under work/aligned yet, then fuse them into work/fused (each
-    step skipped once done), as the stages would with `params`; returns the fused store."""
+def align_and_fuse(project: Path, work: Path, params: Path, sources: list[str], logits: Path) -> Path:
+    """align@ every source in `sources` (their logit stores under `logits`, models under work/../../models) not
+    aligned under work/aligned yet, then fuse them into work/fused (each step skipped once done), as the stages
+    would with `params`; returns the fused store."""
     corpus, p = str(project / "data/corpus"), str(params)
-    models, logits, aligned = work / "models", work / "logits", work / "aligned"
+    models, aligned = work.parent.parent / "models", work / "aligned"
     for name in sources:
         if not (aligned / name / "manifest.json").exists():
             stage("align", name, "--params", p, "--corpus", corpus, "--models", str(models), "--logits",
@@ -87,32 +94,45 @@ def align_and_fuse(project: Path, work: Path, params: Path, sources: list[str]) 
     return work / "fused"
 
 
-def build_store(project: Path, work: Path, base: dict, overrides: dict) -> Path:
+def bootstrap_oracle(project: Path, work: Path, base: dict, entry: dict) -> Path:
+    """The oracle model (bootstrap entry `entry`) under work/oracle-model/ (skipped once done); returns its folder."""
+    folder = work / "oracle-model"
+    if not (folder / ORACLE / "model.safetensors").exists():
+        params = write_params(folder / "params.yaml", base, {"bootstrap": {ORACLE: entry}})
+        stage("bootstrap", ORACLE, "--params", str(params), "--corpus", str(project / "data/corpus"),
+              "--out", str(folder / ORACLE), "--metrics", str(folder / "bootstrap.json"),
+              "--plots", str(folder / "bootstrap.csv"))
+    return folder / ORACLE
+
+
+def build_store(project: Path, work: Path, name: str, base: dict, overrides: dict,
+                oracle: tuple[str, dict, Path] | None = None) -> Path:
     """The project's sources aligned and fused with these params overrides (e.g. {"align": {"vocab": "exact"}})
-    under `work`; returns the fused store."""
-    params = write_params(work / "params.yaml", base, overrides)
-    link_project(project, work / "models", [base["target"], *base["sources"]])
-    link_project(project, work / "logits", [base["target"], *base["sources"]])
-    return align_and_fuse(project, work, params, base["sources"])
-
-
-def build_oracle(project: Path, work: Path, base: dict, like: str, entry: dict) -> Path:
-    """bootstrap (as `entry` says) and extract the oracle, then align it and the other sources and fuse them with
-    the oracle in place of `like`, under `work` (each step skipped once done); returns the fused store."""
-    target = base["target"]
-    sources = [ORACLE if s == like else s for s in base["sources"]]
-    params = write_params(work / "params" / "oracle.yaml", base, {"bootstrap": {ORACLE: entry}, "sources": sources})
-    models, logits = work / "models", work / "logits"
+    into work/stores/NAME, each step skipped once done; with `oracle` (LIKE, its bootstrap entry, its model folder)
+    the oracle takes the place of source LIKE. Logit stores are shared by every build with the same "extract"
+    overrides (work/logits/<those overrides>): the project's own where there are none, else extracted there.
+    Returns the fused store."""
+    target, store = base["target"], work / "stores" / name
+    sources, setup = list(base["sources"]), {}
+    if oracle is not None:
+        like, entry, model = oracle
+        sources = [ORACLE if s == like else s for s in sources]
+        setup = {"bootstrap": {ORACLE: entry}, "sources": sources}
+    params = write_params(store / "params.yaml", base, deep_merge(overrides, setup))
+    models = work / "models"
     link_project(project, models, [target, *(s for s in sources if s != ORACLE)])
-    link_project(project, logits, [target, *(s for s in sources if s != ORACLE)])
-    corpus, p = str(project / "data/corpus"), str(params)
-    if not (models / ORACLE / "model.safetensors").exists():
-        stage("bootstrap", ORACLE, "--params", p, "--corpus", corpus, "--out", str(models / ORACLE),
-              "--metrics", str(work / "metrics/bootstrap.json"), "--plots", str(work / "plots/bootstrap.csv"))
-    if not (logits / ORACLE / "manifest.json").exists():
-        stage("extract", ORACLE, "--params", p, "--corpus", corpus, "--models", str(models), "--out",
-              str(logits / ORACLE), "--metrics", str(work / "metrics/extract.json"), "--no-progress")
-    return align_and_fuse(project, work, params, sources)
+    if oracle is not None and not (models / ORACLE).exists():
+        (models / ORACLE).symlink_to(model.resolve())
+    extraction = overrides.get("extract", {})
+    logits = work / "logits" / (json.dumps(extraction, sort_keys=True) if extraction else "project")
+    needed = list(dict.fromkeys([target, *sources]))
+    link_project(project, logits, [] if extraction else [s for s in needed if s != ORACLE])
+    for source in needed:
+        if not (logits / source / "manifest.json").exists():
+            stage("extract", source, "--params", str(params), "--corpus", str(project / "data/corpus"),
+                  "--models", str(models), "--out", str(logits / source),
+                  "--metrics", str(store / "metrics/extract" / f"{source}.json"), "--no-progress")
+    return align_and_fuse(project, store, params, sources, logits)
 
 
 def parse_run(how: str) -> tuple[str, dict]:
@@ -138,7 +158,7 @@ def teacher_scores(project: Path, work: Path, names: list[str], base: dict) -> d
     for name in names:
         if name in scores:
             continue
-        models = work / "models" if name == ORACLE else project / "data/models"
+        models = work / "oracle-model" if name == ORACLE else project / "data/models"
         model, tokenizer = load_model(name, parse_params(base), models)
         scores[name] = {split: {d: r.bpb for d, r in score_by_domain(model.float().eval(), tokenizer,
                                                                     read_split(project / "data/corpus", split),
@@ -148,17 +168,22 @@ def teacher_scores(project: Path, work: Path, names: list[str], base: dict) -> d
     return scores
 
 
-def train_run(project: Path, work: Path, base: dict, name: str, store: Path | None, train: dict, seed: int) -> dict:
-    """One train@ run (clm when `store` is None) with these train params and seed; its metrics (cached)."""
+def train_run(project: Path, work: Path, base: dict, name: str, store: Path | str | None, train: dict,
+              seed: int) -> dict:
+    """One train@ run (clm when `store` is None, the oracle live when it is LIVE) with these train params and seed;
+    its metrics (cached)."""
     run = f"{name}-s{seed}"
     metrics = work / "metrics" / f"{run}.json"
     if not metrics.exists():
         overrides = {"seed": seed} | ({"train": train} if train else {})  # an empty mapping would replace train
         params = write_params(work / "params" / f"{run}.yaml", base, overrides)
-        stage("train", "clm" if store is None else "fused", "--params", str(params),
-              "--corpus", str(project / "data/corpus"), "--models", str(project / "data/models"),
-              "--fused", str(store or project / "data/fused"), "--logits", str(project / "data/logits"),
-              "--out", str(work / "models" / run), "--checkpoints", str(work / "checkpoints" / run),
+        live = store == LIVE
+        stage("train", "clm" if store is None else "fused", *(["--live-teacher", ORACLE] if live else []),
+              "--params", str(params), "--corpus", str(project / "data/corpus"),
+              "--models", str(work / "models" if live else project / "data/models"),
+              "--fused", str(project / "data/fused" if live or store is None else store),
+              "--logits", str(project / "data/logits"),
+              "--out", str(work / "runs" / run), "--checkpoints", str(work / "checkpoints" / run),
               "--metrics", str(metrics), "--plots", str(work / "plots" / f"{run}.csv"), "--no-progress")
     return read_json(metrics)
 
@@ -213,6 +238,8 @@ def main() -> None:
                         help="DOMAIN=MODEL: the teacher each domain's share is measured against")
     parser.add_argument("--store", nargs="*", default=[], help="NAME=PATH: another fused store (same corpus)")
     parser.add_argument("--build", nargs="*", default=[], help="NAME=JSON: a fused store built with these overrides")
+    parser.add_argument("--oracle-build", nargs="*", default=[],
+                        help="NAME=JSON: an oracle store (the oracle in its specialist's place) with these overrides")
     parser.add_argument("--runs", nargs="+", required=True,
                         help="NAME=clm or NAME=STORE[:LAMBDA[:LOSS]][:KEY=VALUE,...] (module docstring)")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
@@ -220,16 +247,20 @@ def main() -> None:
     args = parser.parse_args()
     project, work = args.project.resolve(), args.work.resolve()
     base = read_mapping(project / "params.yaml")
-    stores: dict[str, Path | None] = {"clm": None, "fused": project / "data/fused"}
+    stores: dict[str, Path | str | None] = {"clm": None, "fused": project / "data/fused"}
     stores |= {name: Path(path).resolve() for name, path in (s.split("=", 1) for s in args.store)}
-    stores |= {name: build_store(project, work / "stores" / name, base, json.loads(overrides))
+    stores |= {name: build_store(project, work, name, base, json.loads(overrides))
                for name, overrides in (s.split("=", 1) for s in args.build)}
     teacher_of = {(store, d): m for store in stores if store != "clm" for d, m in (t.split("=") for t in args.teachers)}
     if args.oracle:
         entry = oracle_entry(base, args.oracle, args.oracle_steps)
-        stores[ORACLE] = build_oracle(project, work, base, args.oracle, entry)
-        base = deep_merge(base, {"bootstrap": {ORACLE: entry}})  # so that its scores can load it
-        teacher_of[(ORACLE, "code")] = ORACLE
+        oracle = (args.oracle, entry, bootstrap_oracle(project, work, base, entry))
+        for name, overrides in (spec.split("=", 1) for spec in [f"{ORACLE}={{}}", *args.oracle_build]):
+            stores[name] = build_store(project, work, name, base, json.loads(overrides), oracle)
+            teacher_of[(name, "code")] = ORACLE
+        stores[LIVE] = LIVE
+        base = deep_merge(base, {"bootstrap": {ORACLE: entry}})  # so that its scores and live runs can load it
+        teacher_of[(LIVE, "code")] = ORACLE
     clm = [train_run(project, work, base, "clm", None, {}, seed) for seed in args.seeds]
     runs = {}
     for spec in args.runs:

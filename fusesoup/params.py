@@ -195,7 +195,9 @@ class Extract(Strict):
     """Teacher logit extraction (stages/extract.py); every key but batch_tokens and workers is part of the store's
     key."""
 
-    k: Annotated[int, Field(ge=1, le=255)] = 10  # top-k entries kept per position
+    k: Annotated[int, Field(ge=1, le=255)] = 10  # entries kept per position: the top k, or k draws
+    targets: Literal["topk", "sample"] = "topk"  # the k most likely ids, or k ids drawn (logits/sampling.py)
+    sample_temperature: PositiveFloat = 1.0  # draws from softmax(logits / T), weighted p / q (1: unbiased, uniform)
     splits: Annotated[list[Literal["train", "valid", "test"]], Field(min_length=1)] = ["train"]
     batch_tokens: PositiveInt = 8192  # padded tokens per forward pass (count x longest)
     shard_sequences: PositiveInt = 512  # sequences per shard: the unit of resumption and of parallel workers
@@ -349,6 +351,9 @@ class Params(Strict):
                                   f"(defined: {known})")
         if self.target not in self.sources:
             raise _KeyProblem("sources", f"must include the target {self.target!r}: its own logits are fused too")
+        if self.extract.targets == "sample" and self.train.uld_weight > 0:
+            raise _KeyProblem("train.uld_weight", "rank matching (ULD) needs each teacher's top k by rank; "
+                              "extract.targets 'sample' stores draws: set extract.targets: topk or uld_weight: 0")
         trained, ingredients = set(TRAINED_MODELS), self.soup_ingredients()
         if len(ingredients) < 2:
             raise _KeyProblem("soup.ingredients", f"a soup needs at least 2 ingredients, got {ingredients}")

@@ -21,12 +21,23 @@ from fusesoup.cli import run_stage, stage_parser, torch_runtime
 from fusesoup.corpus import read_split
 from fusesoup.evaluate import score_by_domain
 from fusesoup.models import load_model, model_path, stored_dtype
-from fusesoup.params import TRAINED_VARIANTS, load_params
+from fusesoup.errors import StageError
+from fusesoup.params import TRAINED_VARIANTS, Params, load_params
 from fusesoup.storage import atomic_dir, directory_fingerprint, write_csv, write_json
 from fusesoup.train.data import run_key, train_stream
 from fusesoup.train.engine import full_state_dict
 from fusesoup.train.launch import init_distributed
-from fusesoup.train.loop import EXTRA_COLUMNS, ExtraTerms, train_target
+from fusesoup.train.loop import EXTRA_COLUMNS, ExtraTerms, LiveTeacher, train_target
+
+
+def live_teacher(name: str, params: Params, models: str, student) -> LiveTeacher:
+    """`name` loaded in float32 for inference beside the student, which must share its vocabulary."""
+    model, _ = load_model(name, params, models)
+    if model.config.vocab_size != student.config.vocab_size:
+        raise StageError(f"--live-teacher {name} has {model.config.vocab_size} ids, the target {params.target} "
+                         f"{student.config.vocab_size}: a live teacher must be on the target's tokenizer")
+    return LiveTeacher(model.float().eval().requires_grad_(False).to(next(student.parameters()).device),
+                       params.fuse.temperature)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -34,7 +45,12 @@ def main(argv: list[str] | None = None) -> None:
                           ["corpus", "models", "fused", "logits", "out", "checkpoints", "metrics", "plots"])
     parser.add_argument("variant", choices=TRAINED_VARIANTS, help="clm: CLM loss only; fused: CLM + fusion")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--live-teacher", metavar="MODEL",
+                        help="fused only, for benchmarks: MODEL (under --models, on the target's tokenizer) run live as "
+                             "the fusion target over the whole vocabulary instead of --fused (the dense ceiling)")
     args = parser.parse_args(argv)
+    if args.live_teacher and args.variant != "fused":
+        parser.error("--live-teacher is the fusion target: train@fused only")
     variant, params = args.variant, load_params(args.params)
     spec, target = params.train, params.target
     torch_runtime(params)
@@ -42,14 +58,19 @@ def main(argv: list[str] | None = None) -> None:
 
     model, tokenizer = load_model(target, params, args.models)
     model.float()  # master weights in float32; CUDA runs under bf16 autocast in the loop
-    batches, data_key = train_stream(variant, params, model, Path(args.fused), Path(args.logits) / target)
+    teacher = live_teacher(args.live_teacher, params, args.models, model) if args.live_teacher else None
+    batches, data_key = train_stream("clm" if teacher else variant, params, model, Path(args.fused),
+                                     Path(args.logits) / target)
     lam = spec.lam if variant == "fused" else 1.0
-    key = run_key(variant, params, data_key, directory_fingerprint(model_path(target, args.models)))
+    base = directory_fingerprint(model_path(target, args.models))
+    if teacher:  # the live teacher is part of what the checkpoints are valid for
+        base = {"base": base, "live_teacher": directory_fingerprint(model_path(args.live_teacher, args.models))}
+    key = run_key(variant, params, data_key, base)
     checkpoints = Path(args.checkpoints)
     started = time.perf_counter()
     log = train_target(model, batches, spec, lam, spec.fusion_loss, params.seed, checkpoints, key,
                        progress=not args.no_progress, peak_tflops=params.runtime.peak_tflops,
-                       extra=ExtraTerms.of(spec) if variant == "fused" else ExtraTerms())
+                       extra=ExtraTerms.of(spec) if variant == "fused" else ExtraTerms(), teacher=teacher)
     seconds = time.perf_counter() - started
     if dist.is_initialized():
         weights = full_state_dict(model) if spec.distributed == "fsdp" else None  # gathered onto rank 0's CPU

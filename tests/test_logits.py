@@ -154,6 +154,23 @@ def test_extracted_sequences_do_not_depend_on_batching_and_keep_offsets(model, t
         assert [tokenizer.decode([i]) for i in one.input_ids] == [text[s:e] for s, e in zip(one.starts, one.ends)]
 
 
+def test_sampled_rows_weigh_each_draw_alike_and_do_not_depend_on_batching(model, tokenizer):
+    """extract.targets: sample: k draws per position from uniforms of the corpus row, so batching changes nothing;
+    at temperature 1 each draw weighs 1/k; drawing at temperature 2 reaches more distinct ids than at 1."""
+    texts = ASCII_TEXTS[:8]
+    alone = [extract_sequences(model, tokenizer, [t], k=6, batch_tokens=10_000, first_row=3 + i,
+                               sample_temperature=1.0)[0] for i, t in enumerate(texts)]
+    batched = extract_sequences(model, tokenizer, texts, k=6, batch_tokens=400, first_row=3, sample_temperature=1.0)
+    for one, many in zip(alone, batched):
+        np.testing.assert_array_equal(one.topk_ids, many.topk_ids)
+        np.testing.assert_allclose(one.topk_logprobs, np.log(1 / 6), atol=1e-6)
+    hot = extract_sequences(model, tokenizer, texts, k=6, batch_tokens=400, first_row=3, sample_temperature=2.0)
+    assert sum(len(set(r)) for s in hot for r in s.topk_ids) > sum(len(set(r)) for s in batched for r in s.topk_ids)
+    weights = np.exp(hot[0].topk_logprobs)
+    np.testing.assert_allclose(weights.sum(axis=1), 1, atol=1e-5)
+    assert (np.diff(hot[0].topk_logprobs, axis=1) <= 0).all()  # most weight first, as the codec needs
+
+
 def test_a_sequence_longer_than_the_context_names_its_row(tokenizer):
     short = build_model("gpt2", tiny_spec(context=8), tokenizer, seed=0)
     with pytest.raises(ExtractionError, match=r"corpus row 7: \d+ tokens do not fit 1\.\.7"):
@@ -225,6 +242,11 @@ def test_same_key_does_nothing_and_changing_k_re_extracts(reference_store, model
     manifest, loads = run_store(model, tokenizer, corpus, store, Extract(**{**SPEC.model_dump(), "k": 3}))
     assert loads == 1 and manifest["k"] == 3 and LogitStore(store).k == 3
     assert next(LogitStore(store).iter_batches("train"))[0].logits.topk_ids.shape[1] == 3
+    manifest, loads = run_store(model, tokenizer, corpus, store, Extract(**{**SPEC.model_dump(), "k": 3,
+                                                                           "targets": "sample"}))
+    assert loads == 1 and manifest["targets"] == "sample" and manifest["key_parts"]["sample_temperature"] == 1.0
+    first = next(LogitStore(store).iter_batches("train"))[0].logits
+    np.testing.assert_allclose(first.topk_logprobs, -LOGPROB_STEP * np.rint(np.log(3) / LOGPROB_STEP))
 
 
 def test_corpus_change_re_extracts(reference_store, model, tokenizer, tmp_path):

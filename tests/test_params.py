@@ -62,6 +62,9 @@ def test_repo_params_and_tiny_profile_are_valid(raw):
         (lambda r: r["bootstrap"]["prose-gpt2"]["tokenizer"].__setitem__("vocab_size", 100), "bootstrap.prose-gpt2.tokenizer.vocab_size: Input should be greater than or equal to 300"),
         (lambda r: r["flow"]["schedule"].__setitem__("cron", "daily"), "flow.schedule: cron must have 5 fields, got 'daily'"),
         (lambda r: r["runtime"].__setitem__("device", "tpu"), "runtime.device: String should match pattern"),
+        (lambda r: (r["extract"].__setitem__("targets", "sample"), r["train"].__setitem__("uld_weight", 0.5)),
+         "train.uld_weight: rank matching (ULD) needs each teacher's top k by rank"),
+        (lambda r: r["extract"].__setitem__("targets", "top"), "extract.targets: Input should be 'topk' or 'sample'"),
     ],
 )
 def test_bad_params_name_the_key(raw, tmp_path, change, expected):

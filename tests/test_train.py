@@ -12,7 +12,7 @@ import torch
 from fusesoup.bootstrap import build_model
 from fusesoup.logits.sparse import Chunks, RankRows, merge_entries
 from fusesoup.params import ContinuedTraining, ModelSpec
-from fusesoup.train.loop import ExtraTerms, make_batch, micro_batches, train_target
+from fusesoup.train.loop import ExtraTerms, LiveTeacher, make_batch, micro_batches, train_target
 from fusesoup.train.packing import TrainBlock, TrainSequence, pack_documents, packing_order
 from fusesoup.train.stream import PlannedBatches, plan_steps
 from fusesoup.train.recipe import TrainingError
@@ -115,6 +115,17 @@ def test_clm_and_fused_see_the_same_tokens_and_differ_only_by_the_fusion_term(tm
     clm_log = train_target(tiny_model(), planned(clm), UNCHECKPOINTED, 1.0, "ce", 0, tmp_path / "c", "k", False)
     assert [r["tokens"] for r in fused_log] == [r["tokens"] for r in clm_log]
     assert [r["loss"] for r in fused_log] == [r["loss"] for r in clm_log]  # lambda = 1: the fusion term is off
+
+
+def test_a_live_teacher_s_kl_starts_at_zero_for_a_copy_of_the_student_and_grows_as_it_moves(tmp_path):
+    """train@fused's --live-teacher: the fusion term is the KL to the teacher's whole distribution, computed on the
+    same packed blocks (a teacher identical to the student at step 0 gives 0) and needs no fused rows."""
+    teacher = LiveTeacher(tiny_model().eval().requires_grad_(False))
+    log = train_target(tiny_model(), planned(blocks(with_targets=False)), UNCHECKPOINTED, 0.5, "kl", 0,
+                       tmp_path / "live", "k", False, teacher=teacher)
+    assert abs(log[0]["fusion"]) < 1e-5
+    assert log[-1]["fusion"] > 1e-3
+    assert log[0]["loss"] == pytest.approx(0.5 * log[0]["clm"] + 0.5 * log[0]["fusion"], rel=1e-5)
 
 
 def test_a_non_finite_loss_stops_with_the_step_and_saves_nothing(tmp_path):

@@ -8,10 +8,11 @@ import math
 
 import pytest
 
+from fusesoup.logits.sampling import sample_rows
 from fusesoup.logits.sparse import merge_entries
 from fusesoup.logits.sparse import RankRows
-from fusesoup.train.loss import (binary_kl, chunk_likelihood_loss, clm_loss, fusion_loss, pad_chunks, pad_ranks,
-                                 pad_targets, rank_matching_loss, student_log_probs)
+from fusesoup.train.loss import (binary_kl, chunk_likelihood_loss, clm_loss, dense_fusion_loss, fusion_loss,
+                                 pad_chunks, pad_ranks, pad_targets, rank_matching_loss, student_log_probs)
 
 
 def test_sparse_fusion_loss_equals_the_dense_soft_label_cross_entropy():
@@ -121,3 +122,51 @@ def test_rank_matching_loss_equals_the_dense_l1_between_sorted_distributions():
     exact[0, 0, [7, 2, 5]] = torch.log(torch.tensor([0.5, 0.3, 0.2]))
     one = RankRows(np.array([0]), np.log(np.array([[0.5, 0.3, 0.2]], np.float32)))
     assert rank_matching_loss(student_log_probs(exact), pad_ranks([one], 1), torch.ones(1, 1, dtype=torch.bool)) < 1e-5
+
+
+def sampled_targets(teacher: torch.Tensor, draws: int, seed: int, temperature: float = 1.0):
+    """[R, V] teacher log-probs -> their sampled rows (logits/sampling.py) as one sequence's padded SparseTargets."""
+    rows, vocab = teacher.shape
+    uniforms = torch.from_numpy(np.random.default_rng(seed).random((rows, draws)).astype(np.float32))
+    log_weights, ids = sample_rows(teacher, uniforms, temperature)
+    sparse = merge_entries(np.repeat(np.arange(rows), draws), ids.numpy().ravel(), log_weights.exp().numpy().ravel(),
+                           rows, vocab)
+    return pad_targets([sparse], rows)
+
+
+@pytest.mark.parametrize("temperature, draws, tolerance", [(1.0, 12, 0.01), (2.0, 64, 0.02)])
+def test_sampled_rows_estimate_the_dense_kd_gradient_without_bias(temperature, draws, tolerance):
+    """The soft-label CE against a row of draws, the student's full softmax: its mean gradient over many seeds is
+    the gradient of the CE against the whole teacher distribution (temperature 1: exactly unbiased; 2:
+    self-normalised weights, biased O(1 / draws)); the renormalised top-k's is not."""
+    torch.manual_seed(0)
+    rows, vocab = 6, 40
+    teacher = torch.log_softmax(torch.randn(rows, vocab) * 1.5, dim=-1)
+    logits = torch.randn(1, rows, vocab, requires_grad=True)
+    mask = torch.ones(1, rows, dtype=torch.bool)
+
+    def gradient(targets) -> torch.Tensor:
+        logits.grad = None
+        fusion_loss(student_log_probs(logits), targets, mask).backward()
+        return logits.grad.clone()
+
+    dense = torch.softmax(logits.detach(), -1) - teacher.exp()  # d CE(p, softmax(z)) / dz, per position
+    mean = torch.stack([gradient(sampled_targets(teacher, draws, seed, temperature)) for seed in range(2000)]).mean(0)
+    assert (mean * rows - dense).abs().max() < tolerance  # the loss is a mean over the rows
+    top = teacher.topk(10, dim=-1)
+    truncated = merge_entries(np.repeat(np.arange(rows), 10), top.indices.numpy().ravel(),
+                              top.values.exp().numpy().ravel(), rows, vocab)
+    assert (gradient(pad_targets([truncated], rows)) * rows - dense).abs().max() > 5 * tolerance
+
+
+def test_a_live_teacher_s_fusion_term_is_the_dense_soft_label_cross_entropy():
+    """dense_fusion_loss over the whole vocabulary equals -sum_v p_v log q_v averaged over the masked-in positions."""
+    torch.manual_seed(1)
+    teacher = torch.softmax(torch.randn(2, 5, 13), -1)
+    logits = torch.randn(2, 5, 13)
+    mask = torch.tensor([[1, 1, 0, 1, 1], [0, 1, 1, 1, 0]], dtype=torch.bool)
+    log_q = student_log_probs(logits)
+    expected = (-(teacher * log_q).sum(-1) * mask).sum() / mask.sum()
+    torch.testing.assert_close(dense_fusion_loss(log_q, teacher, mask), expected)
+    entropy = (teacher * teacher.log()).sum(-1)
+    torch.testing.assert_close(dense_fusion_loss(log_q, teacher, mask, "kl"), expected + (entropy * mask).sum() / mask.sum())

@@ -26,6 +26,7 @@ from fusesoup.corpus import CORPUS_SCHEMA, read_texts, split_path
 from fusesoup.errors import StageError
 from fusesoup.logits import store as shards
 from fusesoup.logits.codec import CODEC, SequenceLogits
+from fusesoup.logits.sampling import row_uniforms, sample_rows
 from fusesoup.models import context_length
 from fusesoup.params import Extract
 from fusesoup.storage import content_key, sha256_file
@@ -40,8 +41,9 @@ def key_parts(model_fingerprint: dict, corpus_dir: Path | str, spec: Extract, dt
 
     batch_tokens is left out: it changes speed, not the stored values beyond float rounding.
     """
+    sampled = {"targets": spec.targets, "sample_temperature": spec.sample_temperature} if spec.targets == "sample" else {}
     return {"codec": CODEC, "model": model_fingerprint, "dtype": str(dtype).removeprefix("torch."),
-            "k": spec.k, "shard_sequences": spec.shard_sequences,
+            "k": spec.k, **sampled, "shard_sequences": spec.shard_sequences,
             "splits": {split: sha256_file(split_path(corpus_dir, split)) for split in sorted(set(spec.splits))}}
 
 
@@ -132,8 +134,10 @@ def _project(head, rows: torch.Tensor, out: torch.Tensor, tf32: bool) -> torch.T
 
 
 @torch.inference_mode()
-def teacher_outputs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, k: int, head=None):
-    """For a [B, L] batch starting with BOS: top-k ids and log-probs [B, L-1, k] and CE [B, L-1] of each next token.
+def teacher_outputs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, k: int, head=None,
+                    uniforms: torch.Tensor | None = None, sample_temperature: float = 1.0):
+    """For a [B, L] batch starting with BOS: top-k ids and log-probs [B, L-1, k] and CE [B, L-1] of each next token;
+    with `uniforms` ([B * (L-1), k]) k draws and their log importance weights instead of the top k (sampling.py).
 
     Log-probs are over the full vocabulary (log-softmax in float32). With `head` (see output_head; a float32 head
     projects the hidden states in float32) the logits are made a chunk of positions at a time from the hidden
@@ -165,7 +169,10 @@ def teacher_outputs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor
     ids, logprobs, ce = [], [], []
     for start, chunk in zip(range(0, positions, step), chunks):
         chunk = torch.log_softmax(chunk, dim=-1, dtype=torch.float32, out=logprob_buffer[: len(chunk)])
-        values, indices = top_k_rows(chunk, k)  # sorted, most likely first
+        if uniforms is None:
+            values, indices = top_k_rows(chunk, k)  # sorted, most likely first
+        else:
+            values, indices = sample_rows(chunk, uniforms[start : start + len(chunk)], sample_temperature)
         ids.append(indices)
         logprobs.append(values)
         ce.append(-chunk.gather(-1, targets[start : start + len(chunk), None]).squeeze(-1))
@@ -173,9 +180,11 @@ def teacher_outputs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor
     return (torch.cat(ids).view(*shape, k), torch.cat(logprobs).view(*shape, k), torch.cat(ce).view(shape))
 
 
-def extract_sequences(model, tokenizer, texts: Sequence[str], k: int, batch_tokens: int,
-                      first_row: int = 0) -> list[SequenceLogits]:
-    """Teacher outputs for each text (tokenized without specials, scored after BOS), in the order given."""
+def extract_sequences(model, tokenizer, texts: Sequence[str], k: int, batch_tokens: int, first_row: int = 0,
+                      sample_temperature: float | None = None) -> list[SequenceLogits]:
+    """Teacher outputs for each text (tokenized without specials, scored after BOS), in the order given: the top k of
+    each position, or (`sample_temperature` given) k draws with their log weights, from uniforms of the text's corpus
+    row (first_row + its index)."""
     if not tokenizer.is_fast:
         raise ExtractionError(f"tokenizer {type(tokenizer).__name__} is not a fast tokenizer: character offsets "
                               "for the alignment stage need one (tokenizer.json)")
@@ -196,7 +205,14 @@ def extract_sequences(model, tokenizer, texts: Sequence[str], k: int, batch_toke
     results: list[SequenceLogits | None] = [None] * len(texts)
     for batch in plan_batches([len(s) for s in sequences], batch_tokens):
         input_ids, mask = pad_batch([sequences[i] for i in batch], pad=bos)
-        outputs = teacher_outputs(model, input_ids.to(device), mask.to(device), k, head)
+        uniforms = None
+        if sample_temperature is not None:
+            uniforms = np.full((len(batch), input_ids.shape[1] - 1, k), 0.5, np.float32)  # padding draws anything
+            for row, i in enumerate(batch):
+                uniforms[row, : len(sequences[i]) - 1] = row_uniforms(first_row + i, len(sequences[i]) - 1, k)
+            uniforms = torch.from_numpy(uniforms).view(-1, k).to(device)
+        outputs = teacher_outputs(model, input_ids.to(device), mask.to(device), k, head, uniforms,
+                                  sample_temperature or 1.0)
         ids, logprobs, ce = (t.cpu().numpy() for t in outputs)
         for row, i in enumerate(batch):
             n = len(sequences[i]) - 1
@@ -256,7 +272,9 @@ def extract_store(load_teacher: Callable[[], tuple[object, object]], vocab_size:
             for split, index in todo:
                 start, stop = index * spec.shard_sequences, min(counts[split], (index + 1) * spec.shard_sequences)
                 outputs = extract_sequences(model, tokenizer, read_texts(split_path(corpus_dir, split), start, stop),
-                                            spec.k, spec.batch_tokens, first_row=start)
+                                            spec.k, spec.batch_tokens, first_row=start,
+                                            sample_temperature=spec.sample_temperature if spec.targets == "sample"
+                                            else None)
                 if pending is not None:
                     written.shard_written(pending.result())  # at most one shard waits: memory stays bounded
                 positions = sum(len(o.input_ids) for o in outputs)
@@ -308,7 +326,8 @@ def _finish(store: Path, key: str, parts: dict, spec: Extract, plan: dict[str, i
     splits = shards.split_records(store, key, plan)
     if splits is None:
         return None
-    manifest = {"key": key, "key_parts": parts, "codec": CODEC, "k": spec.k, "vocab_size": vocab_size,
+    manifest = {"key": key, "key_parts": parts, "codec": CODEC, "k": spec.k, "targets": spec.targets,
+                "vocab_size": vocab_size,
                 "splits": splits}
     shards.write_manifest(store, manifest)
     return manifest

@@ -30,8 +30,8 @@ from fusesoup.params import ContinuedTraining, FusionLoss
 from fusesoup.storage import atomic_dir, read_json
 from fusesoup.train.engine import (accumulating, distribute, load_training_state, rank_and_world,
                                    save_training_state)
-from fusesoup.train.loss import (chunk_likelihood_loss, clm_loss, fusion_loss, pad_chunks, pad_ranks, pad_targets,
-                                 rank_matching_loss, student_log_probs)
+from fusesoup.train.loss import (chunk_likelihood_loss, clm_loss, dense_fusion_loss, fusion_loss, pad_chunks,
+                                 pad_ranks, pad_targets, rank_matching_loss, student_log_probs)
 from fusesoup.train.memory import check_fits, device_memory, format_memory_plan, plan_memory
 from fusesoup.train.packing import TrainBlock
 from fusesoup.train.stream import StepBatches
@@ -92,21 +92,41 @@ class ExtraTerms(NamedTuple):
         return cls(spec.chunk_weight, spec.chunk_temperature, spec.uld_weight)
 
 
+class LiveTeacher(NamedTuple):
+    """A model on the target's tokenizer run alongside the student, its whole softmax(logits / temperature) the
+    fusion target: what distillation carries with nothing lost in storage (bench/fusion_table.py's dense ceiling)."""
+
+    model: torch.nn.Module
+    temperature: float = 1.0
+
+
+def forward_logits(model, input_ids: torch.Tensor, position_ids: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """[B, W, V] logits of packed blocks: position_ids, no attention_mask, no cache (transformers' packed-sequence
+    mask: attention within documents), bf16 autocast on CUDA."""
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        return model(input_ids=input_ids.to(device), position_ids=position_ids.to(device), use_cache=False).logits
+
+
 def batch_losses(model, micro: Sequence[TrainBlock], pad: int, device: torch.device, lam: float, kind: FusionLoss,
-                 positions: float, silent: bool = False, extra: ExtraTerms = ExtraTerms()):
+                 positions: float, silent: bool = False, extra: ExtraTerms = ExtraTerms(),
+                 teacher: LiveTeacher | None = None):
     """(loss, clm, fusion, chunk, uld; each of the last three or None) of one micro-batch, as sums over its trained
     positions / `positions` (the global batch's count); `silent`: every position masked (a rank without a block this
-    step adds nothing); the chunk and ULD terms where their weight in `extra` is > 0 and the blocks carry them."""
+    step adds nothing); the chunk and ULD terms where their weight in `extra` is > 0 and the blocks carry them; the
+    fusion term against `teacher`'s whole distribution where one is given, else against the blocks' fused rows."""
     input_ids, position_ids, labels, mask, fused, chunks, ranks = make_batch(micro, pad)
     if silent:
         mask = torch.zeros_like(mask)
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-        # position_ids, no attention_mask, no cache: transformers' packed-sequence mask (attention within documents)
-        logits = model(input_ids=input_ids.to(device), position_ids=position_ids.to(device), use_cache=False).logits
+    logits = forward_logits(model, input_ids, position_ids, device)
     log_probs = student_log_probs(logits)  # [B, W, V] float32, position t predicts labels[t]; one log-softmax for both
     clm = clm_loss(log_probs, labels.to(device), mask.to(device), positions)
     fusion = None
-    if fused is not None and lam < 1:
+    if teacher is not None and lam < 1:
+        with torch.no_grad():
+            teacher_logits = forward_logits(teacher.model, input_ids, position_ids, device).float()
+        teacher_probs = torch.softmax(teacher_logits / teacher.temperature, dim=-1)  # [B, W, V]
+        fusion = dense_fusion_loss(log_probs, teacher_probs, mask.to(device), kind, positions)
+    elif fused is not None and lam < 1:
         fusion = fusion_loss(log_probs, fused._replace(ids=fused.ids.to(device), probs=fused.probs.to(device)),
                              mask.to(device), kind, positions)
     chunk = uld = None
@@ -157,12 +177,13 @@ def load_checkpoint(directory: Path, key: str, model, optimizer) -> tuple[int, l
 
 def train_target(model, batches: StepBatches, spec: ContinuedTraining, lam: float, kind: FusionLoss,
                  seed: int, checkpoints: Path, key: str, progress: bool = True, peak_tflops: float | None = None,
-                 extra: ExtraTerms = ExtraTerms()) -> list[dict]:
+                 extra: ExtraTerms = ExtraTerms(), teacher: LiveTeacher | None = None) -> list[dict]:
     """Train `model` in place (sharded in place under fsdp: engine.full_state_dict gathers it) on `batches[step]`,
     the whole batch of each step (stream.TrainStream or stream.PlannedBatches); returns one log row per step (total,
     clm, fusion, chunk and ULD loss (`extra`: the span-aware terms, off by default), lr, tokens seen, and the step's
     throughput: tokens per second and, on a GPU of known peak (throughput.py; `peak_tflops` per device), model FLOPs
-    utilisation; wall time, so the columns that differ between identical runs)."""
+    utilisation; wall time, so the columns that differ between identical runs). `teacher`: the fusion term against
+    a live teacher (LiveTeacher) instead of the batches' fused rows."""
     pad = special_ids(model.config).pad
     device = next(model.parameters()).device
     per_token, peak = flops_per_token(model, spec.block_size), peak_flops(device, peak_tflops)
@@ -198,7 +219,7 @@ def train_target(model, batches: StepBatches, spec: ContinuedTraining, lam: floa
         # so the accumulated gradient is the whole batch's, whatever the micro-batch size; the engines average
         # over ranks, hence the loss x world
         for index, (micro, silent) in enumerate(micros):
-            loss, clm, *parts = batch_losses(engine, micro, pad, device, lam, kind, positions, silent, extra)
+            loss, clm, *parts = batch_losses(engine, micro, pad, device, lam, kind, positions, silent, extra, teacher)
             with accumulating(engine, last=index == len(micros) - 1):
                 (loss * world).backward()
             terms += torch.stack([loss.detach(), clm.detach(), *((clm if p is None else p).detach() for p in parts)])

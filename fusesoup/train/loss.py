@@ -154,9 +154,15 @@ def fusion_loss(log_probs: torch.Tensor, targets: SparseTargets, mask: torch.Ten
     """Mean over masked-in positions of FUSION_LOSSES[kind] between the fused targets and the student at their ids.
     log_probs [B, L, V] (student_log_probs), mask [B, L]. `positions` replaces the local count as the denominator
     (data parallel: the global batch's count)."""
+    return dense_fusion_loss(log_probs.gather(-1, targets.ids), targets.probs, mask, kind, positions)  # [B, L, E]
+
+
+def dense_fusion_loss(log_q: torch.Tensor, p: torch.Tensor, mask: torch.Tensor, kind: FusionLoss = "ce",
+                      positions: float | None = None) -> torch.Tensor:
+    """fusion_loss against targets p given on the same last axis as the student's log_q: E gathered ids, or the whole
+    vocabulary of a live teacher on the target's tokenizer (the dense ceiling: nothing lost in storage)."""
     per_position = lookup(FUSION_LOSSES, kind, "train.fusion_loss")
-    log_q = log_probs.gather(-1, targets.ids)  # [B, L, E]
-    return masked_mean(per_position(log_q, targets.probs), mask, positions)
+    return masked_mean(per_position(log_q, p), mask, positions)
 
 
 def clm_loss(log_probs: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor,
