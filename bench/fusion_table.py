@@ -18,8 +18,8 @@ params file of its own under --work, so each run is exactly what the DVC stage w
   train.fusion_loss LOSS and any other train.KEY (default: the project's), or with train@clm (`clm`), once per seed
   (train order).
 - Per run, split and domain: the bpb (mean over the seeds), its relative gain over the seed-matched train@clm run
-  (mean and min..max over the seeds: the seed moves every run's bpb far more than fusion does, so runs compare
-  with the same seed), and the captured share of the domain teacher's edge, (bpb_clm - bpb_run) /
+  of the same train.steps (`NAME=clm:steps=N` adds one; mean and min..max over the seeds: the seed moves every
+  run's bpb far more than fusion does, so runs compare with the same seed), and the captured share of the domain teacher's edge, (bpb_clm - bpb_run) /
   (bpb_clm - bpb_teacher). The domain teacher is the oracle for runs on its store, else `--teachers`. Decide on
   valid; report test.
 
@@ -188,11 +188,13 @@ def train_run(project: Path, work: Path, base: dict, name: str, store: Path | st
     return read_json(metrics)
 
 
-def summarise(runs: dict, clm: list[dict], teachers: dict, teacher_of: dict) -> dict:
+def summarise(runs: dict, baselines: dict, teachers: dict, teacher_of: dict) -> dict:
     """Per run and split and domain: the bpb (mean over seeds), its relative gain over the seed-matched train@clm
-    run (mean, min, max over seeds) and the captured share of the domain teacher's edge (mean over seeds)."""
+    run of the same train.steps (mean, min, max over seeds) and the captured share of the domain teacher's edge
+    (mean over seeds)."""
     table = {}
-    for name, (by_seed, store) in runs.items():
+    for name, (by_seed, store, steps) in runs.items():
+        clm = baselines[steps]
         table[name] = {}
         for split in SPLITS:
             rows = {}
@@ -261,16 +263,18 @@ def main() -> None:
         stores[LIVE] = LIVE
         base = deep_merge(base, {"bootstrap": {ORACLE: entry}})  # so that its scores and live runs can load it
         teacher_of[(LIVE, "code")] = ORACLE
-    clm = [train_run(project, work, base, "clm", None, {}, seed) for seed in args.seeds]
+    steps = base["train"]["steps"]
+    baselines = {steps: [train_run(project, work, base, "clm", None, {}, seed) for seed in args.seeds]}
     runs = {}
     for spec in args.runs:
         name, _, how = spec.partition("=")
         store, train = parse_run(how)
-        by_seed = clm if store == "clm" else [train_run(project, work, base, name, stores[store], train, seed)
-                                              for seed in args.seeds]
-        runs[name] = (by_seed, store)
+        by_seed = [train_run(project, work, base, name, stores[store], train, seed) for seed in args.seeds]
+        if store == "clm":
+            baselines.setdefault(train.get("steps", steps), by_seed)
+        runs[name] = (by_seed, store, train.get("steps", steps))
     teachers = teacher_scores(project, work, sorted(set(teacher_of.values())), base)
-    table = summarise(runs, clm, teachers, teacher_of)
+    table = summarise(runs, baselines, teachers, teacher_of)
     result = {"seeds": args.seeds, "teachers": teachers, "runs": table}
     if args.report:
         args.report.write_text("\n\n".join(markdown(table, split) for split in SPLITS) + "\n")

@@ -84,8 +84,9 @@ def source_weights(ce: np.ndarray, method: FuseMethod) -> np.ndarray:
     return rule.weights(ce if rule.per_token else np.broadcast_to(ce.mean(axis=1, keepdims=True), ce.shape))
 
 
-def mix(sources: Sequence[SparseRows], weights: np.ndarray, vocab_size: int) -> SparseRows:
-    """sum_s weights[s, i] * P_s,i for every row i, merged over equal ids, sorted; zero-weight entries dropped."""
+def mix(sources: Sequence[SparseRows], weights: np.ndarray, vocab_size: int, keep_tail: bool = False) -> SparseRows:
+    """sum_s weights[s, i] * P_s,i for every row i, merged over equal ids, sorted; zero-weight entries dropped; with
+    `keep_tail` the mixture of the sources' tails stays the row's tail (the weights sum to 1)."""
     rows, ids, probs = [], [], []
     for s, source in enumerate(sources):
         row_of = source.rows_of_entries()
@@ -95,7 +96,7 @@ def mix(sources: Sequence[SparseRows], weights: np.ndarray, vocab_size: int) -> 
         ids.append(source.ids[keep])
         probs.append(np.exp(source.logprobs[keep].astype(np.float64)) * weight[keep])
     return merge_entries(np.concatenate(rows), np.concatenate(ids), np.concatenate(probs), weights.shape[1],
-                         vocab_size)
+                         vocab_size, keep_tail=keep_tail)
 
 
 def fuse_chunks(group_ends: np.ndarray, ce: np.ndarray, method: FuseMethod) -> Chunks:
@@ -127,13 +128,14 @@ def fuse_ranks(ranks: Sequence[RankRows], weights: np.ndarray) -> RankRows:
 
 
 def fuse_sequence(sources: Sequence[SourceRows], method: FuseMethod, temperature: float, vocab_size: int,
-                  group_ends: np.ndarray | None = None, ranks: Sequence[RankRows] | None = None) -> Fused:
+                  group_ends: np.ndarray | None = None, ranks: Sequence[RankRows] | None = None,
+                  keep_tail: bool = False) -> Fused:
     """The fused target distribution of one sequence from S sources' aligned rows (and its chunks, given the
-    sources' [S, n] group ends; its rank rows, given theirs)."""
+    sources' [S, n] group ends; its rank rows, given theirs); `keep_tail`: the rows keep their tails (align.tail)."""
     ce = np.stack([source.ce for source in sources])
     weights = source_weights(ce, method)
     scaled = [with_temperature(source.rows, temperature) for source in sources]
     chosen = weights.argmax(axis=0) if FUSE_METHODS[method].chooses else np.full(ce.shape[1], MIXED)
     chunks = None if group_ends is None else fuse_chunks(group_ends, ce, method)
     ranked = None if ranks is None else fuse_ranks(ranks, weights)
-    return Fused(mix(scaled, weights, vocab_size), chosen.astype(np.uint8), weights, chunks, ranked)
+    return Fused(mix(scaled, weights, vocab_size, keep_tail), chosen.astype(np.uint8), weights, chunks, ranked)

@@ -30,6 +30,9 @@ def check_compatible(stores: Sequence[SparseStore]) -> None:
         if store.vocab_size != first.vocab_size:
             raise FusionError(f"{store.directory}: vocabulary {store.vocab_size}, but {first.directory} has "
                               f"{first.vocab_size}; every aligned store must be on the same target")
+        if store.keeps_tail != first.keeps_tail:
+            raise FusionError(f"{store.directory}: align.tail {store.keeps_tail}, but {first.directory} was aligned "
+                              f"with {first.keeps_tail}; align every source with the same params")
         for split in first.manifest["splits"]:
             if [s.rows for s in store.shards(split)] != [s.rows for s in first.shards(split)]:
                 raise FusionError(f"{store.directory} and {first.directory}: the {split} shards hold different rows")
@@ -56,7 +59,8 @@ class ShardFuser(NamedTuple):
                 n = len(head.input_ids)
                 group_ends = np.stack([s.extras["group_end"] for s in sequences])
                 ranks = [decode_ranks(s.extras["rank_codes"], n) for s in sequences]
-                fused = fuse_sequence(sources, self.method, self.temperature, vocab_size, group_ends, ranks)
+                fused = fuse_sequence(sources, self.method, self.temperature, vocab_size, group_ends, ranks,
+                                      first.keeps_tail)
                 items.append(SparseSequence(head.sequence, head.input_ids, fused.rows,
                                             {"source": fused.source, "chunk_end": fused.chunks.end,
                                              "chunk_ce_codes": quantize_ce(fused.chunks.ce),
@@ -71,13 +75,16 @@ def fuse_store(stores: Sequence[SparseStore], out: Path | str, method: FuseMetho
     processes); returns its manifest."""
     check_compatible(stores)
     out, first, vocab_size = Path(out), stores[0], stores[0].vocab_size
+    if first.keeps_tail and temperature != 1.0:
+        raise FusionError(f"{first.directory} keeps each row's tail (align.tail): fuse.temperature {temperature} "
+                          "would need the tail's shape; use 1.0")
     parts = {"codec": SPARSE_CODEC, "extras": sorted(FUSED_EXTRAS), "sources": [s.manifest["key"] for s in stores],
              "method": method, "temperature": temperature}
     key = content_key(parts)
     plan = {split: len(first.shards(split)) for split in sorted(first.manifest["splits"])}
     build = ShardFuser(list(stores), method, temperature)
     manifest = {"key": key, "key_parts": parts, "codec": SPARSE_CODEC, "vocab_size": vocab_size,
-                "extras": sorted(FUSED_EXTRAS), "method": method, "temperature": temperature,
+                "extras": sorted(FUSED_EXTRAS), "method": method, "temperature": temperature, "tail": first.keeps_tail,
                 "splits": fill_store(out, key, plan, build, processes)}
     write_manifest(out, manifest)
     return manifest

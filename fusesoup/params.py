@@ -210,6 +210,7 @@ class Align(Strict):
     vocab: VocabMethod = "exact"  # teacher id -> target id: same bytes only, or else nearest (min_ed) or prefix
     method: Literal["offsets", "dtw"] = "offsets"  # shared byte offsets (exact), or FuseLLM's DTW on token bytes
     spans: Literal["onehot", "expand"] = "onehot"  # target rows inside a span: FuseLLM's one-hot, or spans.py
+    tail: bool = False  # keep the mass beyond the teacher's top k as one more outcome (rows not renormalised)
     workers: Workers = 0
 
 

@@ -98,3 +98,22 @@ def test_groups_from_a_dtw_path_join_repeated_tokens():
     path = [(0, 0), (1, 1), (2, 1), (3, 2), (3, 3), (4, 4)]
     assert groups_from_path(path) == [(range(0, 1), range(0, 1)), (range(1, 3), range(1, 2)),
                                       (range(3, 4), range(2, 4)), (range(4, 5), range(4, 5))]
+
+
+def test_align_tail_keeps_the_teachers_probabilities_and_leaves_the_rest_as_the_row_s_tail():
+    """align.tail: a row keeps the teacher's absolute probabilities (the mass beyond its top k, and that of ids
+    that map nowhere, stays out as the tail); without it the same row is renormalised; a fallback is a one-hot."""
+    pieces = [b"ab", b"c", b"d"]
+    groups = offset_align(byte_ends(pieces), byte_ends(pieces))
+    source = teacher([0, 1, 2], [[1, 2, 3], [2, 0, 3], [0, 1, 2]], [[0.5, 0.2, 0.1], [0.3, 0.3, 0.2], [0.6, 0.1, 0.1]],
+                     [1.0, 2.0, 0.5])
+    vocab_map = np.array([0, 1, 2, -1])  # teacher id 3 has no target counterpart
+    agree = np.array([EXACT, -1, EXACT], np.int8)  # the middle pair disagrees: a one-hot
+    kept = transfer_groups(groups, source, np.arange(3), vocab_map, agree, 4, keep_tail=True)
+    ids, probs = row(kept.rows, 0)
+    assert ids == [1, 2]
+    np.testing.assert_allclose(probs, [0.5, 0.2], rtol=1e-6)  # 0.3 of tail: beyond the top 3 and unmapped id 3
+    assert row(kept.rows, 1) == ([1], np.array([1.0], np.float32))
+    np.testing.assert_allclose(row(kept.rows, 2)[1], [0.6, 0.1, 0.1], rtol=1e-6)
+    renormalised = transfer_groups(groups, source, np.arange(3), vocab_map, agree, 4)
+    np.testing.assert_allclose(row(renormalised.rows, 0)[1], [0.5 / 0.7, 0.2 / 0.7], rtol=1e-6)

@@ -107,3 +107,18 @@ def test_rank_rows_mix_the_weighted_sources_that_have_one_and_round_trip_through
     assert fuse_ranks([a, b], np.array([[0.0] * 4, [1.0] * 4])).at.tolist() == [2, 3]  # min_ce chose b
     back = decode_ranks(encode_ranks(a, 4), 4)
     assert back.at.tolist() == [0, 2] and np.abs(back.logprobs - a.logprobs).max() <= 1 / 32
+
+
+def test_sources_that_keep_their_tails_mix_them_with_the_same_weights():
+    """align.tail: AvgCE of rows summing to 0.6 and 0.9 sums to the weighted mix of the two (the fused tail is the
+    sources' tails mixed); MinCE keeps the chosen source's row, tail included."""
+    a = SourceRows(merge_entries(np.array([0, 0]), np.array([1, 2]), np.array([0.4, 0.2]), 1, VOCAB, keep_tail=True),
+                   np.array([1.0], np.float32))
+    b = SourceRows(merge_entries(np.array([0]), np.array([1]), np.array([0.9]), 1, VOCAB, keep_tail=True),
+                   np.array([2.0], np.float32))
+    averaged = fuse_sequence([a, b], "avg_ce", 1.0, VOCAB, keep_tail=True)
+    w = averaged.weights[:, 0]
+    np.testing.assert_allclose(dense(averaged.rows)[0, [1, 2]], [0.4 * w[0] + 0.9 * w[1], 0.2 * w[0]], rtol=1e-6)
+    np.testing.assert_allclose(dense(fuse_sequence([a, b], "min_ce", 1.0, VOCAB, keep_tail=True).rows).sum(), 0.6,
+                               rtol=1e-6)
+    np.testing.assert_allclose(dense(fuse_sequence([a, b], "min_ce", 1.0, VOCAB).rows).sum(), 1.0, rtol=1e-6)

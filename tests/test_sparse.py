@@ -125,3 +125,16 @@ def test_sparse_store_resumes_after_a_crash_and_reads_back(tmp_path):
     built.clear()
     write(tmp_path / "resumed")
     assert built == [1]  # the corrupt shard is redone, nothing else
+
+
+def test_rows_that_keep_their_tail_round_trip_without_renormalising():
+    """align.tail: rows summing to less than 1 decode to the same sums (within the codec's step); a row whose
+    rounding took it above 1 is scaled back to 1; merge_entries keeps absolute probabilities the same way."""
+    rows = merge_entries(np.array([0, 0, 1, 1, 2]), np.array([4, 5, 6, 7, 8]), np.array([0.5, 0.2, 0.9, 0.3, 0.4]),
+                         3, 10, keep_tail=True)
+    np.testing.assert_allclose(dense(rows, 10).sum(axis=1), [0.7, 1.0, 0.4], rtol=1e-6)
+    np.testing.assert_allclose(dense(rows, 10)[1, [6, 7]], [0.75, 0.25], rtol=1e-6)  # 1.2 scaled back to 1
+    columns = encode_rows(rows, 10)
+    back = decode_rows(columns["counts"], columns["ids"], columns["codes"], keep_tail=True)
+    np.testing.assert_allclose(dense(back, 10).sum(axis=1), [0.7, 1.0, 0.4], rtol=LOGPROB_STEP)
+    np.testing.assert_allclose(dense(decode_rows(*columns.values()), 10).sum(axis=1), 1.0, rtol=1e-5)

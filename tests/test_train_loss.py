@@ -170,3 +170,25 @@ def test_a_live_teacher_s_fusion_term_is_the_dense_soft_label_cross_entropy():
     torch.testing.assert_close(dense_fusion_loss(log_q, teacher, mask), expected)
     entropy = (teacher * teacher.log()).sum(-1)
     torch.testing.assert_close(dense_fusion_loss(log_q, teacher, mask, "kl"), expected + (entropy * mask).sum() / mask.sum())
+
+
+def test_a_row_that_keeps_its_tail_is_a_cross_entropy_over_k_plus_one_outcomes():
+    """ce against a row summing to m < 1: -sum_e p_e log q_e - (1 - m) log(1 - sum_e q_e), float64 reference; its
+    gradient is full KD's against a teacher whose tail is spread like the student's own; a renormalised row (or a
+    row that sums to 1 within rounding) has no tail term."""
+    torch.manual_seed(2)
+    vocab = 9
+    rows = merge_entries(np.array([0, 0, 1]), np.array([2, 5, 7]), np.array([0.5, 0.2, 1.0]), 2, vocab, keep_tail=True)
+    targets = pad_targets([rows], 2)
+    logits = torch.randn(1, 2, vocab, dtype=torch.float64, requires_grad=True)
+    log_q = torch.log_softmax(logits, -1)
+    held = torch.log_softmax(logits, -1)[0, 0, [2, 5]]
+    expected = (-(0.5 * held[0] + 0.2 * held[1]) - 0.3 * torch.log1p(-held.exp().sum())  # row 0: tail 0.3
+                - log_q[0, 1, 7]) / 2  # row 1 sums to 1: no tail
+    loss = fusion_loss(log_q.float(), targets, torch.ones(1, 2, dtype=torch.bool))
+    torch.testing.assert_close(loss.double(), expected, rtol=1e-5, atol=1e-6)
+    loss.backward()
+    q = torch.softmax(logits.detach(), -1)[0, 0]
+    teacher = q * 0.3 / (1 - q[[2, 5]].sum())  # the tail spread like the student's own
+    teacher[[2, 5]] = torch.tensor([0.5, 0.2], dtype=torch.float64)
+    torch.testing.assert_close(logits.grad[0, 0], (q - teacher) / 2, rtol=1e-4, atol=1e-6)

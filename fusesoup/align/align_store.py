@@ -92,7 +92,7 @@ def align_sequence(teacher: SequenceLogits, target: SequenceLogits, text: str, s
     spans = (SpanInputs(teacher_pieces, setup.teacher_bytes, setup.segmenter, leads)
              if setup.settings.spans == "expand" else None)
     return transfer_groups(groups, teacher, target.input_ids, setup.vocab_map, agree, setup.target_vocab_size, spans,
-                           first_map)
+                           first_map, setup.settings.tail)
 
 
 class ShardAligner(NamedTuple):
@@ -144,7 +144,8 @@ def align_store(teacher: LogitStore, target: LogitStore, corpus_dir: Path | str,
     plan = {split: len(target.shards(split)) for split in splits}
     build = ShardAligner(teacher, target, Path(corpus_dir), setup)
     manifest = {"key": key, "key_parts": parts, "codec": SPARSE_CODEC, "vocab_size": setup.target_vocab_size,
-                "extras": sorted(ALIGNED_EXTRAS), "splits": fill_store(out, key, plan, build, processes)}
+                "extras": sorted(ALIGNED_EXTRAS), "tail": setup.settings.tail,
+                "splits": fill_store(out, key, plan, build, processes)}
     write_manifest(out, manifest)
     return manifest
 

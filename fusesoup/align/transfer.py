@@ -70,12 +70,15 @@ def mapped_entries(positions: np.ndarray, topk_ids: np.ndarray, topk_logprobs: n
 
 def transfer_groups(groups: Sequence[tuple[range, range]], teacher: SequenceLogits, target_ids: np.ndarray,
                     vocab_map: np.ndarray, agree: np.ndarray, target_vocab_size: int,
-                    spans: SpanInputs | None = None, first_map: np.ndarray | None = None) -> AlignedSequence:
+                    spans: SpanInputs | None = None, first_map: np.ndarray | None = None,
+                    keep_tail: bool = False) -> AlignedSequence:
     """Apply the rules above to alignment groups (teacher token range, target token range) covering both sides.
 
     `agree[j]` says whether teacher token j, when it is alone in its group opposite a single target token, stands
     for that target token (EXACT if the bytes are equal, MAPPED if only through the vocabulary map, -1 if not):
-    a disagreeing one-to-one pair falls back to a one-hot too. Rows keep at most k entries (the teacher's k).
+    a disagreeing one-to-one pair falls back to a one-hot too. Rows keep at most k entries (the teacher's k);
+    with `keep_tail` (align.tail) they keep the teacher's probabilities as they are, so the mass beyond the top k
+    and that of unmapped ids stays out of the row, as its tail.
     """
     n = len(target_ids)
     bounds = np.array([(a.start, a.stop, b.start, b.stop) for a, b in groups], np.int64).reshape(-1, 4)
@@ -94,7 +97,7 @@ def transfer_groups(groups: Sequence[tuple[range, range]], teacher: SequenceLogi
                                 spans.segmenter, spans.leads) for span, targets in span_groups]
         span_rows = np.array([row for _, targets in span_groups for row in targets], np.int64)
     rows = merge_entries(*(np.concatenate(column) for column in zip(*entries)), n, target_vocab_size,
-                         max_entries=teacher.topk_ids.shape[1])
+                         max_entries=teacher.topk_ids.shape[1], keep_tail=keep_tail)
     status = np.full(n, FALLBACK, np.uint8)
     translated = rows.counts[i] > 0
     status[i[translated]] = agree[j[translated]]

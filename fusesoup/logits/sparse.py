@@ -1,7 +1,8 @@
 """Sparse next-token distributions on the target's vocabulary, one row per target position, and their stored form.
 
 A `SparseRows` is CSR: position i owns entries offsets[i]:offsets[i+1] of `ids` / `logprobs`, most likely first,
-with log-probs normalised over the row's entries. The aligned stores (align@<teacher>) and the fused store (fuse)
+with log-probs normalised over the row's entries, or (a store that keeps the tail, align.tail) summing to at most 1:
+the rest is the teacher's mass beyond its top k, one more outcome for the loss (train/loss.py). The aligned stores (align@<teacher>) and the fused store (fuse)
 keep sequences of these rows; `merge_entries` is the one routine that builds them from loose (row, id, prob)
 entries, merging duplicate ids, so translation through a vocabulary map and mixing of sources agree on ties.
 
@@ -27,7 +28,7 @@ class SparseRows(NamedTuple):
 
     offsets: np.ndarray  # [n + 1] int64
     ids: np.ndarray  # [nnz] int64
-    logprobs: np.ndarray  # [nnz] float32, each row's entries sum to probability 1
+    logprobs: np.ndarray  # [nnz] float32, each row's entries sum to probability 1 (at most 1 with a tail)
 
     @property
     def counts(self) -> np.ndarray:
@@ -127,11 +128,12 @@ def fill_empty_rows(rows: SparseRows, fallback_ids: np.ndarray) -> SparseRows:
 
 
 def merge_entries(rows: np.ndarray, ids: np.ndarray, probs: np.ndarray, n_rows: int, vocab_size: int,
-                  max_entries: int = MAX_ENTRIES) -> SparseRows:
+                  max_entries: int = MAX_ENTRIES, keep_tail: bool = False) -> SparseRows:
     """Loose entries (row, id, unnormalised probability) -> SparseRows with each (row, id) once.
 
     Probabilities of equal (row, id) are added; each row is sorted by probability, ties kept in the order the
-    entries came (so a teacher's own order decides), truncated to `max_entries` and renormalised. Rows without
+    entries came (so a teacher's own order decides), truncated to `max_entries` and renormalised, or with
+    `keep_tail` (the probabilities are absolute) scaled down only where they sum to more than 1. Rows without
     entries come out empty (count 0): the caller decides what they fall back to.
     """
     rows, ids = np.asarray(rows, np.int64), np.asarray(ids, np.int64)
@@ -145,6 +147,8 @@ def merge_entries(rows: np.ndarray, ids: np.ndarray, probs: np.ndarray, n_rows: 
     keep = rank < max_entries
     unique_rows, unique_ids, sums = unique_rows[keep], unique_ids[keep], sums[keep]
     totals = np.bincount(unique_rows, weights=sums, minlength=n_rows)
+    if keep_tail:
+        totals = np.maximum(totals, 1.0)
     counts = np.bincount(unique_rows, minlength=n_rows)
     offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
     return SparseRows(offsets, unique_ids, np.log(sums / totals[unique_rows]).astype(np.float32))
@@ -187,11 +191,16 @@ def encode_rows(rows: SparseRows, vocab_size: int) -> dict[str, np.ndarray]:
             "codes": deltas.astype(np.uint8)}
 
 
-def decode_rows(counts: np.ndarray, ids: np.ndarray, codes: np.ndarray) -> SparseRows:
-    """The inverse of `encode_rows`: log-probs to about LOGPROB_STEP / 2, renormalised so each row sums to 1."""
+def decode_rows(counts: np.ndarray, ids: np.ndarray, codes: np.ndarray, keep_tail: bool = False) -> SparseRows:
+    """The inverse of `encode_rows`: log-probs to about LOGPROB_STEP / 2, renormalised so each row sums to 1, or
+    with `keep_tail` as stored (scaled down only where rounding took a row's sum above 1)."""
     counts = np.asarray(counts, np.int64)
     offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
     running = np.cumsum(np.asarray(codes, np.int64))
     before_row = np.concatenate([[0], running])[offsets[:-1]]
-    absolute = running - np.repeat(before_row, counts)
-    return _log_normalised(offsets, np.asarray(ids, np.int64), absolute * -LOGPROB_STEP)
+    logprobs = (running - np.repeat(before_row, counts)) * -LOGPROB_STEP
+    ids = np.asarray(ids, np.int64)
+    if not keep_tail:
+        return _log_normalised(offsets, ids, logprobs)
+    totals = np.bincount(np.repeat(np.arange(len(counts)), counts), weights=np.exp(logprobs), minlength=len(counts))
+    return SparseRows(offsets, ids, (logprobs - np.repeat(np.log(np.maximum(totals, 1.0)), counts)).astype(np.float32))

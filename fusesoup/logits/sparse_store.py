@@ -72,6 +72,7 @@ class SparseStore(ShardedStore):
         self.extras = extras
         if self.manifest["codec"] != SPARSE_CODEC:
             raise StorageError(f"{self.directory}: codec {self.manifest['codec']!r}, expected {SPARSE_CODEC!r}")
+        self.keeps_tail: bool = self.manifest.get("tail", False)  # rows sum to at most 1 (sparse.py)
 
     def schema(self) -> pa.Schema:
         return sparse_schema(self.vocab_size, self.extras)
@@ -82,7 +83,7 @@ class SparseStore(ShardedStore):
         for batch in self.record_batches(split, batch_sequences, shard):
             out = []
             for sequence, values in zip(batch.column("sequence").to_pylist(), list_rows(batch, names), strict=True):
-                rows = decode_rows(values["counts"], values["ids"], values["codes"])
+                rows = decode_rows(values["counts"], values["ids"], values["codes"], self.keeps_tail)
                 out.append(SparseSequence(sequence, values["input_ids"].astype(np.int64), rows,
                                           {name: values[name] for name in self.extras}))
             yield out

@@ -123,14 +123,32 @@ def student_log_probs(logits: torch.Tensor) -> torch.Tensor:
     return torch.log_softmax(logits.float(), dim=-1)
 
 
+TAIL_FLOOR = 1e-4  # a row's missing mass below this is rounding (renormalised rows sum to 1 within ~1e-6), not a tail
+
+
+def tail_outcome(log_q: torch.Tensor, p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A row's (k+1)-th outcome, everything but its ids: the teacher's mass there, 1 - sum_e p_e (a store that keeps
+    the tail, align.tail; 0 for renormalised rows), and the student's log-mass there, log(1 - sum_e q(id_e)).
+    log_q and p [B, L, E] (padding entries have p = 0); both results [B, L]."""
+    tail = 1 - p.sum(-1)
+    tail = torch.where(tail > TAIL_FLOOR, tail, torch.zeros_like(tail))
+    held = torch.logsumexp(log_q.masked_fill(p <= 0, float("-inf")), dim=-1)
+    return tail, log1mexp(held.clamp(max=-1e-6))
+
+
 def soft_cross_entropy(log_q: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
-    """`ce`: -sum_e p_e log q(id_e) per position; log_q and p [B, L, E]."""
-    return -(p * log_q).sum(-1)
+    """`ce`: -sum_e p_e log q(id_e) - p_tail log q_tail per position (the tail term only where rows keep their tail,
+    tail_outcome: a CE over k + 1 outcomes, so the student keeps the mass the teacher leaves beyond its top k);
+    log_q and p [B, L, E]."""
+    tail, log_q_tail = tail_outcome(log_q, p)
+    return -(p * log_q).sum(-1) - tail * log_q_tail
 
 
 def kl_divergence(log_q: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
     """`kl`: KL(p || q) per position: the cross-entropy minus the targets' entropy (same gradient, reaches 0)."""
-    return soft_cross_entropy(log_q, p) + (p * torch.log(torch.where(p > 0, p, torch.ones_like(p)))).sum(-1)
+    tail, _ = tail_outcome(log_q, p)
+    entropy = (p * torch.log(torch.where(p > 0, p, torch.ones_like(p)))).sum(-1)
+    return soft_cross_entropy(log_q, p) + entropy + tail * torch.log(torch.where(tail > 0, tail, torch.ones_like(tail)))
 
 
 def topk_cross_entropy(log_q: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
