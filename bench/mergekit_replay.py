@@ -4,12 +4,13 @@ Three random Llama checkpoints are saved with save_pretrained; alphas are learne
 tokens (fusesoup.soup.learn, as the soup stage runs it), so every module of every layer has its own weights; our
 streaming merge writes the soup and mergekit_config exports its config. Then `mergekit-yaml` (mergekit lives in its
 own venv: it pins its own torch and transformers) merges the same checkpoints from that config, and the two outputs
-are compared tensor by tensor (bit-identical count, largest absolute difference). With --method task_arithmetic or
-ties the same is done for those merges relative to ingredient 0 (weights 0.7 and 0.4, TIES density --density).
+are compared tensor by tensor (bit-identical count, largest absolute difference). With --method
+task_arithmetic, ties or sce the same is done for those merges relative to ingredient 0 (weights 0.7 and 0.4, TIES
+density --density; sce takes no weights, its select_topk is --select-topk).
 
     python -m venv /tmp/mergekit && /tmp/mergekit/bin/pip install torch==2.13.0 mergekit==0.1.5
     python bench/mergekit_replay.py --mergekit /tmp/mergekit/bin/mergekit-yaml [--dtype bfloat16 --layers 4]
-                                    [--method linear|task_arithmetic|ties --density 0.5]
+                                    [--method linear|task_arithmetic|ties|sce --density 0.5 --select-topk 0.5]
 """
 from __future__ import annotations
 
@@ -33,7 +34,7 @@ from fusesoup.soup.learn import group_of, learn_alphas, mapped_ingredients  # no
 from fusesoup.soup.merge import (check_ingredients, checked_sources, plan_linear, write_linear_merge,  # noqa: E402
                                  write_merge)
 from fusesoup.soup.mergekit import mergekit_config, task_vector_config  # noqa: E402
-from fusesoup.soup.task_vectors import TASK_VECTOR_METHODS, task_vector_combine  # noqa: E402
+from fusesoup.soup.relative import TASK_VECTOR_METHODS, Settings, task_vector_combine  # noqa: E402
 
 TASK_WEIGHTS = (0.7, 0.4)  # of ingredients 1 and 2 relative to ingredient 0
 
@@ -47,6 +48,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20, help="Adam steps of the per-module alphas")
     parser.add_argument("--method", default="linear", choices=["linear", *TASK_VECTOR_METHODS])
     parser.add_argument("--density", type=float, default=0.5, help="ties: the share of each task vector kept")
+    parser.add_argument("--select-topk", type=float, default=0.5, help="sce: the share of elements kept by variance")
     args = parser.parse_args()
     if not args.mergekit or not Path(args.mergekit).exists():
         raise SystemExit(f"mergekit-yaml not found ({args.mergekit}); install it as the docstring says")
@@ -77,11 +79,13 @@ def main() -> None:
                        "loss_first_last": [round(fit.log[0]["loss"], 4), round(fit.log[-1]["loss"], 4)]}
         else:
             plan = plan_linear(dirs, lambda name: (0.0, *TASK_WEIGHTS))
+            settings = Settings(density=args.density, select_topk=args.select_topk)
             write_merge(plan, checked_sources(plan, dirs), work / "ours",
-                        combine=task_vector_combine(args.method, 0, args.density))
+                        combine=task_vector_combine(args.method, 0, settings))
             exported = task_vector_config(args.method, str(dirs[0]), [str(d) for d in dirs[1:]], TASK_WEIGHTS,
-                                          args.density, 1.0, dtype=stored)
-            learned = {"weights": TASK_WEIGHTS, "density": args.density if args.method == "ties" else None}
+                                          settings, dtype=stored)
+            learned = {"weights": TASK_WEIGHTS, "density": args.density if args.method == "ties" else None,
+                       "select_topk": args.select_topk if args.method == "sce" else None}
         (work / "mergekit.yaml").write_text(yaml.safe_dump(exported, sort_keys=False))
         done = subprocess.run([args.mergekit, str(work / "mergekit.yaml"), str(work / "theirs"), "--no-cuda",
                                "--no-copy-tokenizer", "--no-write-model-card", "--quiet"],
