@@ -1,8 +1,10 @@
 """SCE relative to a base (fusesoup.soup.sce): against a dense element-by-element reference, mergekit's edge cases
-(select_topk = 1, the 1e-6 floors, a zero sum), streamed to disk, exported to mergekit and chosen as a
-strategy."""
+(select_topk = 1, the 1e-6 floors, a zero sum), streamed to disk, exported to mergekit and replayed by it bit for
+bit, and chosen as a strategy."""
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +19,9 @@ from fusesoup.soup.mergekit import task_vector_config
 from fusesoup.soup.recipes import Kitchen, cook
 from fusesoup.soup.relative import Settings, lambdas_for, settings_for, task_vector_combine
 from fusesoup.soup.sce import sce, select
-from tests.test_soup_merge import save_model
+from tests.test_soup_merge import LAYERS, save_model, state_dict
+
+MERGEKIT_YAML = Path(sys.executable).with_name("mergekit-yaml")  # installed with the test dependencies
 
 
 def random_tensors(count: int, shape=(7, 9), seed: int = 0) -> list[torch.Tensor]:
@@ -130,6 +134,20 @@ def test_an_sce_merge_streams_to_disk_and_exports_mergekit_sce(tmp_path):
     assert yaml.safe_load(exported.read_text()) == {
         "merge_method": "sce", "base_model": str(dirs[0]), "dtype": "float32", "out_dtype": "bfloat16",
         "parameters": {"select_topk": 0.3}, "models": [{"model": str(dirs[1])}, {"model": str(dirs[2])}]}
+
+
+@pytest.mark.parametrize("variants, select_topk, dtype", [(2, 0.5, torch.bfloat16), (3, 0.3, torch.float32),
+                                                          (3, 1.0, torch.bfloat16)])
+def test_mergekit_replays_the_sce_soup_bit_for_bit(tmp_path, variants, select_topk, dtype):
+    """mergekit 0.1.5 (a test dependency) run on the exported mergekit.yaml writes the very tensors we wrote."""
+    _, exported = sce_soup(tmp_path, variants, select_topk, dtype)
+    done = subprocess.run([str(MERGEKIT_YAML), str(exported), str(tmp_path / "theirs"), "--no-cuda",
+                           "--no-copy-tokenizer", "--no-write-model-card", "--quiet"], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    ours, theirs = state_dict(tmp_path / "ours"), state_dict(tmp_path / "theirs")
+    assert set(ours) == set(theirs) and len(ours) == 9 * LAYERS + 3
+    for name, tensor in ours.items():
+        assert theirs[name].dtype == dtype and torch.equal(tensor, theirs[name]), name
 
 
 def test_sce_as_a_strategy_takes_select_topk_and_no_lambda():
