@@ -27,7 +27,8 @@ VocabMethod = Literal["exact", "min_ed", "prefix"]  # align/vocab_map.VOCAB_MAPS
 FuseMethod = Literal["min_ce", "avg_ce", "min_ce_token", "avg_ce_token"]  # fusion.FUSE_METHODS
 FusionLoss = Literal["ce", "kl", "topk"]  # train/loss.FUSION_LOSSES
 Engine = Literal["ddp", "fsdp"]  # train/engine.ENGINES
-SoupStrategy = Literal["vanilla", "greedy", "learned", "regularized", "task_arithmetic", "ties"]  # soup/recipes.STRATEGIES
+# soup/recipes.STRATEGIES
+SoupStrategy = Literal["vanilla", "greedy", "learned", "regularized", "task_arithmetic", "ties", "sce"]
 Granularity = Literal["model", "layer", "module"]  # soup/learn.GROUPINGS
 
 # Tokens a bootstrapped tokenizer may add beyond one per byte: a word-start marker, BOS and EOS.
@@ -250,11 +251,13 @@ class Probe(Strict):
 
 
 class TaskVectors(Strict):
-    """The task_arithmetic and ties soups: the other ingredients' task vectors relative to the first (the base)."""
+    """The task_arithmetic, ties and sce soups: the other ingredients' task vectors relative to the first (the base)."""
 
-    weight: PositiveFloat = 1.0  # of each non-base ingredient (mergekit's `weight`)
+    weight: PositiveFloat = 1.0  # of each non-base ingredient (mergekit's `weight`; not sce's)
     density: Annotated[float, Field(gt=0, le=1)] = 0.5  # ties: the share of each task vector kept (trim)
     lambdas: Annotated[list[PositiveFloat], Field(min_length=1)] = [0.5, 1.0]  # scalings tried; the best on valid
+    # sce: the share of elements (by variance across the task vectors) kept; 1 (mergekit's default) keeps all
+    select_topk: Annotated[float, Field(gt=0, le=1)] = 1.0
 
 
 class Soup(Strict):

@@ -3,7 +3,8 @@
 Ingredients (params soup.ingredients; default the target base, target-clm and target-fused) must share one
 architecture. Strategies: vanilla (uniform), greedy (an ingredient joins only if the valid score improves),
 learned (alpha = softmax(logits) per model / layer / module, learned on the valid split with the ingredients
-frozen) and regularized (learned + lambda * sum |alpha - 1/N| per soup.l1). Each soup is written by a streaming
+frozen) and regularized (learned + lambda * sum |alpha - 1/N| per soup.l1); opt-in, mergekit's task_arithmetic, ties
+and sce relative to the first ingredient (fusesoup.soup.relative). Each soup is written by a streaming
 merge of the ingredients' safetensors into data/soups/soup-<name>/ (config, tokenizer, soup.json with its alphas
 and a mergekit config that replays it); metrics/soup.json holds every valid score; plots/interpolation.csv the
 valid and test bits per byte along the line between the two soup.probe models. With a vision-language ingredient
@@ -29,7 +30,7 @@ from fusesoup.soup.merge import (check_ingredients, checked_sources, plan_linear
 from fusesoup.soup.mergekit import mergekit_config, task_vector_config
 from fusesoup.soup.multimodal import multimodal_position, write_multimodal_merge
 from fusesoup.soup.recipes import Kitchen, coefficients, cook, learning_batches, probe_rows
-from fusesoup.soup.task_vectors import TASK_VECTOR_METHODS, load_task_vector_merge, task_vector_combine
+from fusesoup.soup.relative import TASK_VECTOR_METHODS, Settings, load_task_vector_merge, task_vector_combine
 from fusesoup.storage import atomic_dir, write_csv, write_json
 
 
@@ -78,9 +79,8 @@ def main(argv: list[str] | None = None) -> None:
     learn = lambda batches, l1: learn_alphas(model, ingredients, batches, spec.granularity, l1,  # noqa: E731
                                              spec.steps, spec.lr, spec.recompute)
 
-    def score_merge(method: str, weights: list[float], lam: float) -> float:
-        density = spec.task_vectors.density if method == "ties" else 1.0
-        return bpb(load_task_vector_merge(model, directories, method, weights, density, lam), valid)
+    def score_merge(method: str, weights: list[float], settings: Settings) -> float:
+        return bpb(load_task_vector_merge(model, directories, method, weights, settings), valid)
 
     @functools.cache
     def batches():
@@ -101,11 +101,12 @@ def main(argv: list[str] | None = None) -> None:
             tokenizer.save_pretrained(directory)
             if "method" in recipe:  # relative to the first ingredient: mergekit replays its own method
                 plan = plan_linear(directories, lambda _: recipe["weights"])
-                write_merge(plan, checked_sources(plan, directories), directory, combine=task_vector_combine(
-                    recipe["method"], 0, recipe["density"], recipe["lambda"]))
+                settings = Settings(recipe["density"], recipe["lambda"], recipe["select_topk"])
+                write_merge(plan, checked_sources(plan, directories), directory,
+                            combine=task_vector_combine(recipe["method"], 0, settings))
                 replay = yaml.safe_dump(task_vector_config(
                     recipe["method"], str(directories[0]), [str(d) for d in directories[1:]], recipe["weights"][1:],
-                    recipe["density"], recipe["lambda"], dtype=dtype), sort_keys=False)
+                    settings, dtype=dtype), sort_keys=False)
             else:
                 plan = plan_linear(directories, coefficients(recipe))
                 write_linear_merge(plan, directories, directory)

@@ -10,7 +10,8 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from fusesoup.soup.checkpoint import SoupError
 from fusesoup.soup.merge import checked_sources, plan_linear, write_merge
 from fusesoup.soup.mergekit import task_vector_config
-from fusesoup.soup.task_vectors import task_arithmetic, task_vector_combine, ties, trim
+from fusesoup.soup.relative import Settings, task_vector_combine
+from fusesoup.soup.task_vectors import task_arithmetic, ties, trim
 
 
 def random_tensors(count: int, shape=(7, 9), seed: int = 0) -> list[torch.Tensor]:
@@ -75,15 +76,16 @@ def test_a_ties_merge_streams_to_disk_tensor_by_tensor(tmp_path):
         dirs.append(tmp_path / f"m{seed}")
         LlamaForCausalLM(config).save_pretrained(dirs[-1])
     plan = plan_linear(dirs, lambda name: (0.0, 0.7, 0.4))
-    write_merge(plan, checked_sources(plan, dirs), tmp_path / "out", combine=task_vector_combine("ties", 0, 0.3))
+    write_merge(plan, checked_sources(plan, dirs), tmp_path / "out",
+                combine=task_vector_combine("ties", 0, Settings(density=0.3)))
     merged = load_file(tmp_path / "out/model.safetensors")
     states = [load_file(d / "model.safetensors") for d in dirs]
     for name, value in merged.items():
         assert torch.equal(value, ties(states[0][name], [states[1][name], states[2][name]], [0.7, 0.4], 0.3)), name
-    assert task_vector_config("ties", "m0", ["m1", "m2"], [0.7, 0.4], 0.3, 1.0, "BF16") == {
+    assert task_vector_config("ties", "m0", ["m1", "m2"], [0.7, 0.4], Settings(density=0.3), "BF16") == {
         "merge_method": "ties", "base_model": "m0", "dtype": "float32", "out_dtype": "bfloat16",
         "parameters": {"normalize": True, "lambda": 1.0},
         "models": [{"model": "m1", "parameters": {"weight": 0.7, "density": 0.3}},
                    {"model": "m2", "parameters": {"weight": 0.4, "density": 0.3}}]}
-    with pytest.raises(SoupError, match="merge method 'dare': not one of task_arithmetic, ties"):
+    with pytest.raises(SoupError, match="merge method 'dare': not one of task_arithmetic, ties, sce"):
         task_vector_combine("dare", 0)

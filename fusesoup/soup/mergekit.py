@@ -17,6 +17,7 @@ from typing import Callable, Sequence
 
 from fusesoup.soup.checkpoint import SoupError
 from fusesoup.soup.merge import DTYPES, coefficient_vector
+from fusesoup.soup.relative import Settings
 
 # A layer tensor: `<stack>.<layer index>.<module>`, e.g. model.layers.3.self_attn.q_proj.weight.
 _LAYER = re.compile(r"^(?P<stack>.+?)\.(?P<layer>\d+)\.(?P<module>.+)$")
@@ -86,15 +87,20 @@ def mergekit_config(model_refs: Sequence[str], coefficients: Callable[[str], Seq
 
 
 def task_vector_config(method: str, base_ref: str, model_refs: Sequence[str], weights: Sequence[float],
-                       density: float, lam: float, dtype: str = "F32") -> dict:
-    """The mergekit config of a task_arithmetic or ties merge of `model_refs` (weights w_i) relative to `base_ref`.
-    mergekit computes these in its `dtype`; float32 with `out_dtype` the ingredients' own gives task_vectors.py's
-    float32 arithmetic and final cast."""
+                       settings: Settings, dtype: str = "F32") -> dict:
+    """The mergekit config of a merge relative to `base_ref` (relative.METHODS) of `model_refs` (weights w_i).
+    mergekit computes these in its `dtype`; float32 with `out_dtype` the ingredients' own gives the float32
+    arithmetic and final cast of task_vectors.py and sce.py. sce takes no weight and no lambda, only select_topk."""
     if dtype not in MERGEKIT_DTYPES:
         raise SoupError(f"dtype {dtype}: mergekit replays only {', '.join(MERGEKIT_DTYPES)}")
-    parameters = {"normalize": method == "ties", "lambda": lam}
-    models = [{"model": ref, "parameters": {"weight": float(w), **({"density": density} if method == "ties" else {})}}
-              for ref, w in zip(model_refs, weights, strict=True)]
+    if method == "sce":
+        parameters: dict = {"select_topk": settings.select_topk}
+        models: list[dict] = [{"model": ref} for ref in model_refs]
+    else:
+        parameters = {"normalize": method == "ties", "lambda": settings.lam}
+        models = [{"model": ref, "parameters": {"weight": float(w), **(
+            {"density": settings.density} if method == "ties" else {})}}
+                  for ref, w in zip(model_refs, weights, strict=True)]
     accumulate = str(DTYPES[dtype][1]).removeprefix("torch.")  # what merge.py sums in
     config = {"merge_method": method, "base_model": base_ref, "dtype": accumulate, "parameters": parameters,
               "models": models}

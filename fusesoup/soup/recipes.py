@@ -3,7 +3,7 @@
 A strategy gets the Kitchen (the ingredients' names and own valid scores, and the callables that score, learn and
 merge on the valid split) and returns its soups: name -> recipe. A recipe is {"granularity", "groups" (group ->
 alpha per ingredient), "valid_bpb"} for a linear soup, or {"method", "base", "weights", "density", "lambda",
-"valid_bpb"} for a merge relative to the first ingredient (mergekit's task_arithmetic and ties).
+"select_topk", "valid_bpb"} for a merge relative to the first ingredient (mergekit's task_arithmetic, ties, sce).
 """
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ from fusesoup.batching import pad_batch, plan_batches
 from fusesoup.params import Soup, SoupStrategy
 from fusesoup.soup.checkpoint import SoupError
 from fusesoup.soup.learn import LearnedSoup, greedy_soup, group_of, uniform
+from fusesoup.soup.relative import TASK_VECTOR_METHODS, Settings, lambdas_for, settings_for
 
 Batches = list[tuple[torch.Tensor, torch.Tensor]]  # (input_ids, attention_mask) of the valid split
 
@@ -27,7 +28,7 @@ class Kitchen(NamedTuple):
     own: list[float]  # each ingredient's valid bpb
     score: Callable[[dict[str, torch.Tensor], str], float]  # (alphas, granularity) -> valid bpb of that soup
     learn: Callable[[Batches, float], LearnedSoup]  # (batches, l1) -> fitted alphas (learn.learn_alphas)
-    score_merge: Callable[[str, list[float], float], float]  # (method, weights, lambda) -> valid bpb of the merge
+    score_merge: Callable[[str, list[float], Settings], float]  # (method, weights, settings) -> valid bpb of the merge
     batches: Callable[[], Batches]  # the learning batches, made on first use and kept
 
 
@@ -60,21 +61,25 @@ def regularized(kitchen: Kitchen) -> dict[str, dict]:
 
 
 def task_vector_merge(method: str) -> Callable[[Kitchen], dict[str, dict]]:
-    """task_arithmetic / ties relative to the first ingredient: each soup.task_vectors lambda tried, the best kept."""
+    """A merge relative to the first ingredient (relative.METHODS): each soup.task_vectors lambda tried (one trial
+    for sce, which takes none), the best kept."""
     def merge(kitchen: Kitchen) -> dict[str, dict]:
         vectors = kitchen.spec.task_vectors
         weights = [0.0] + [vectors.weight] * (len(kitchen.names) - 1)  # the first ingredient is the base
-        trials = {lam: kitchen.score_merge(method, weights, lam) for lam in vectors.lambdas}
+        trials = {lam: kitchen.score_merge(method, weights, settings_for(method, vectors, lam))
+                  for lam in lambdas_for(method, vectors)}
         best = min(trials, key=trials.get)
+        settings = settings_for(method, vectors, best)
         return {f"soup-{method}": {"method": method, "base": kitchen.names[0], "weights": weights,
-                                   "density": vectors.density if method == "ties" else 1.0, "lambda": best,
-                                   "valid_bpb": trials[best], "valid_bpb_by_lambda": trials}}
+                                   "density": settings.density, "lambda": settings.lam,
+                                   "select_topk": settings.select_topk, "valid_bpb": trials[best],
+                                   "valid_bpb_by_lambda": trials}}
     return merge
 
 
 STRATEGIES: dict[SoupStrategy, Callable[[Kitchen], dict[str, dict]]] = {
     "vanilla": vanilla, "greedy": greedy, "learned": learned, "regularized": regularized,
-    "task_arithmetic": task_vector_merge("task_arithmetic"), "ties": task_vector_merge("ties")}
+    **{method: task_vector_merge(method) for method in TASK_VECTOR_METHODS}}
 
 
 def cook(kitchen: Kitchen) -> dict[str, dict]:

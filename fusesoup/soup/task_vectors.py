@@ -6,24 +6,22 @@ Each ingredient i other than the base gives a task vector delta_i = theta_i - th
 - TIES (Yadav et al. 2023): each delta_i keeps its `density` share of largest magnitudes (trim); per element the
   sign of sum_i w_i delta_i is elected (>= 0: positive); the weighted deltas agreeing with it are summed and, with
   normalize (TIES's default), divided by the sum of their weights (disjoint mean); theta = base + lambda * that.
-All in float32 (float64 for float64 tensors), cast back to the tensor's dtype at the end.
+All in float32 (float64 for float64 tensors), cast back to the tensor's dtype at the end. sce.py is the third
+such merge; relative.py holds them by mergekit name and streams them.
 """
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Sequence
 
 import torch
 
-from fusesoup.soup.checkpoint import SoupError, TensorEntry, ingredient_indexes, read_entry
-from fusesoup.soup.merge import DTYPES, Combine, MergeStep
+from fusesoup.soup.merge import DTYPES
 
-TASK_VECTOR_METHODS = ("task_arithmetic", "ties")  # mergekit's merge_method names
 ACCUMULATE = {stored: accumulate for stored, accumulate in DTYPES.values()}  # torch dtype -> the one sums run in
 
 
-def _deltas(base: torch.Tensor, tensors: Sequence[torch.Tensor], accumulate: torch.dtype) -> torch.Tensor:
-    """[N, *shape] task vectors in the accumulation dtype."""
+def task_deltas(base: torch.Tensor, tensors: Sequence[torch.Tensor], accumulate: torch.dtype) -> torch.Tensor:
+    """[N, *shape] task vectors t_i - base in the accumulation dtype (shared by every merge relative to a base)."""
     base = base.to(accumulate)
     return torch.stack([tensor.to(accumulate) - base for tensor in tensors])
 
@@ -47,7 +45,7 @@ def task_arithmetic(base: torch.Tensor, tensors: Sequence[torch.Tensor], weights
     """base + lam * sum_i w_i (t_i - base) (over sum_i w_i when normalize), in base's dtype."""
     accumulate = ACCUMULATE[base.dtype]
     weight = torch.tensor(list(weights), dtype=accumulate).reshape(-1, *[1] * base.dim())
-    mixed = (_deltas(base, tensors, accumulate) * weight).sum(dim=0)
+    mixed = (task_deltas(base, tensors, accumulate) * weight).sum(dim=0)
     if normalize:
         total = float(sum(weights))
         mixed /= total if abs(total) >= 1e-8 else 1.0
@@ -58,7 +56,7 @@ def ties(base: torch.Tensor, tensors: Sequence[torch.Tensor], weights: Sequence[
          lam: float = 1.0, normalize: bool = True) -> torch.Tensor:
     """TIES-merging of `tensors` relative to `base`: trim, elect sign, disjoint (weighted) mean; in base's dtype."""
     accumulate = ACCUMULATE[base.dtype]
-    deltas = torch.stack([trim(delta, density) for delta in _deltas(base, tensors, accumulate)])
+    deltas = torch.stack([trim(delta, density) for delta in task_deltas(base, tensors, accumulate)])
     weight = torch.tensor(list(weights), dtype=accumulate).reshape(-1, *[1] * base.dim())
     deltas *= weight
     elected = torch.where(deltas.sum(dim=0) >= 0, 1.0, -1.0).to(accumulate)
@@ -68,35 +66,3 @@ def ties(base: torch.Tensor, tensors: Sequence[torch.Tensor], weights: Sequence[
         divisor = (weight * agree).sum(dim=0)
         mixed /= torch.where(divisor == 0, torch.ones_like(divisor), divisor)
     return (base.to(accumulate) + lam * mixed).to(base.dtype)
-
-
-def task_vector_combine(method: str, base: int, density: float = 1.0, lam: float = 1.0) -> Combine:
-    """merge.write_merge's `combine` for `method` (task_arithmetic or ties) relative to ingredient `base`: each
-    step's weights are the other ingredients' w_i (the base's entry is unused)."""
-    if method not in TASK_VECTOR_METHODS:
-        raise SoupError(f"merge method {method!r}: not one of {', '.join(TASK_VECTOR_METHODS)}")
-
-    def combine(step: MergeStep, sources: Sequence[dict[str, TensorEntry]]) -> torch.Tensor:
-        tensors = [read_entry(entries[step.name]) for entries in sources]
-        others = [tensor for index, tensor in enumerate(tensors) if index != base]
-        weights = [weight for index, weight in enumerate(step.weights) if index != base]
-        if method == "ties":
-            return ties(tensors[base], others, weights, density, lam)
-        return task_arithmetic(tensors[base], others, weights, lam)
-    return combine
-
-
-
-def load_task_vector_merge(model: torch.nn.Module, model_dirs: Sequence[Path], method: str, weights: Sequence[float],
-                           density: float, lam: float) -> torch.nn.Module:
-    """Give `model` the merge of `model_dirs` relative to the first (task_vector_combine), one parameter at a time,
-    in the model's dtype; returns it for scoring."""
-    sources = ingredient_indexes(model_dirs)
-    combine = task_vector_combine(method, 0, density, lam)
-    with torch.no_grad():
-        for name, parameter in model.named_parameters():
-            if name not in sources[0]:
-                raise SoupError(f"parameter {name} of the {type(model).__name__} is not in {model_dirs[0]}")
-            step = MergeStep(name, tuple(parameter.shape), sources[0][name].dtype, tuple(weights))
-            parameter.data = combine(step, sources).to(parameter.dtype)
-    return model
