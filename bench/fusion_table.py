@@ -70,12 +70,12 @@ def oracle_entry(base: dict, like: str, steps: int | None) -> dict:
     return {**entry, "tokenizer": tokenizer, "train": {**entry["train"], "steps": steps or entry["train"]["steps"]}}
 
 
-def link_project(project: Path, folder: Path, names: list[str]) -> None:
-    """folder/NAME -> the project's data/<folder's name>/NAME, for each name not there yet."""
+def link_project(project: Path, kind: str, folder: Path, names: list[str]) -> None:
+    """folder/NAME -> the project's data/KIND/NAME (KIND: models, logits), for each name not there yet."""
     folder.mkdir(parents=True, exist_ok=True)
     for name in names:
         if not (folder / name).exists():
-            (folder / name).symlink_to((project / "data" / folder.name / name).resolve())
+            (folder / name).symlink_to((project / "data" / kind / name).resolve())
 
 
 def align_and_fuse(project: Path, work: Path, params: Path, sources: list[str], logits: Path) -> Path:
@@ -120,13 +120,13 @@ def build_store(project: Path, work: Path, name: str, base: dict, overrides: dic
         setup = {"bootstrap": {ORACLE: entry}, "sources": sources}
     params = write_params(store / "params.yaml", base, deep_merge(overrides, setup))
     models = work / "models"
-    link_project(project, models, [target, *(s for s in sources if s != ORACLE)])
+    link_project(project, "models", models, [target, *(s for s in sources if s != ORACLE)])
     if oracle is not None and not (models / ORACLE).exists():
         (models / ORACLE).symlink_to(model.resolve())
     extraction = overrides.get("extract", {})
     logits = work / "logits" / (json.dumps(extraction, sort_keys=True) if extraction else "project")
     needed = list(dict.fromkeys([target, *sources]))
-    link_project(project, logits, [] if extraction else [s for s in needed if s != ORACLE])
+    link_project(project, "logits", logits, [] if extraction else [s for s in needed if s != ORACLE])
     for source in needed:
         if not (logits / source / "manifest.json").exists():
             stage("extract", source, "--params", str(params), "--corpus", str(project / "data/corpus"),
