@@ -16,7 +16,7 @@ import yaml
 from fusesoup.corpus import SPLITS, read_split
 from fusesoup.logits.sparse_store import ALIGNED_EXTRAS, FUSED_EXTRAS, SparseStore
 from fusesoup.logits.store import LogitStore
-from fusesoup.params import load_params
+from fusesoup.params import FUSED_ONLY_TRAIN_KEYS, STAGE_PARAMS, load_params
 from tests.dvc_project import commit_all, dvc, make_project, set_param
 
 pytestmark = pytest.mark.e2e
@@ -310,6 +310,45 @@ def test_corpus_params_mark_the_corpus_stage(built):
         assert ran_stages(dvc(built, "repro", "--dry").stdout) == {"prepare_corpus"}
     finally:
         (built / "params.yaml").write_text(params_before)
+
+
+def readers(repo: Path, key: str) -> set[str]:
+    """The stages of `repo` that read params key `key`, by params.STAGE_PARAMS: an entry of the stage's list is the
+    key, or a section above it (`${key}` and `${item}` stand for the stage's foreach item)."""
+    found = set()
+    for stage in stage_names(repo):
+        template, _, item = stage.partition("@")
+        entries = STAGE_PARAMS[stage] if stage in STAGE_PARAMS else STAGE_PARAMS[template]
+        if any(key == entry or key.startswith(entry + ".")
+               for entry in (e.replace("${key}", item).replace("${item}", item) for e in entries)):
+            found.add(stage)
+    return found
+
+
+# One key of each stage's section, the fusion terms, a shared train key and the runtime keys not every stage reads,
+# each with another valid value; which stages they mark comes from params.STAGE_PARAMS.
+PROBES = {**{f"train.{key}": value for key, value in zip(FUSED_ONLY_TRAIN_KEYS, (0.5, "kl", 0.0, 5.0, 0.5))},
+          "train.steps": 9, "runtime.peak_tflops": 100.0, "runtime.dtype": "float32", "seed": 1,
+          "extract.k": 4, "align.spans": "expand", "fuse.temperature": 2.0, "soup.steps": 3, "soup.l1": [0.01],
+          "evaluate.batch_tokens": 4096}
+
+
+def test_each_key_marks_exactly_the_stages_that_read_it(built):
+    """`dvc status` after one key changed names exactly its readers: a fusion term train@fused and not train@clm,
+    a shared train key both (dvc status runs nothing, so each probe costs one status)."""
+    assert set(FUSED_ONLY_TRAIN_KEYS) <= {key.removeprefix("train.") for key in PROBES}
+    params_before = (built / "params.yaml").read_text()
+    try:
+        for key, value in PROBES.items():
+            set_param(built, key, value)
+            status = json.loads(dvc(built, "status", "--json").stdout)
+            assert set(status) == readers(built, key), key
+            (built / "params.yaml").write_text(params_before)
+    finally:
+        (built / "params.yaml").write_text(params_before)
+    assert json.loads(dvc(built, "status", "--json").stdout) == {}
+    assert readers(built, "train.lambda") == {"train@fused"}
+    assert readers(built, "train.steps") == {"train@clm", "train@fused"}
 
 
 def test_a_bad_param_stops_the_stage_with_one_line(built, tmp_path):
