@@ -252,7 +252,8 @@ def train_keys(variant: str) -> list[str]:
 # dvc.yaml's `params` cover exactly (tests/test_stage_params.py; tests/test_dag.py: changing a key marks exactly its
 # readers in `dvc status`).
 # Reads that change no output are left out: models.<name>.trust_remote_code only decides whether a model may load
-# (pin@ tracks it), and extract@ and evaluate draw nothing random from the seed torch_runtime sets.
+# (pin@ tracks it), extract@ and evaluate draw nothing random from the seed torch_runtime sets, and
+# runtime.peak_tflops feeds only train@'s throughput log (the MFU column), which DVC does not track.
 _DEVICE = ["runtime.device", "runtime.dtype", "runtime.threads"]
 STAGE_PARAMS: dict[str, list[str]] = {
     "prepare_corpus": ["corpus", "models"],  # path and hub models' tokenizers cap the chunk length
@@ -261,8 +262,8 @@ STAGE_PARAMS: dict[str, list[str]] = {
     "extract": [*_DEVICE, "extract"],
     "align": ["target", "align"],
     "fuse": ["sources", "fuse"],
-    "train@clm": ["seed", *_DEVICE, "runtime.peak_tflops", "target", *(f"train.{key}" for key in train_keys("clm"))],
-    "train@fused": ["seed", *_DEVICE, "runtime.peak_tflops", "target", "train"],
+    "train@clm": ["seed", *_DEVICE, "target", *(f"train.{key}" for key in train_keys("clm"))],
+    "train@fused": ["seed", *_DEVICE, "target", "train"],
     "soup": ["seed", *_DEVICE, "target", "soup"],
     "evaluate": [*_DEVICE, "target", "sources", "soup.strategies", "soup.l1", "evaluate"],
 }
