@@ -299,9 +299,15 @@ def committed(built, tmp_path_factory) -> Path:
 
 def test_a_rerun_leaves_every_tracked_output_byte_identical(committed):
     """Two runs of a stage give the same bytes: train@clm and train@fused run again (their plots hold no wall-clock
-    figure) leave their models (dvc.lock's hashes), metrics and plots as committed."""
-    out = dvc(committed, "repro", "--force", "--single-item", "train@clm", "train@fused").stdout
-    assert ran_stages(out) == {"train@clm", "train@fused"}
+    figure) leave their models (dvc.lock's hashes), metrics and plots as committed; so does evaluate, whose report
+    is a cached output (dvc.lock holds its hash; the repo's .gitignore already names it as DVC writes it)."""
+    out = dvc(committed, "repro", "--force", "--single-item", "train@clm", "train@fused", "evaluate").stdout
+    assert ran_stages(out) == {"train@clm", "train@fused", "evaluate"}
+    lock = yaml.safe_load((committed / "dvc.lock").read_text())
+    report = next(out["md5"] for out in lock["stages"]["evaluate"]["outs"] if out["path"] == "reports")
+    assert (committed / ".dvc/cache/files/md5" / report[:2] / report[2:]).is_file()  # in DVC's cache: pushed, pulled
+    assert run(["git", "check-ignore", "-q", "reports"], committed).returncode == 0
+    assert run(["git", "check-ignore", "-q", "dvc.lock"], committed, check=False).returncode == 1  # committed
     assert git_status(committed) == ""
     assert json.loads(dvc(committed, "status", "--json").stdout) == {}
 
