@@ -312,6 +312,31 @@ def test_a_rerun_leaves_every_tracked_output_byte_identical(committed):
     assert json.loads(dvc(committed, "status", "--json").stdout) == {}
 
 
+def test_a_pushed_cache_makes_a_fresh_clone_clean(committed, tmp_path):
+    """Sharing the cache (README): dvc push from one clone to a local remote, then in a fresh git clone dvc pull
+    leaves a clean workspace that `dvc repro` finds up to date; a new teacher there marks only its own stages and
+    those downstream of the fusion, so every pulled store is reused."""
+    dvc(committed, "remote", "add", "-d", "shared", str(tmp_path / "remote"))
+    commit_all(committed, "remote")
+    dvc(committed, "push")
+    clone = tmp_path / "clone"
+    run(["git", "clone", "-q", str(committed), str(clone)], tmp_path)
+    assert not (clone / "data").exists() and not (clone / "reports").exists()
+    dvc(clone, "pull")
+    assert (clone / "reports/report.md").read_bytes() == (committed / "reports/report.md").read_bytes()
+    assert json.loads(dvc(clone, "status", "--json").stdout) == {}
+    out = dvc(clone, "repro").stdout
+    assert "Running stage" not in out and "Stage 'train@clm' didn't change, skipping" in out
+    assert git_status(clone) == ""
+
+    params = yaml.safe_load((clone / "params.yaml").read_text())
+    params["bootstrap"]["code-neox-2"] = {**params["bootstrap"]["code-neox"], "architecture": "llama"}
+    params["sources"].append("code-neox-2")
+    (clone / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    assert set(json.loads(dvc(clone, "status", "--json").stdout)) == {
+        "bootstrap@code-neox-2", "extract@code-neox-2", "align@code-neox-2", "fuse", "evaluate"}
+
+
 def test_one_specialists_params_mark_only_its_bootstrap_stage(built):
     params_before = (built / "params.yaml").read_text()
     try:
