@@ -458,3 +458,16 @@ def test_extraction_reruns_for_k_only_and_a_new_teacher_reuses_the_other_stores(
     out = dvc(repo, "exp", "run", "-S", "fuse.method=avg_ce").stdout  # downstream of extraction: no extract reruns
     assert ran_stages(out) == {"fuse", "train@fused", "soup", "evaluate"}  # train@clm reads the target's own tokens
     assert json.loads((repo / "metrics/fusion.json").read_text())["method"] == "avg_ce"
+
+
+def test_a_queued_lambda_sweep_trains_train_fused_alone(committed):
+    """A fusion sweep as queued DVC experiments: two lambdas run train@fused twice, and train@clm, fuse, extract@
+    and align@ never; a swept lambda set again is restored from the run cache, not trained (runs last: it leaves
+    the workspace at that lambda)."""
+    for lam in ("0.5", "0.7"):
+        dvc(committed, "exp", "run", "--queue", "-S", f"train.lambda={lam}")
+    ran = re.findall(r"Running stage '([^']+)'", dvc(committed, "exp", "run", "--run-all").stdout)
+    assert ran.count("train@fused") == 2 and set(ran) <= {"train@fused", "soup", "evaluate"}
+    out = dvc(committed, "exp", "run", "-S", "train.lambda=0.5").stdout
+    assert "Stage 'train@fused' is cached - skipping run" in out and "Running stage" not in out
+    assert "metrics/train/fused.json" in dvc(committed, "metrics", "diff").stdout
