@@ -184,7 +184,8 @@ def train_run(project: Path, work: Path, base: dict, name: str, store: Path | st
               "--fused", str(project / "data/fused" if live or store is None else store),
               "--logits", str(project / "data/logits"),
               "--out", str(work / "runs" / run), "--checkpoints", str(work / "checkpoints" / run),
-              "--metrics", str(metrics), "--plots", str(work / "plots" / f"{run}.csv"), "--no-progress")
+              "--metrics", str(metrics), "--plots", str(work / "plots" / f"{run}.csv"),
+              "--throughput", str(work / "logs" / f"{run}.csv"), "--no-progress")
     return read_json(metrics)
 
 

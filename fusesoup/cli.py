@@ -28,6 +28,8 @@ PATHS = {  # every path option a stage may take, and what it is
     "out": "the stage's output",
     "metrics": "the stage's metrics: a JSON file, or the directory its JSON files go to",
     "plots": "the stage's plot data: a CSV file, or the directory its CSV files go to",
+    "throughput": "train@'s per-step tokens per second and MFU (CSV): a log, not a DVC output, as wall-clock "
+                  "figures differ between identical runs",
     "report": "the report directory",
     "harness": "lm-evaluation-harness results (JSON; {} when harness_tasks is empty)",
 }

@@ -241,6 +241,36 @@ class ContinuedTraining(TrainSpec):
 
 TRAINED_VARIANTS = ("clm", "fused")  # train@clm (lambda 1) and train@fused
 TRAINED_MODELS = tuple(f"target-{variant}" for variant in TRAINED_VARIANTS)  # what they write to data/models/
+# The train keys only train@fused reads (its loss terms); train@clm reads every other one. A key added to
+# ContinuedTraining is shared unless it is named here.
+FUSED_ONLY_TRAIN_KEYS = ("lambda", "fusion_loss", "chunk_weight", "chunk_temperature", "uld_weight")
+
+
+def train_keys(variant: str) -> list[str]:
+    """The train keys (params.yaml's names) train@<variant> reads: all of them for fused, the shared ones for clm."""
+    names = [field.alias or name for name, field in ContinuedTraining.model_fields.items()]
+    return [name for name in names if variant == "fused" or name not in FUSED_ONLY_TRAIN_KEYS]
+
+
+# Who reads what: each DVC stage -> the params.yaml keys its outputs depend on (a section: every key in it), which
+# dvc.yaml's `params` cover exactly (tests/test_stage_params.py; tests/test_dag.py: changing a key marks exactly its
+# readers in `dvc status`).
+# Reads that change no output are left out: models.<name>.trust_remote_code only decides whether a model may load
+# (pin@ tracks it), extract@ and evaluate draw nothing random from the seed torch_runtime sets, and
+# runtime.peak_tflops feeds only train@'s throughput log (the MFU column), which DVC does not track.
+_DEVICE = ["runtime.device", "runtime.dtype", "runtime.threads"]
+STAGE_PARAMS: dict[str, list[str]] = {
+    "prepare_corpus": ["corpus", "models"],  # path and hub models' tokenizers cap the chunk length
+    "pin": ["models.${key}"],
+    "bootstrap": ["seed", "runtime.device", "runtime.threads", "bootstrap.${key}"],  # float32 whatever runtime.dtype
+    "extract": [*_DEVICE, "extract"],
+    "align": ["target", "align"],
+    "fuse": ["sources", "fuse"],
+    "train@clm": ["seed", *_DEVICE, "target", *(f"train.{key}" for key in train_keys("clm"))],
+    "train@fused": ["seed", *_DEVICE, "target", "train"],
+    "soup": ["seed", *_DEVICE, "target", "soup"],
+    "evaluate": [*_DEVICE, "target", "sources", "soup.strategies", "soup.l1", "evaluate"],
+}
 
 
 class Probe(Strict):

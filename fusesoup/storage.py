@@ -63,9 +63,10 @@ def write_json(path: Path | str, obj: Any) -> None:
 
 
 def write_csv(path: Path | str, rows: list[dict], fieldnames: list[str]) -> None:
-    """`rows` as a CSV table with a header line (`\n` line ends), written atomically (DVC plots read these)."""
+    """The `fieldnames` columns of `rows` as a CSV table with a header line (`\n` line ends), written atomically (DVC
+    plots read these)."""
     table = io.StringIO()
-    writer = csv.DictWriter(table, fieldnames=fieldnames, lineterminator="\n")
+    writer = csv.DictWriter(table, fieldnames=fieldnames, lineterminator="\n", extrasaction="ignore")
     writer.writeheader()
     writer.writerows(rows)
     atomic_write_bytes(path, table.getvalue().encode())

@@ -4,7 +4,8 @@ Both see the same token stream (the target's tokens of the corpus train split pa
 blocks, read a window of shards at a time in the order fusesoup.train.stream fixes from the seed) with the same
 budget and schedule; train@fused adds (1 - lambda) * the fusion loss against data/fused. Writes
 data/models/target-<variant> (safetensors + tokenizer), plots/train/<variant>.csv (loss curves) and
-metrics/train/<variant>.json (valid and test bits per byte). Checkpoints go to data/checkpoints/<variant> (not a
+metrics/train/<variant>.json (valid and test bits per byte), the same bytes on every run; each step's throughput
+(tokens per second, MFU) goes to --throughput (data/logs/train/<variant>.csv), which DVC does not track. Checkpoints go to data/checkpoints/<variant> (not a
 DVC output, so a killed run keeps them) and are removed once the model is saved.
 Data parallel: `accelerate launch --num_processes N -m stages.train fused` (or torchrun), DDP or FSDP2 per
 train.distributed; rank 0 writes the outputs.
@@ -27,7 +28,7 @@ from fusesoup.storage import atomic_dir, directory_fingerprint, write_csv, write
 from fusesoup.train.data import run_key, train_stream
 from fusesoup.train.engine import full_state_dict
 from fusesoup.train.launch import init_distributed
-from fusesoup.train.loop import EXTRA_COLUMNS, ExtraTerms, LiveTeacher, train_target
+from fusesoup.train.loop import EXTRA_COLUMNS, THROUGHPUT_COLUMNS, ExtraTerms, LiveTeacher, train_target
 
 
 def live_teacher(name: str, params: Params, models: str, student) -> LiveTeacher:
@@ -42,7 +43,8 @@ def live_teacher(name: str, params: Params, models: str, student) -> LiveTeacher
 
 def main(argv: list[str] | None = None) -> None:
     parser = stage_parser("stages.train", __doc__,
-                          ["corpus", "models", "fused", "logits", "out", "checkpoints", "metrics", "plots"])
+                          ["corpus", "models", "fused", "logits", "out", "checkpoints", "metrics", "plots",
+                           "throughput"])
     parser.add_argument("variant", choices=TRAINED_VARIANTS, help="clm: CLM loss only; fused: CLM + fusion")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--live-teacher", metavar="MODEL",
@@ -95,8 +97,8 @@ def main(argv: list[str] | None = None) -> None:
         results = score_by_domain(model, tokenizer, read_split(args.corpus, split), spec.batch_tokens)
         metrics[split] = {domain: {"bpb": r.bpb} for domain, r in results.items()}
     write_json(args.metrics, metrics)
-    write_csv(args.plots, log,
-              ["step", "loss", "clm", *EXTRA_COLUMNS, "lr", "tokens", "tok_s", "mfu"])
+    write_csv(args.plots, log, ["step", "loss", "clm", *EXTRA_COLUMNS, "lr", "tokens"])
+    write_csv(args.throughput, log, ["step", *THROUGHPUT_COLUMNS])
     print(f"train@{variant}: {len(log)} steps in {seconds:.0f} s, final loss {log[-1]['loss']:.3f}; valid bpb "
           + ", ".join(f"{d} {m['bpb']:.3f}" for d, m in metrics["valid"].items()), flush=True)
 

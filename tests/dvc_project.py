@@ -12,7 +12,7 @@ import yaml
 from fusesoup.profiles import dump, with_profile
 
 REPO = Path(__file__).resolve().parents[1]
-PROJECT_FILES = ["dvc.yaml", "params.yaml", "fusesoup", "stages", "flows", "profiles", ".dvcignore"]
+PROJECT_FILES = ["dvc.yaml", "params.yaml", "fusesoup", "stages", "flows", "profiles", ".dvcignore", ".gitignore"]
 
 
 def subprocess_env() -> dict[str, str]:
@@ -50,6 +50,11 @@ def make_project(dest: Path, profile: str | None = "tiny") -> Path:
     dvc(dest, "config", "core.analytics", "false")
     commit_all(dest, "project")
     return dest
+
+
+def git_status(repo: Path) -> str:
+    """`git status --porcelain`: empty when every tracked file is as committed and nothing new is unignored."""
+    return run(["git", "status", "--porcelain"], repo).stdout
 
 
 def commit_all(repo: Path, message: str = "state") -> None:

@@ -16,8 +16,8 @@ import yaml
 from fusesoup.corpus import SPLITS, read_split
 from fusesoup.logits.sparse_store import ALIGNED_EXTRAS, FUSED_EXTRAS, SparseStore
 from fusesoup.logits.store import LogitStore
-from fusesoup.params import load_params
-from tests.dvc_project import commit_all, dvc, make_project, set_param
+from fusesoup.params import FUSED_ONLY_TRAIN_KEYS, STAGE_PARAMS, load_params
+from tests.dvc_project import commit_all, dvc, git_status, make_project, run, set_param
 
 pytestmark = pytest.mark.e2e
 
@@ -120,13 +120,16 @@ def test_alignment_and_fusion_outputs(built):
 def test_continued_training_outputs(built):
     clm_curve = (built / "plots/train/clm.csv").read_text().splitlines()
     fused_curve = (built / "plots/train/fused.csv").read_text().splitlines()
-    assert clm_curve[0] == fused_curve[0] == "step,loss,clm,fusion,chunk,uld,lr,tokens,tok_s,mfu"
+    assert clm_curve[0] == fused_curve[0] == "step,loss,clm,fusion,chunk,uld,lr,tokens"
     steps = load_params(built / "params.yaml").train.steps
     assert len(clm_curve) == len(fused_curve) == steps + 1
     # same tokens in the same order; the fusion term only in train@fused
     assert [row.split(",")[5] for row in clm_curve[1:]] == [row.split(",")[5] for row in fused_curve[1:]]
     assert all(row.split(",")[3] == "" for row in clm_curve[1:]) and float(fused_curve[1].split(",")[3]) > 0
-    assert all(float(row.split(",")[6]) > 0 for row in clm_curve[1:] + fused_curve[1:])  # tokens per second
+    for variant in ("clm", "fused"):  # wall-clock figures in a log DVC does not track; no MFU on the CPU
+        throughput = (built / "data/logs/train" / f"{variant}.csv").read_text().splitlines()
+        assert throughput[0] == "step,tok_s,mfu" and len(throughput) == steps + 1
+        assert all(float(row.split(",")[1]) > 0 and row.split(",")[2] == "" for row in throughput[1:])
     for variant in ("clm", "fused"):
         model_dir = built / "data/models" / f"target-{variant}"
         assert (model_dir / "model.safetensors").is_file() and (model_dir / "tokenizer.json").is_file()
@@ -285,6 +288,55 @@ def test_second_repro_is_a_no_op(built):
     assert (built / "dvc.lock").read_bytes() == lock_before
 
 
+@pytest.fixture(scope="module")
+def committed(built, tmp_path_factory) -> Path:
+    """A copy of the built project with dvc.lock, metrics/ and plots/ committed, as after `make repro` and a commit."""
+    repo = tmp_path_factory.mktemp("committed") / "project"
+    shutil.copytree(built, repo, symlinks=True)
+    commit_all(repo)
+    return repo
+
+
+def test_a_rerun_leaves_every_tracked_output_byte_identical(committed):
+    """Two runs of a stage give the same bytes: train@clm and train@fused run again (their plots hold no wall-clock
+    figure) leave their models (dvc.lock's hashes), metrics and plots as committed; so does evaluate, whose report
+    is a cached output (dvc.lock holds its hash; the repo's .gitignore already names it as DVC writes it)."""
+    out = dvc(committed, "repro", "--force", "--single-item", "train@clm", "train@fused", "evaluate").stdout
+    assert ran_stages(out) == {"train@clm", "train@fused", "evaluate"}
+    lock = yaml.safe_load((committed / "dvc.lock").read_text())
+    report = next(out["md5"] for out in lock["stages"]["evaluate"]["outs"] if out["path"] == "reports")
+    assert (committed / ".dvc/cache/files/md5" / report[:2] / report[2:]).is_file()  # in DVC's cache: pushed, pulled
+    assert run(["git", "check-ignore", "-q", "reports"], committed).returncode == 0
+    assert run(["git", "check-ignore", "-q", "dvc.lock"], committed, check=False).returncode == 1  # committed
+    assert git_status(committed) == ""
+    assert json.loads(dvc(committed, "status", "--json").stdout) == {}
+
+
+def test_a_pushed_cache_makes_a_fresh_clone_clean(committed, tmp_path):
+    """Sharing the cache (README): dvc push from one clone to a local remote, then in a fresh git clone dvc pull
+    leaves a clean workspace that `dvc repro` finds up to date; a new teacher there marks only its own stages and
+    those downstream of the fusion, so every pulled store is reused."""
+    dvc(committed, "remote", "add", "-d", "shared", str(tmp_path / "remote"))
+    commit_all(committed, "remote")
+    dvc(committed, "push")
+    clone = tmp_path / "clone"
+    run(["git", "clone", "-q", str(committed), str(clone)], tmp_path)
+    assert not (clone / "data").exists() and not (clone / "reports").exists()
+    dvc(clone, "pull")
+    assert (clone / "reports/report.md").read_bytes() == (committed / "reports/report.md").read_bytes()
+    assert json.loads(dvc(clone, "status", "--json").stdout) == {}
+    out = dvc(clone, "repro").stdout
+    assert "Running stage" not in out and "Stage 'train@clm' didn't change, skipping" in out
+    assert git_status(clone) == ""
+
+    params = yaml.safe_load((clone / "params.yaml").read_text())
+    params["bootstrap"]["code-neox-2"] = {**params["bootstrap"]["code-neox"], "architecture": "llama"}
+    params["sources"].append("code-neox-2")
+    (clone / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    assert set(json.loads(dvc(clone, "status", "--json").stdout)) == {
+        "bootstrap@code-neox-2", "extract@code-neox-2", "align@code-neox-2", "fuse", "evaluate"}
+
+
 def test_one_specialists_params_mark_only_its_bootstrap_stage(built):
     params_before = (built / "params.yaml").read_text()
     try:
@@ -310,6 +362,45 @@ def test_corpus_params_mark_the_corpus_stage(built):
         assert ran_stages(dvc(built, "repro", "--dry").stdout) == {"prepare_corpus"}
     finally:
         (built / "params.yaml").write_text(params_before)
+
+
+def readers(repo: Path, key: str) -> set[str]:
+    """The stages of `repo` that read params key `key`, by params.STAGE_PARAMS: an entry of the stage's list is the
+    key, or a section above it (`${key}` and `${item}` stand for the stage's foreach item)."""
+    found = set()
+    for stage in stage_names(repo):
+        template, _, item = stage.partition("@")
+        entries = STAGE_PARAMS[stage] if stage in STAGE_PARAMS else STAGE_PARAMS[template]
+        if any(key == entry or key.startswith(entry + ".")
+               for entry in (e.replace("${key}", item).replace("${item}", item) for e in entries)):
+            found.add(stage)
+    return found
+
+
+# One key of each stage's section, the fusion terms, a shared train key and the runtime keys not every stage reads,
+# each with another valid value; which stages they mark comes from params.STAGE_PARAMS.
+PROBES = {**{f"train.{key}": value for key, value in zip(FUSED_ONLY_TRAIN_KEYS, (0.5, "kl", 0.0, 5.0, 0.5))},
+          "train.steps": 9, "runtime.peak_tflops": 100.0, "runtime.dtype": "float32", "seed": 1,
+          "extract.k": 4, "align.spans": "expand", "fuse.temperature": 2.0, "soup.steps": 3, "soup.l1": [0.01],
+          "evaluate.batch_tokens": 4096}
+
+
+def test_each_key_marks_exactly_the_stages_that_read_it(built):
+    """`dvc status` after one key changed names exactly its readers: a fusion term train@fused and not train@clm,
+    a shared train key both (dvc status runs nothing, so each probe costs one status)."""
+    assert set(FUSED_ONLY_TRAIN_KEYS) <= {key.removeprefix("train.") for key in PROBES}
+    params_before = (built / "params.yaml").read_text()
+    try:
+        for key, value in PROBES.items():
+            set_param(built, key, value)
+            status = json.loads(dvc(built, "status", "--json").stdout)
+            assert set(status) == readers(built, key), key
+            (built / "params.yaml").write_text(params_before)
+    finally:
+        (built / "params.yaml").write_text(params_before)
+    assert json.loads(dvc(built, "status", "--json").stdout) == {}
+    assert readers(built, "train.lambda") == {"train@fused"}
+    assert readers(built, "train.steps") == {"train@clm", "train@fused"}
 
 
 def test_a_bad_param_stops_the_stage_with_one_line(built, tmp_path):
@@ -367,3 +458,16 @@ def test_extraction_reruns_for_k_only_and_a_new_teacher_reuses_the_other_stores(
     out = dvc(repo, "exp", "run", "-S", "fuse.method=avg_ce").stdout  # downstream of extraction: no extract reruns
     assert ran_stages(out) == {"fuse", "train@fused", "soup", "evaluate"}  # train@clm reads the target's own tokens
     assert json.loads((repo / "metrics/fusion.json").read_text())["method"] == "avg_ce"
+
+
+def test_a_queued_lambda_sweep_trains_train_fused_alone(committed):
+    """A fusion sweep as queued DVC experiments: two lambdas run train@fused twice, and train@clm, fuse, extract@
+    and align@ never; a swept lambda set again is restored from the run cache, not trained (runs last: it leaves
+    the workspace at that lambda)."""
+    for lam in ("0.5", "0.7"):
+        dvc(committed, "exp", "run", "--queue", "-S", f"train.lambda={lam}")
+    ran = re.findall(r"Running stage '([^']+)'", dvc(committed, "exp", "run", "--run-all").stdout)
+    assert ran.count("train@fused") == 2 and set(ran) <= {"train@fused", "soup", "evaluate"}
+    out = dvc(committed, "exp", "run", "-S", "train.lambda=0.5").stdout
+    assert "Stage 'train@fused' is cached - skipping run" in out and "Running stage" not in out
+    assert "metrics/train/fused.json" in dvc(committed, "metrics", "diff").stdout

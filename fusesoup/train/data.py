@@ -13,7 +13,7 @@ from fusesoup.logits.sparse import Chunks, decode_ranks
 from fusesoup.logits.sparse_store import FUSED_EXTRAS, SparseStore
 from fusesoup.logits.store import LogitStore, ShardedStore
 from fusesoup.models import context_length
-from fusesoup.params import ContinuedTraining, Params
+from fusesoup.params import ContinuedTraining, Params, train_keys
 from fusesoup.storage import content_key
 from fusesoup.train.engine import rank_and_world
 from fusesoup.train.packing import TrainSequence
@@ -70,6 +70,9 @@ def train_stream(variant: str, params: Params, model, fused: Path, target_logits
 
 def run_key(variant: str, params: Params, data_key: str, base_fingerprint: dict) -> str:
     """What a run's checkpoints are valid for: a run resumes from a checkpoint only under the same key (the same
-    variant, train params, seed, data store and base model)."""
-    return content_key({"variant": variant, "train": params.train.model_dump(), "seed": params.seed,
-                        "data": data_key, "base": base_fingerprint})
+    variant, the train params it reads (params.train_keys: train@clm's leave the fusion terms out), seed, data store
+    and base model)."""
+    every = params.train.model_dump(by_alias=True)
+    train = {key: every[key] for key in train_keys(variant)}
+    return content_key({"variant": variant, "train": train, "seed": params.seed, "data": data_key,
+                        "base": base_fingerprint})

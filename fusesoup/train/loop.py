@@ -40,6 +40,8 @@ from fusesoup.train.recipe import GRAD_CLIP, TrainingError, lr_at, make_optimize
 
 CHECKPOINT_FORMAT = "dcp-v1"  # a checkpoint of another format (or key) is not resumed from
 EXTRA_COLUMNS = ("fusion", "chunk", "uld")  # the log's loss terms besides the total and clm ("" where off)
+# the log's wall-clock figures: they differ between identical runs, so stages/train.py keeps them out of its plots
+THROUGHPUT_COLUMNS = ("tok_s", "mfu")
 
 
 def micro_batches(batch: Sequence[TrainBlock], budget: int | None) -> list[list[TrainBlock]]:
@@ -182,8 +184,8 @@ def train_target(model, batches: StepBatches, spec: ContinuedTraining, lam: floa
     the whole batch of each step (stream.TrainStream or stream.PlannedBatches); returns one log row per step (total,
     clm, fusion, chunk and ULD loss (`extra`: the span-aware terms, off by default), lr, tokens seen, and the step's
     throughput: tokens per second and, on a GPU of known peak (throughput.py; `peak_tflops` per device), model FLOPs
-    utilisation; wall time, so the columns that differ between identical runs). `teacher`: the fusion term against
-    a live teacher (LiveTeacher) instead of the batches' fused rows."""
+    utilisation: THROUGHPUT_COLUMNS, wall time, so the columns that differ between identical runs). `teacher`: the
+    fusion term against a live teacher (LiveTeacher) instead of the batches' fused rows."""
     pad = special_ids(model.config).pad
     device = next(model.parameters()).device
     per_token, peak = flops_per_token(model, spec.block_size), peak_flops(device, peak_tflops)
