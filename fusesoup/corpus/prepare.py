@@ -135,6 +135,27 @@ def _longest_fitting(count: int, fits_first: Callable[[int], bool]) -> int:
     return bisect.bisect_left(range(1, count + 1), True, key=lambda k: not fits_first(k))
 
 
+def _cut_long_line(line: str, size: int, max_bytes: int, fits: Callable[[str], bool],
+                   token_limits: Sequence[TokenLimit], chunks: list[str]) -> tuple[str, int]:
+    """Append to `chunks` the longest fitting prefixes (<= max_bytes chars each) of a line that fits no chunk alone,
+    once and then while the rest is over max_bytes bytes; return the rest and its size in bytes.
+
+    The rest is tracked as an offset and sliced once at the end, so a line costs time linear in its length.
+    """
+    pos = 0
+    while True:
+        cut = _longest_fitting(min(len(line) - pos - 1, max_bytes), lambda k: fits(line[pos:pos + k]))
+        if cut == 0:
+            raise CorpusError(f"character {line[pos]!r} alone exceeds the chunk limits (max_chunk_bytes={max_bytes}"
+                              f"{''.join(f', {t.model} max_tokens={t.max_tokens}' for t in token_limits)}); raise "
+                              "corpus.max_chunk_bytes, or give models with longer contexts")
+        chunks.append(line[pos:pos + cut])
+        pos += cut
+        size -= len(chunks[-1].encode("utf-8"))
+        if size <= max_bytes:
+            return line[pos:], size
+
+
 def chunk_text(text: str, max_bytes: int, token_limits: Sequence[TokenLimit] = ()) -> list[str]:
     """Cut `text` into chunks within `max_bytes` UTF-8 bytes and every token limit, greedily at line ends.
 
@@ -161,15 +182,8 @@ def chunk_text(text: str, max_bytes: int, token_limits: Sequence[TokenLimit] = (
             chunks.append("".join(units[start:start + take]))
             start += take
             continue
-        line = units[start]  # fits no chunk alone: its longest fitting prefix (<= max_bytes chars) is a chunk
-        cut = _longest_fitting(min(len(line) - 1, max_bytes), lambda k: fits(line[:k]))
-        if cut == 0:
-            raise CorpusError(f"character {line[0]!r} alone exceeds the chunk limits (max_chunk_bytes={max_bytes}"
-                              f"{''.join(f', {t.model} max_tokens={t.max_tokens}' for t in token_limits)}); raise "
-                              "corpus.max_chunk_bytes, or give models with longer contexts")
-        chunks.append(line[:cut])
-        units[start] = line[cut:]
-        sizes[start] -= len(chunks[-1].encode("utf-8"))
+        rest, sizes[start] = _cut_long_line(units[start], sizes[start], max_bytes, fits, token_limits, chunks)
+        units[start] = rest
     return chunks
 
 
