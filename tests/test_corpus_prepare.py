@@ -249,6 +249,10 @@ def test_every_format_lands_in_parquet_with_a_manifest(inputs):
             assert counts["largest_group_share"] == pytest.approx(doc_bytes.max() / counts["bytes"])
     assert manifest["content_hash"] == content_hash(manifest["splits"])
     assert manifest["corpus"]["max_chunk_bytes"] == 256
+    # one-document domains sit in one split each (here valid), so test lacks them
+    assert {split: set(frames[split]["domain"]) for split in SPLITS} == {
+        "train": {"books", "wiki"}, "valid": {"books", "wiki", "web-text", "notes"}, "test": {"books", "wiki"}}
+    assert manifest["missing_domains"] == {"valid": [], "test": ["notes", "web-text"]}
     assert json.loads(Path("out/manifest.json").read_text()) == manifest
     meta = pq.ParquetFile("out/train.parquet").metadata
     assert meta.row_group(0).column(2).compression == "ZSTD"
@@ -341,6 +345,9 @@ def test_the_stage_writes_the_corpus_and_reports_bad_input_in_one_line(inputs, m
     assert out.startswith(f"data/corpus: {manifest['totals']['documents']} documents")
     assert "; chunks fit words (12 tokens)" in out
     assert "note: model 'words' holds 12 tokens of text, fewer than a chunk of corpus.max_chunk_bytes=" in out
+    assert manifest["missing_domains"] == {"valid": ["web-text"], "test": ["notes"]}  # the default 5% / 5% split
+    assert ("warning: domain 'web-text' has no documents in valid: the soups are tuned without it\n"
+            "warning: domain 'notes' has no documents in test: it shapes the models but gets no test score\n") in out
     Path("in/a.jsonl").write_bytes(b'{"text": "x", "meta": {"src": "ok"}}\n{"text": "\xff"}\n')
     with pytest.raises(SystemExit) as stopped:
         run_stage(lambda: main(["--params", str(params), "--out", "data/corpus"]))

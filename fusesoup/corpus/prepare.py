@@ -236,6 +236,13 @@ class _SplitWriter:
         }
 
 
+def missing_domains(splits: Mapping[str, Mapping[str, Any]]) -> dict[str, list[str]]:
+    """valid and test -> the domains the corpus has but that split does not: trained on, never scored (test) or
+    never used to tune the soups (valid)."""
+    every = {domain for split in splits.values() for domain in split["domains"]}
+    return {name: sorted(every - set(splits[name]["domains"])) for name in SPLITS if name != "train"}
+
+
 def prepare_corpus(
     corpus: Corpus, out_dir: Path | str = "data/corpus", token_limits: Sequence[TokenLimit] = ()
 ) -> dict[str, Any]:
@@ -261,6 +268,7 @@ def prepare_corpus(
             raise CorpusError(f"the corpus is empty after cleaning (per source: {[s.to_json() for s in stats]})")
         manifest = {
             "splits": splits,
+            "missing_domains": missing_domains(splits),
             "totals": {key: sum(split[key] for split in splits.values()) for key in ("documents", "chunks", "bytes")},
             "sources": [{"kind": source.kind} | stat.to_json() for source, stat in zip(corpus.sources, stats)],
             "content_hash": content_hash(splits),
