@@ -34,9 +34,10 @@ def stages_markdown(done: dict[str, list[str]]) -> str:
 
 
 def metrics_table(metrics: dict) -> list[dict]:
-    """{model: {domain: {metric: value}}} (metrics/eval.json) as rows: model, then one column per domain/metric."""
+    """{model: {domain: {metric: value}}} (metrics/harness.json, and metrics/eval.json's `models` section) as rows:
+    model, then one column per domain/metric."""
     rows = []
-    for model, domains in metrics.items():
+    for model, domains in metrics.get("models", metrics).items():
         row = {"model": model}
         for domain, values in domains.items():
             row.update({f"{domain} {name}": round(value, 4) for name, value in values.items()

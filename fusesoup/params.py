@@ -9,14 +9,30 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 
 # Names become DVC stage names (`bootstrap@<name>`) and directory names (`data/models/<name>`).
 ModelName = Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9_-]*$")]
 DomainName = Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9_-]*$")]
 PositiveInt = Annotated[int, Field(gt=0)]
-PositiveFloat = Annotated[float, Field(gt=0)]
-Fraction = Annotated[float, Field(ge=0, le=1)]
+
+
+def _float_from_string(value: Any) -> Any:
+    """A string that spells a number, as that float: DVC writes `-S train.lr=1e-5` as `lr: 1e-05`, which YAML 1.1
+    reads as a string. Everything else goes on to strict validation (no bool or other string becomes a float)."""
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
+
+
+# Models validate strictly (12.0 is no int, true no int, 1 no bool); floats alone also take a numeric string.
+Real = Annotated[float, BeforeValidator(_float_from_string)]
+NonNegative = Annotated[Real, Field(ge=0)]
+PositiveFloat = Annotated[Real, Field(gt=0)]
+Fraction = Annotated[Real, Field(ge=0, le=1)]
 # Processes over a store's shards: 0 = one per CPU core (extract: one per GPU on CUDA). Not part of any key.
 Workers = Annotated[int, Field(ge=0)]
 
@@ -40,7 +56,7 @@ class ParamsError(ValueError):
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
 
 class Runtime(Strict):
@@ -168,7 +184,7 @@ class TrainSpec(Strict):
     block_size: PositiveInt = 512  # tokens per packed row; at most the model's context
     lr: PositiveFloat
     warmup_steps: Annotated[int, Field(ge=0)] = 0
-    weight_decay: Annotated[float, Field(ge=0)] = 0.1
+    weight_decay: NonNegative = 0.1
 
     @model_validator(mode="after")
     def _blocks_divide_the_batch(self) -> "TrainSpec":
@@ -226,12 +242,12 @@ class Fuse(Strict):
 class ContinuedTraining(TrainSpec):
     """train@clm and train@fused (stages/train.py): same budget and schedule; only the loss differs."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
-    lam: Annotated[float, Field(ge=0, le=1, alias="lambda")] = 0.9  # weight of CLM in train@fused (FuseLLM: 0.9)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, populate_by_name=True)
+    lam: Annotated[Fraction, Field(alias="lambda")] = 0.9  # weight of CLM in train@fused (FuseLLM: 0.9)
     fusion_loss: FusionLoss = "ce"  # soft-label cross-entropy, KL, or cross-entropy within the targets' ids (topk)
-    chunk_weight: Annotated[float, Field(ge=0)] = 1.0  # mu: + mu * chunk likelihood matching (train/loss.py); 0 = off
+    chunk_weight: NonNegative = 1.0  # mu: + mu * chunk likelihood matching (train/loss.py); 0 = off
     chunk_temperature: PositiveFloat = 10.0  # tau: each chunk's likelihood read as a Bernoulli exp(logp / tau)
-    uld_weight: Annotated[float, Field(ge=0)] = 0.0  # nu: + nu * rank matching (ULD) where rows fell back; 0 = off
+    uld_weight: NonNegative = 0.0  # nu: + nu * rank matching (ULD) where rows fell back; 0 = off
     checkpoint_every: PositiveInt = 50  # steps between atomic checkpoints (resume point of a killed run)
     micro_batch_tokens: PositiveInt | None = None  # padded tokens per forward pass (gradients accumulated); None: all
     distributed: Engine = "ddp"  # the engine on several processes (fusesoup/train/engine.py)
@@ -284,10 +300,10 @@ class TaskVectors(Strict):
     """The task_arithmetic, ties and sce soups: the other ingredients' task vectors relative to the first (the base)."""
 
     weight: PositiveFloat = 1.0  # of each non-base ingredient (mergekit's `weight`; not sce's)
-    density: Annotated[float, Field(gt=0, le=1)] = 0.5  # ties: the share of each task vector kept (trim)
+    density: Annotated[Real, Field(gt=0, le=1)] = 0.5  # ties: the share of each task vector kept (trim)
     lambdas: Annotated[list[PositiveFloat], Field(min_length=1)] = [0.5, 1.0]  # scalings tried; the best on valid
     # sce: the share of elements (by variance across the task vectors) kept; 1 (mergekit's default) keeps all
-    select_topk: Annotated[float, Field(gt=0, le=1)] = 1.0
+    select_topk: Annotated[Real, Field(gt=0, le=1)] = 1.0
 
 
 class Soup(Strict):
@@ -341,7 +357,7 @@ class Schedule(Strict):
 
 class Flow(Strict):
     retries: Annotated[int, Field(ge=0)] = 1
-    retry_delay_seconds: Annotated[float, Field(ge=0)] = 10
+    retry_delay_seconds: NonNegative = 10
     stage_timeout_seconds: PositiveFloat = 3600
     max_parallel: PositiveInt = 2
     schedule: Schedule = Schedule()
@@ -460,7 +476,7 @@ def _one_line(path: Path, error: ValidationError) -> str:
     first = error.errors()[0]
     ctx_error = (first.get("ctx") or {}).get("error")
     if isinstance(ctx_error, _KeyProblem):
-        return f"{path}: {ctx_error.key}: {ctx_error.message}"
+        return f"{path}: {ctx_error.key}: {ctx_error.message}{_at_line(path, ctx_error.key)}"
     key = _key_path(tuple(first["loc"]))
     msg = first["msg"].removeprefix("Value error, ")
     if first["type"] == "extra_forbidden":
@@ -470,7 +486,27 @@ def _one_line(path: Path, error: ValidationError) -> str:
     elif "input" in first and not isinstance(first["input"], (dict, list)):
         msg += f", got {first['input']!r}"
     more = len(error.errors()) - 1
-    return f"{path}: {key}: {msg}" + (f" (and {more} more problem{'s' * (more > 1)})" if more else "")
+    others = f" (and {more} more problem{'s' * (more > 1)})" if more else ""
+    return f"{path}: {key}: {msg}{_at_line(path, key)}{others}"
+
+
+def _at_line(path: Path, key: str) -> str:
+    """` (line N)`: where `path` spells the dotted `key`; empty when it does not (a default, a merged profile's key,
+    a mapping given in code)."""
+    try:
+        node = yaml.compose(path.read_text(encoding="utf-8"), Loader=yaml.SafeLoader)
+    except (OSError, yaml.YAMLError):
+        return ""
+    for part in key.split("."):
+        if isinstance(node, yaml.MappingNode):
+            node = next((value for name, value in node.value if str(name.value) == part), None)
+        elif isinstance(node, yaml.SequenceNode) and part.isdigit() and int(part) < len(node.value):
+            node = node.value[int(part)]
+        else:
+            return ""
+        if node is None:
+            return ""
+    return f" (line {node.start_mark.line + 1})"
 
 
 def parse_params(raw: Any, path: Path | str = "params.yaml") -> Params:
@@ -481,11 +517,29 @@ def parse_params(raw: Any, path: Path | str = "params.yaml") -> Params:
         raise ParamsError(_one_line(Path(path), error)) from None
 
 
+def _no_duplicate_keys(node: yaml.Node | None, path: Path, prefix: str = "") -> None:
+    """ParamsError naming the file, the key path and both lines where a mapping gives a key twice (YAML loaders
+    silently keep the last one)."""
+    if isinstance(node, yaml.MappingNode):
+        lines: dict[str, int] = {}
+        for key_node, value_node in node.value:
+            key, line = str(key_node.value), key_node.start_mark.line + 1
+            if key in lines:
+                raise ParamsError(f"{path}: {prefix}{key}: given twice (line {lines[key]} and line {line})")
+            lines[key] = line
+            _no_duplicate_keys(value_node, path, f"{prefix}{key}.")
+    elif isinstance(node, yaml.SequenceNode):
+        for index, item in enumerate(node.value):
+            _no_duplicate_keys(item, path, f"{prefix}{index}.")
+
+
 def read_mapping(path: Path | str) -> dict:
     """A YAML file's top-level mapping; ParamsError naming the file otherwise (missing, not YAML, not a mapping)."""
     path = Path(path)
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        text = path.read_text(encoding="utf-8")
+        _no_duplicate_keys(yaml.compose(text, Loader=yaml.SafeLoader), path)
+        raw = yaml.safe_load(text)
     except FileNotFoundError:
         raise ParamsError(f"{path}: file not found") from None
     except yaml.YAMLError as error:

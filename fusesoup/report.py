@@ -29,11 +29,13 @@ LEGEND = ("Lower bpb (bits per byte) is better, higher acc (next-token accuracy)
 
 
 def write_report(out_dir: Path, evaluation: dict, interpolation: pl.DataFrame,
-                 training: dict[str, pl.DataFrame], alphas: dict[str, dict], target: str) -> Path:
+                 training: dict[str, pl.DataFrame], alphas: dict[str, dict], target: str,
+                 missing: dict[str, list[str]]) -> Path:
     """Write out_dir/report.md and out_dir/figures/*.png, replacing out_dir at once; returns the report's path.
 
-    `alphas` maps a learned soup's model name to its {"ingredients", "granularity", "groups"} dict; `target` is the
-    model the trained variants (params.TRAINED_MODELS) continue from.
+    `evaluation` is eval.json's models section; `alphas` maps a learned soup's model name to its {"ingredients",
+    "granularity", "groups"} dict; `target` is the model the trained variants (params.TRAINED_MODELS) continue from;
+    `missing` is eval.json's missing_domains (split -> domains the corpus has but that split lacks).
     """
     _check_evaluation(evaluation)
     _check_columns(interpolation, INTERPOLATION_COLUMNS, INTERPOLATION_FILE)
@@ -43,7 +45,8 @@ def write_report(out_dir: Path, evaluation: dict, interpolation: pl.DataFrame,
         _check_alphas(soup, soup_alphas)
 
     pngs: dict[str, bytes] = {}
-    lines = ["# fusesoup report", "", "## Baselines", "", LEGEND, "", *baselines_table(evaluation, target), "",
+    lines = ["# fusesoup report", "", "## Baselines", "", LEGEND, *missing_notes(missing), "",
+             *baselines_table(evaluation, target), "",
              "## Findings", "", *(f"- {finding}" for finding in findings(evaluation, alphas, target))]
     if interpolation.height:
         pngs["interpolation.png"] = figures.interpolation_png(interpolation)
@@ -68,6 +71,14 @@ def write_report(out_dir: Path, evaluation: dict, interpolation: pl.DataFrame,
             atomic_write_bytes(tmp / "figures" / name, data)
         atomic_write_bytes(tmp / "report.md", ("\n".join(lines) + "\n").encode())
     return Path(out_dir) / "report.md"
+
+
+def missing_notes(missing: dict[str, list[str]]) -> list[str]:
+    """A paragraph naming the domains a held-out split lacks (none when every split has every domain)."""
+    why = {"test": "trained on but not scored: no column below", "valid": "the soups were tuned without it"}
+    notes = [f"**Domain `{domain}` has no {split} documents**: {why[split]}."
+             for split in ("test", "valid") for domain in missing.get(split, [])]
+    return ["", " ".join(notes)] if notes else []
 
 
 def _check_evaluation(evaluation: dict) -> None:

@@ -2,7 +2,8 @@
 
 Models: each source (the teachers and the target base), target-clm, target-fused and each soup. Bits per byte for
 all of them (tokenizer-independent); next-token accuracy for those on the target's tokenizer. Writes
-metrics/eval.json (model -> domain -> metric), plots/eval.csv (one row per model and domain) and reports/
+metrics/eval.json ({"models": model -> domain -> metric, "missing_domains": split -> domains the corpus has
+but that split lacks}), plots/eval.csv (one row per model and domain) and reports/
 (report.md with PNG figures: baselines, interpolation probe, training curves, learned alphas). With
 evaluate.harness_tasks, the models on the target's tokenizer also run lm-evaluation-harness into
 metrics/harness.json (model -> task -> metric); without, that file is `{}` (DVC needs every declared metric).
@@ -66,7 +67,11 @@ def main(argv: list[str] | None = None) -> None:
     locations = {name: args.models for name in params.evaluated_models()}
     locations.update({soup: args.soups for soup in params.soup.soup_names()})
     evaluation = evaluate_models(locations, params, args.corpus)
-    write_json(args.metrics, evaluation)
+    missing = read_json(Path(args.corpus) / "manifest.json")["missing_domains"]
+    for domain in missing["test"]:
+        print(f"evaluate: warning: domain {domain!r} has no test documents: it shaped the models but has no score",
+              flush=True)
+    write_json(args.metrics, {"models": evaluation, "missing_domains": missing})
     rows = [{"model": model, "domain": domain, "bpb": m["bpb"], "accuracy": m.get("accuracy", "")}
             for model, domains in evaluation.items() for domain, m in domains.items()]
     write_csv(Path(args.plots) / "eval.csv", rows, ["model", "domain", "bpb", "accuracy"])
@@ -80,7 +85,7 @@ def main(argv: list[str] | None = None) -> None:
         if "l1" in recipe:  # the learned ones (soup-learned has l1 0)
             alphas[soup] = {key: recipe[key] for key in ("ingredients", "granularity", "groups")}
     report = write_report(Path(args.report), evaluation, pl.read_csv(plots / "interpolation.csv"), training, alphas,
-                          params.target)
+                          params.target, missing)
     print(f"evaluate: {len(evaluation)} models; report at {report}", flush=True)
 
 

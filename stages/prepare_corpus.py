@@ -21,6 +21,11 @@ def main(argv: list[str] | None = None) -> None:
         if limit.max_tokens < params.corpus.max_chunk_bytes:  # a chunk of max_chunk_bytes may need that many tokens
             print(f"note: model {limit.model!r} holds {limit.max_tokens} tokens of text, fewer than a chunk of "
                   f"corpus.max_chunk_bytes={params.corpus.max_chunk_bytes} may need: chunks are cut to fit it")
+    for split, domains in manifest["missing_domains"].items():
+        for domain in domains:
+            print(f"warning: domain {domain!r} has no documents in {split}: "
+                  + ("it shapes the models but gets no test score" if split == "test" else
+                     "the soups are tuned without it"))
     for split, stats in manifest["splits"].items():
         for domain, counts in stats["domains"].items():
             if split != "train" and counts["largest_group_share"] > 0.5:

@@ -3,6 +3,7 @@ byte-identical reruns, and the stage CLI."""
 from __future__ import annotations
 
 import ast
+import bisect
 import hashlib
 import json
 import random
@@ -85,6 +86,50 @@ def test_random_unicode_text_keeps_every_chunk_invariant():
         limits = [words(rng.randrange(1, 6))] if trial % 2 else []
         chunks = chunk_text(text, max_bytes, limits)
         check_chunks(text, chunks, max_bytes, limits)
+
+
+def reference_chunk_text(text: str, max_bytes: int, token_limits=()) -> list[str]:
+    """chunk_text as it was before it kept an offset into an over-long line (quadratic in that line's length: it
+    sliced the line's rest once per chunk): the reference its chunks must equal."""
+    def fits(chunk: str) -> bool:
+        return len(chunk.encode("utf-8")) <= max_bytes and all(
+            limit.count_tokens(chunk) <= limit.max_tokens for limit in token_limits)
+
+    def longest(count: int, fits_first) -> int:
+        return bisect.bisect_left(range(1, count + 1), True, key=lambda k: not fits_first(k))
+
+    lines = text.split("\n")
+    units = [line + "\n" for line in lines[:-1]] + ([lines[-1]] if lines[-1] else [])
+    sizes = [len(unit.encode("utf-8")) for unit in units]
+    chunks = []
+    while units:  # units[0] begins at the first character no chunk holds yet
+        take = 0
+        while take < len(units) and sum(sizes[:take + 1]) <= max_bytes:
+            take += 1
+        if take and not fits("".join(units[:take])):
+            take = longest(take - 1, lambda k: fits("".join(units[:k])))
+        if take:
+            chunks.append("".join(units[:take]))
+            del units[:take], sizes[:take]
+        else:
+            cut = longest(min(len(units[0]) - 1, max_bytes), lambda k: fits(units[0][:k]))
+            assert cut, "the reference is only run on inputs every character of which fits"
+            chunks.append(units[0][:cut])
+            units[0] = units[0][cut:]  # the slice of the line's whole rest, once per chunk: quadratic
+            sizes[0] -= len(chunks[-1].encode("utf-8"))
+    return chunks
+
+
+def test_chunks_equal_the_quadratic_reference_on_random_long_lines():
+    rng = random.Random(42)
+    alphabet = ["a", "b", " ", "\n", "é", "中", "😀", "\x00", "\t"]
+    for trial in range(400):
+        weights = [rng.random() for _ in alphabet]
+        weights[alphabet.index("\n")] *= rng.choice([0, 0.01, 1])  # many texts are one or a few very long lines
+        text = "".join(rng.choices(alphabet, weights, k=rng.randrange(0, 600)))
+        max_bytes = rng.choice([4, 5, 9, 16, 64, 1024])
+        limits = [words(rng.randrange(1, 6))] if trial % 2 else []
+        assert chunk_text(text, max_bytes, limits) == reference_chunk_text(text, max_bytes, limits), (text, max_bytes)
 
 
 # --- cleaning, caps, split ----------------------------------------------------------------------------------
@@ -204,6 +249,10 @@ def test_every_format_lands_in_parquet_with_a_manifest(inputs):
             assert counts["largest_group_share"] == pytest.approx(doc_bytes.max() / counts["bytes"])
     assert manifest["content_hash"] == content_hash(manifest["splits"])
     assert manifest["corpus"]["max_chunk_bytes"] == 256
+    # one-document domains sit in one split each (here valid), so test lacks them
+    assert {split: set(frames[split]["domain"]) for split in SPLITS} == {
+        "train": {"books", "wiki"}, "valid": {"books", "wiki", "web-text", "notes"}, "test": {"books", "wiki"}}
+    assert manifest["missing_domains"] == {"valid": [], "test": ["notes", "web-text"]}
     assert json.loads(Path("out/manifest.json").read_text()) == manifest
     meta = pq.ParquetFile("out/train.parquet").metadata
     assert meta.row_group(0).column(2).compression == "ZSTD"
@@ -296,6 +345,9 @@ def test_the_stage_writes_the_corpus_and_reports_bad_input_in_one_line(inputs, m
     assert out.startswith(f"data/corpus: {manifest['totals']['documents']} documents")
     assert "; chunks fit words (12 tokens)" in out
     assert "note: model 'words' holds 12 tokens of text, fewer than a chunk of corpus.max_chunk_bytes=" in out
+    assert manifest["missing_domains"] == {"valid": ["web-text"], "test": ["notes"]}  # the default 5% / 5% split
+    assert ("warning: domain 'web-text' has no documents in valid: the soups are tuned without it\n"
+            "warning: domain 'notes' has no documents in test: it shapes the models but gets no test score\n") in out
     Path("in/a.jsonl").write_bytes(b'{"text": "x", "meta": {"src": "ok"}}\n{"text": "\xff"}\n')
     with pytest.raises(SystemExit) as stopped:
         run_stage(lambda: main(["--params", str(params), "--out", "data/corpus"]))

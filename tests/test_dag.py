@@ -266,7 +266,9 @@ def test_soups_probe_and_evaluation(built):
     first = probe[1].split(",")
     assert float(first[0]) == 0 and math.isclose(float(first[3]), soups["ingredients"][first[1]], rel_tol=1e-6)
 
-    evaluation = json.loads((built / "metrics/eval.json").read_text())
+    metrics = json.loads((built / "metrics/eval.json").read_text())
+    assert metrics["missing_domains"] == {"valid": [], "test": []}
+    evaluation = metrics["models"]
     assert set(evaluation) == {*params.sources, "target-clm", "target-fused", *params.soup.soup_names()}
     for model, domains in evaluation.items():
         assert set(domains) == {"code", "prose", "all"}

@@ -239,7 +239,9 @@ def test_a_stage_error_is_logged_at_error_and_dvc_advice_not_at_all(tmp_path):
 
 PNG = bytes.fromhex("89504e470d0a1a0a0000000d49484452000000010000000108060000001f15c4890000000d4944415478da63f8cf"
                     "c0f01f0005000201e2d6c2d90000000049454e44ae426082")  # a 1x1 PNG
-EVAL = {"target-fused": {"all": {"bpb": 2.140412}, "code": {"bpb": 2.0751}}, "target-clm": {"all": {"bpb": 2.1416}}}
+EVAL = {"models": {"target-fused": {"all": {"bpb": 2.140412}, "code": {"bpb": 2.0751}},
+                   "target-clm": {"all": {"bpb": 2.1416}}},
+        "missing_domains": {"valid": [], "test": ["web"]}}  # as metrics/eval.json: the table shows its models
 REPORTING = {  # as dvc.yaml's evaluate: a metrics JSON and a reports/ directory with a markdown report and figures
     "score": {"cmd": "echo scored > scores.txt", "outs": ["scores.txt"]},
     "evaluate": {"cmd": "mkdir -p metrics reports/figures && cp ../eval.json metrics/eval.json && "

@@ -1,11 +1,12 @@
 """params.yaml validation: every bad input stops with one line naming the file, the key path and what was expected."""
 import copy
+import re
 from pathlib import Path
 
 import pytest
 import yaml
 
-from fusesoup.params import ParamsError, deep_merge, load_params, parse_params
+from fusesoup.params import ParamsError, deep_merge, load_params, parse_params, read_mapping
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -98,3 +99,57 @@ def test_deep_merge_overrides_nested_keys_only():
     base = {"a": {"b": 1, "c": 2}, "d": [1, 2]}
     assert deep_merge(base, {"a": {"b": 5}, "d": [3]}) == {"a": {"b": 5, "c": 2}, "d": [3]}
     assert base == {"a": {"b": 1, "c": 2}, "d": [1, 2]}
+
+
+def test_a_key_given_twice_names_file_key_and_both_lines(tmp_path):
+    text = (REPO / "params.yaml").read_text()
+    assert text.count("\nseed: 0\n") == 1
+    top = tmp_path / "params.yaml"
+    top.write_text(text.replace("\nseed: 0\n", "\nseed: 0\nseed: 1\n"))
+    line = text[:text.index("\nseed: 0\n")].count("\n") + 2
+    with pytest.raises(ParamsError) as caught:
+        load_params(top)
+    assert str(caught.value) == f"{top}: seed: given twice (line {line} and line {line + 1})"
+    profile = tmp_path / "profile.yaml"  # profiles are read the same way, nested keys and list items included
+    profile.write_text("corpus:\n  sources:\n    - kind: builtin_code\n      domain: code\n      domain: web\n")
+    with pytest.raises(ParamsError) as caught:
+        read_mapping(profile)
+    assert str(caught.value) == f"{profile}: corpus.sources.0.domain: given twice (line 4 and line 5)"
+
+
+@pytest.mark.parametrize(
+    "change, expected",
+    [
+        (lambda r: r.setdefault("extract", {}).__setitem__("k", True), "extract.k: Input should be a valid integer, got True"),
+        (lambda r: r["train"].__setitem__("steps", 12.0), "train.steps: Input should be a valid integer, got 12.0"),
+        (lambda r: r.__setitem__("seed", "3"), "seed: Input should be a valid integer, got '3'"),
+        (lambda r: r["soup"].__setitem__("recompute", 1), "soup.recompute: Input should be a valid boolean, got 1"),
+        (lambda r: r["train"].__setitem__("lr", True), "train.lr: Input should be a valid number, got True"),
+        (lambda r: r["train"].__setitem__("lr", "fast"), "train.lr: Input should be a valid number, got 'fast'"),
+    ],
+)
+def test_values_are_not_coerced_across_types(raw, tmp_path, change, expected):
+    assert re.fullmatch(re.escape(expected) + r" \(line \d+\)", error_for(raw, change, tmp_path))
+
+
+def test_a_bad_value_is_named_with_its_line(tmp_path):
+    text = (REPO / "params.yaml").read_text()
+    line = text[:text.index("\n  k: 10 ")].count("\n") + 2
+    path = tmp_path / "params.yaml"
+    path.write_text(text.replace("\n  k: 10 ", "\n  k: true "))
+    with pytest.raises(ParamsError) as caught:
+        load_params(path)
+    assert str(caught.value) == f"{path}: extract.k: Input should be a valid integer, got True (line {line})"
+    path.write_text(text.replace("\nsources: [", "\nsources: [ghost, "))  # a cross-key check's key has its line too
+    with pytest.raises(ParamsError, match=r": sources\.0: model 'ghost' is defined neither .* \(line \d+\)$"):
+        load_params(path)
+
+
+def test_a_number_dvc_writes_as_a_string_is_still_a_float(tmp_path):
+    """`dvc exp run -S train.lr=1e-5` writes `lr: 1e-05`, which YAML 1.1 reads as the string '1e-05'."""
+    text = (REPO / "params.yaml").read_text()
+    assert text.count("\n  lr: 1.0e-3\n") == 1
+    path = tmp_path / "params.yaml"
+    path.write_text(text.replace("\n  lr: 1.0e-3\n", "\n  lr: 1e-05\n"))
+    assert read_mapping(path)["train"]["lr"] == "1e-05"
+    assert load_params(path).train.lr == 1e-05

@@ -54,7 +54,7 @@ def training() -> dict[str, pl.DataFrame]:
 
 def report(tmp_path, **changes) -> str:
     inputs = {"evaluation": evaluation(), "interpolation": interpolation(), "training": training(),
-              "alphas": {"soup-learned": module_alphas()}} | changes
+              "alphas": {"soup-learned": module_alphas()}, "missing": {"valid": [], "test": []}} | changes
     return write_report(tmp_path / "report", **inputs, target="target-base").read_text()
 
 
@@ -101,6 +101,15 @@ def test_findings_flip_when_fused_loses(tmp_path):
     assert "- On `code`, target-fused does not beat target-clm: 0.150 bpb worse (1.250 vs 1.100)." in text
     assert "- On `code`, target-fused beats target-base by 0.150 bpb (1.250 vs 1.400)." in text
     assert "- On `all`, target-fused does not beat target-clm: 0.050 bpb worse (1.100 vs 1.050)." in text
+
+
+def test_domains_a_held_out_split_lacks_are_named_above_the_table(tmp_path):
+    assert "no test documents" not in report(tmp_path)
+    text = report(tmp_path, missing={"valid": ["web"], "test": ["legal", "web"]})
+    baselines = text.split("## Baselines")[1].split("| model |")[0]
+    assert ("**Domain `legal` has no test documents**: trained on but not scored: no column below. "
+            "**Domain `web` has no test documents**: trained on but not scored: no column below. "
+            "**Domain `web` has no valid documents**: the soups were tuned without it.") in baselines
 
 
 def test_figures_are_pngs_and_every_one_is_linked(tmp_path):

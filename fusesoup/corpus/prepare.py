@@ -135,6 +135,27 @@ def _longest_fitting(count: int, fits_first: Callable[[int], bool]) -> int:
     return bisect.bisect_left(range(1, count + 1), True, key=lambda k: not fits_first(k))
 
 
+def _cut_long_line(line: str, size: int, max_bytes: int, fits: Callable[[str], bool],
+                   token_limits: Sequence[TokenLimit], chunks: list[str]) -> tuple[str, int]:
+    """Append to `chunks` the longest fitting prefixes (<= max_bytes chars each) of a line that fits no chunk alone,
+    once and then while the rest is over max_bytes bytes; return the rest and its size in bytes.
+
+    The rest is tracked as an offset and sliced once at the end, so a line costs time linear in its length.
+    """
+    pos = 0
+    while True:
+        cut = _longest_fitting(min(len(line) - pos - 1, max_bytes), lambda k: fits(line[pos:pos + k]))
+        if cut == 0:
+            raise CorpusError(f"character {line[pos]!r} alone exceeds the chunk limits (max_chunk_bytes={max_bytes}"
+                              f"{''.join(f', {t.model} max_tokens={t.max_tokens}' for t in token_limits)}); raise "
+                              "corpus.max_chunk_bytes, or give models with longer contexts")
+        chunks.append(line[pos:pos + cut])
+        pos += cut
+        size -= len(chunks[-1].encode("utf-8"))
+        if size <= max_bytes:
+            return line[pos:], size
+
+
 def chunk_text(text: str, max_bytes: int, token_limits: Sequence[TokenLimit] = ()) -> list[str]:
     """Cut `text` into chunks within `max_bytes` UTF-8 bytes and every token limit, greedily at line ends.
 
@@ -161,15 +182,8 @@ def chunk_text(text: str, max_bytes: int, token_limits: Sequence[TokenLimit] = (
             chunks.append("".join(units[start:start + take]))
             start += take
             continue
-        line = units[start]  # fits no chunk alone: its longest fitting prefix (<= max_bytes chars) is a chunk
-        cut = _longest_fitting(min(len(line) - 1, max_bytes), lambda k: fits(line[:k]))
-        if cut == 0:
-            raise CorpusError(f"character {line[0]!r} alone exceeds the chunk limits (max_chunk_bytes={max_bytes}"
-                              f"{''.join(f', {t.model} max_tokens={t.max_tokens}' for t in token_limits)}); raise "
-                              "corpus.max_chunk_bytes, or give models with longer contexts")
-        chunks.append(line[:cut])
-        units[start] = line[cut:]
-        sizes[start] -= len(chunks[-1].encode("utf-8"))
+        rest, sizes[start] = _cut_long_line(units[start], sizes[start], max_bytes, fits, token_limits, chunks)
+        units[start] = rest
     return chunks
 
 
@@ -222,6 +236,13 @@ class _SplitWriter:
         }
 
 
+def missing_domains(splits: Mapping[str, Mapping[str, Any]]) -> dict[str, list[str]]:
+    """valid and test -> the domains the corpus has but that split does not: trained on, never scored (test) or
+    never used to tune the soups (valid)."""
+    every = {domain for split in splits.values() for domain in split["domains"]}
+    return {name: sorted(every - set(splits[name]["domains"])) for name in SPLITS if name != "train"}
+
+
 def prepare_corpus(
     corpus: Corpus, out_dir: Path | str = "data/corpus", token_limits: Sequence[TokenLimit] = ()
 ) -> dict[str, Any]:
@@ -247,6 +268,7 @@ def prepare_corpus(
             raise CorpusError(f"the corpus is empty after cleaning (per source: {[s.to_json() for s in stats]})")
         manifest = {
             "splits": splits,
+            "missing_domains": missing_domains(splits),
             "totals": {key: sum(split[key] for split in splits.values()) for key in ("documents", "chunks", "bytes")},
             "sources": [{"kind": source.kind} | stat.to_json() for source, stat in zip(corpus.sources, stats)],
             "content_hash": content_hash(splits),
