@@ -79,8 +79,23 @@ class HubRef(Strict):
     trust_remote_code: bool = False
 
 
-# A model the pipeline does not build; pin@<name> links its files into data/models/<name> (fusesoup/pin.py).
-ModelRef = Annotated[Union[PathRef, HubRef], Field(discriminator="source")]
+class GgufRef(Strict):
+    """A local GGUF checkpoint (llama.cpp, Ollama, LM Studio), dequantised once by pin@ into safetensors + tokenizer."""
+
+    source: Literal["gguf"]
+    path: str  # the .gguf file itself, or the directory that holds `file`
+    file: Annotated[str, Field(pattern=r"^[^/\\]+$")] | None = None  # the file's name inside `path` (a directory)
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # what the dequantised weights are written in
+
+    @property
+    def trust_remote_code(self) -> bool:
+        """Always False: a GGUF file holds tensors and metadata, never code."""
+        return False
+
+
+# A model the pipeline does not build; pin@<name> links (path, hub) or dequantises (gguf) it into data/models/<name>
+# (fusesoup/pin.py, fusesoup/gguf.py).
+ModelRef = Annotated[Union[PathRef, HubRef, GgufRef], Field(discriminator="source")]
 
 
 class BuiltinCodeSource(Strict):
@@ -366,7 +381,7 @@ class Flow(Strict):
 class Params(Strict):
     seed: int = 0
     runtime: Runtime = Runtime()
-    models: dict[ModelName, ModelRef] = {}  # path and hub models; bootstrapped ones are named under `bootstrap`
+    models: dict[ModelName, ModelRef] = {}  # path, hub and GGUF models; bootstrapped ones are named under `bootstrap`
     target: ModelName
     sources: Annotated[list[ModelName], Field(min_length=1)]
     corpus: Corpus
@@ -393,7 +408,7 @@ class Params(Strict):
         both = sorted(set(self.models) & set(self.bootstrap))
         if both:
             raise _KeyProblem(f"models.{both[0]}", "is also under 'bootstrap': a model is either built (bootstrap) "
-                              "or given (models: path or hub), not both")
+                              "or given (models: path, hub or gguf), not both")
         known = self.model_names()
         for key, name in [("target", self.target)] + [(f"sources.{i}", n) for i, n in enumerate(self.sources)]:
             if name not in known:
@@ -445,7 +460,7 @@ class Params(Strict):
         return [self.target, *(name for name in self.sources if name != self.target), *TRAINED_MODELS]
 
     def model_names(self) -> list[str]:
-        """Every model the params define: bootstrapped ones first, then path and hub models, in file order."""
+        """Every model the params define: bootstrapped ones first, then path, hub and GGUF models, in file order."""
         return [*self.bootstrap, *self.models]
 
 
@@ -468,7 +483,7 @@ def _key_path(loc: tuple[Any, ...]) -> str:
 
 _UNION_TAGS = [
     (["corpus", "sources"], 3, {"builtin_code", "builtin_prose", "files", "hub"}),
-    (["models"], 2, {"path", "hub"}),
+    (["models"], 2, {"path", "hub", "gguf"}),
 ]
 
 

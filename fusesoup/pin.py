@@ -1,11 +1,13 @@
-"""pin@<model>: a path or hub model linked into data/models/<model>, with a record of where it came from.
+"""pin@<model>: a path, hub or GGUF model put into data/models/<model>, with a record of where it came from.
 
-The stage links (does not copy) the model's top-level files into `data/models/<name>` and writes `pin.json`
-(source, location, requested revision, resolved hub commit, file sizes). DVC hashes the output through the links
-(`cache: false`, so a 7B model is never copied into the DVC cache): editing a local model's weights marks pin@ and
-everything downstream as changed, touching nothing changes nothing, and a hub branch is resolved to a commit once,
-when pin@ runs, so a later `dvc repro` does not drift when the branch moves. Every later stage loads every model,
-bootstrapped or pinned, from data/models/<name>.
+The stage links (does not copy) a path or hub model's top-level files into `data/models/<name>` and writes
+`pin.json` (source, location, requested revision, resolved hub commit, file sizes). DVC hashes the output through
+the links (`cache: false`, so a 7B model is never copied into the DVC cache): editing a local model's weights marks
+pin@ and everything downstream as changed, touching nothing changes nothing, and a hub branch is resolved to a
+commit once, when pin@ runs, so a later `dvc repro` does not drift when the branch moves. A GGUF model is
+dequantised into safetensors (fusesoup/gguf.py) and the GGUF file itself is linked beside them as `source.gguf`,
+so that it is tracked exactly as a path model's files are. Every later stage loads every model, bootstrapped or
+pinned, from data/models/<name>.
 """
 from __future__ import annotations
 
@@ -15,13 +17,15 @@ from pathlib import Path
 from transformers import AutoConfig, AutoTokenizer
 
 from fusesoup.corpus import TokenLimit
+from fusesoup.gguf import dequantise, gguf_file, gguf_location, inspect_gguf
 from fusesoup.models import (SPECIAL_TOKENS_PER_SEQUENCE, UNSAFE_WEIGHTS, ModelError, check_safetensors, context_length,
                              is_unsafe_weights, load_from)
-from fusesoup.params import HubRef, ModelRef, Params
-from fusesoup.storage import atomic_dir, write_json
+from fusesoup.params import GgufRef, HubRef, ModelRef, Params, PathRef
+from fusesoup.storage import atomic_dir, sha256_file, write_json
 from fusesoup.token_bytes import text_token_bytes, token_bytes
 
 PIN_FILE = "pin.json"
+GGUF_LINK = "source.gguf"  # a GGUF model's file, linked into its pinned directory: what DVC tracks it by
 # Text the tokenizer must spell back byte for byte: alignment compares tokens across tokenizers by their bytes.
 ROUND_TRIP_PROBE = "def f(x):\n\treturn x  + 1  # Naïve café, déjà vu — 42%\n\n  Indented Line.\r\n"
 _HUB_IGNORE = [*UNSAFE_WEIGHTS, "original/*", "onnx/*", "*.md", ".gitattributes"]
@@ -59,7 +63,14 @@ def hub_snapshot(name: str, ref: HubRef) -> Path:
         raise PinError(f"{where}: the hub refused: {' '.join(str(error).split())}") from None
 
 
-def source_dir(name: str, ref: ModelRef) -> Path:
+def source_location(name: str, ref: ModelRef) -> tuple[str, dict]:
+    """(where the model lives, from_pretrained kwargs) to read its tokenizer and config before pin@ has run."""
+    if isinstance(ref, GgufRef):
+        return gguf_location(name, ref)
+    return str(source_dir(name, ref)), {"trust_remote_code": ref.trust_remote_code}
+
+
+def source_dir(name: str, ref: PathRef | HubRef) -> Path:
     """The directory `ref` names: a local path, or the hub snapshot of its revision."""
     if isinstance(ref, HubRef):
         return hub_snapshot(name, ref)
@@ -100,6 +111,8 @@ def check_round_trip(name: str, directory: Path, trust_remote_code: bool = False
 
 def pin_model(name: str, ref: ModelRef, out: Path | str) -> dict:
     """Link `ref`'s files into `out` (atomically: all links and pin.json, or nothing) and return the pin record."""
+    if isinstance(ref, GgufRef):
+        return pin_gguf(name, ref, Path(out))
     directory = source_dir(name, ref)
     files = model_files(name, directory)
     check_round_trip(name, directory, ref.trust_remote_code)
@@ -113,12 +126,33 @@ def pin_model(name: str, ref: ModelRef, out: Path | str) -> dict:
     return record
 
 
+def pin_gguf(name: str, ref: GgufRef, out: Path) -> dict:
+    """Dequantise the GGUF into `out` (atomically), link the file beside the weights and return the pin record:
+    the file's sha256, architecture, quantisation type and the dtype the weights were written in."""
+    file = gguf_file(name, ref)
+    facts = inspect_gguf(name, file)  # what transformers would refuse, from the header, before any weight is read
+    with atomic_dir(out) as tmp:
+        facts.update(dequantise(name, file, ref.dtype, tmp))
+        check_round_trip(name, tmp)
+        os.symlink(file.resolve(), tmp / GGUF_LINK)
+        record = {"name": name, **ref.model_dump(), "commit": None, "sha256": sha256_file(file), **facts,
+                  "files": {p.name: p.stat().st_size for p in sorted(tmp.iterdir())}}
+        write_json(tmp / PIN_FILE, record)
+    return record
+
+
 def describe(record: dict) -> str:
     """One line for the stage's log: what was pinned, from where, how big."""
     size = sum(record["files"].values())
-    origin = (f"hub {record['id']}@{record['revision']} = commit {record['commit']}" if record["source"] == "hub"
-              else f"path {record['path']}")
-    return f"pin@{record['name']}: {origin}, {len(record['files'])} files, {size / 2**20:.1f} MiB (linked)"
+    if record["source"] == "hub":
+        origin, how = f"hub {record['id']}@{record['revision']} = commit {record['commit']}", "linked"
+    elif record["source"] == "gguf":
+        origin = (f"gguf {Path(record['path'], record['file'] or '')} (sha256 {record['sha256'][:12]}, "
+                  f"{record['architecture']} {record['quantization']}) dequantised to {record['dtype']}")
+        how = "written, the GGUF linked"
+    else:
+        origin, how = f"path {record['path']}", "linked"
+    return f"pin@{record['name']}: {origin}, {len(record['files'])} files, {size / 2**20:.1f} MiB ({how})"
 
 
 def _token_counter(tokenizer):
@@ -129,7 +163,7 @@ def _token_counter(tokenizer):
 
 
 def external_token_limits(params: Params) -> list[TokenLimit]:
-    """A TokenLimit for every path or hub model (tokenizer and config only, read where the model lives, before
+    """A TokenLimit for every path, hub or GGUF model (tokenizer and config only, read where the model lives, before
     pin@ links it), in params order: prepare_corpus cuts chunks so that they fit every one of them.
 
     max_tokens leaves room for BOS and EOS. Bootstrap models need none: their tokenizers are trained on the
@@ -137,7 +171,7 @@ def external_token_limits(params: Params) -> list[TokenLimit]:
     """
     limits = []
     for name, ref in params.models.items():
-        location, kwargs = str(source_dir(name, ref)), {"trust_remote_code": ref.trust_remote_code}
+        location, kwargs = source_location(name, ref)
         tokenizer = load_from("tokenizer", AutoTokenizer, name, location, kwargs)
         config = load_from("config", AutoConfig, name, location, kwargs)
         max_tokens = context_length(config) - SPECIAL_TOKENS_PER_SEQUENCE

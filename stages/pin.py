@@ -1,7 +1,8 @@
-"""DVC stage pin@<model>: a path or hub model from params.yaml's `models`, linked into data/models/<model>.
+"""DVC stage pin@<model>: a path, hub or GGUF model from params.yaml's `models`, put into data/models/<model>.
 
 No weights are copied: the directory holds links to the model's files and pin.json (where they came from, the
-resolved hub commit). See fusesoup/pin.py for why this makes DVC rerun exactly what a model change affects.
+resolved hub commit); a GGUF model's weights are dequantised there, beside a link to the file. See fusesoup/pin.py
+for why this makes DVC rerun exactly what a model change affects.
 """
 from __future__ import annotations
 

@@ -9,7 +9,7 @@ from fusesoup.params import load_params
 def main(argv: list[str] | None = None) -> None:
     args = stage_parser("stages.prepare_corpus", __doc__, ["out"]).parse_args(argv)
     params = load_params(args.params)
-    from fusesoup.pin import external_token_limits  # loads tokenizers of path/hub models only
+    from fusesoup.pin import external_token_limits  # loads tokenizers of path/hub/GGUF models only
 
     limits = external_token_limits(params)
     manifest = prepare_corpus(params.corpus, args.out, limits)

@@ -12,7 +12,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "fusesoup"
 LAYERS = [
     ("core", ["fusesoup", "errors", "params", "storage", "batching", "cli", "profiles"]),
     ("corpus", ["corpus"]),
-    ("models", ["models", "tokenizer_families", "token_bytes", "pin"]),
+    ("models", ["models", "tokenizer_families", "token_bytes", "gguf", "pin"]),
     ("logits", ["logits"]),
     ("align", ["align"]),
     ("fuse", ["fusion", "fusion_store"]),
