@@ -22,6 +22,7 @@ class BpbResult(NamedTuple):
     bytes: int  # UTF-8 bytes of the texts
     bpb: float  # nll_nats / ln 2 / bytes
     correct: int = 0  # scored tokens that were the model's most likely next token
+    text_nats: tuple[float, ...] = ()  # each text's summed NLL, in input order (paired comparisons resample these)
 
     @property
     def accuracy(self) -> float:
@@ -33,7 +34,7 @@ class BpbResult(NamedTuple):
         """The result over the union of the texts of several results (e.g. every domain -> `all`)."""
         nll, tokens, size = sum(r.nll_nats for r in results), sum(r.tokens for r in results), sum(r.bytes for r in results)
         return BpbResult(nll, tokens, size, nll / math.log(2) / size if size else math.nan,
-                         sum(r.correct for r in results))
+                         sum(r.correct for r in results), tuple(n for r in results for n in r.text_nats))
 
 
 class ContextError(StageError):
@@ -67,7 +68,7 @@ def bits_per_byte(model, tokenizer, texts: Sequence[str], batch_tokens: int) -> 
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
-    nll, correct = torch.zeros((), dtype=torch.float64), 0
+    nll, correct, text_nats = torch.zeros((), dtype=torch.float64), 0, [0.0] * len(texts)
     try:
         with torch.inference_mode():
             for batch in plan_batches([len(s) for s in sequences], batch_tokens):
@@ -75,15 +76,19 @@ def bits_per_byte(model, tokenizer, texts: Sequence[str], batch_tokens: int) -> 
                 input_ids, mask = input_ids.to(device), mask.to(device)
                 logits = model(input_ids=input_ids, attention_mask=mask).logits[:, :-1].float()
                 targets = input_ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
-                loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
-                                       ignore_index=-100, reduction="sum")
-                nll += loss.double().cpu()
+                # cross_entropy's own two steps, so that the sum is the same number and the per-text split is free
+                logp = F.log_softmax(logits.reshape(-1, logits.shape[-1]), dim=1)
+                nll += F.nll_loss(logp, targets.reshape(-1), ignore_index=-100, reduction="sum").double().cpu()
+                per_text = F.nll_loss(logp, targets.reshape(-1), ignore_index=-100, reduction="none")
+                for i, value in zip(batch, per_text.view(len(batch), -1).double().sum(1).tolist()):
+                    text_nats[i] = value
                 correct += int(((logits.argmax(-1) == targets) & (targets >= 0)).sum())
     finally:
         model.train(was_training)
     tokens = sum(len(s) - 1 for s in sequences)
     nll_nats = float(nll)
-    return BpbResult(nll_nats, tokens, size, nll_nats / math.log(2) / size if size else math.nan, correct)
+    return BpbResult(nll_nats, tokens, size, nll_nats / math.log(2) / size if size else math.nan, correct,
+                     tuple(text_nats))
 
 
 def score_by_domain(model, tokenizer, frame, batch_tokens: int) -> dict[str, BpbResult]:

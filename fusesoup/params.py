@@ -300,7 +300,7 @@ STAGE_PARAMS: dict[str, list[str]] = {
     "train@clm": ["seed", *_DEVICE, "target", *(f"train.{key}" for key in train_keys("clm"))],
     "train@fused": ["seed", *_DEVICE, "target", "train"],
     "soup": ["seed", *_DEVICE, "target", "soup"],
-    "evaluate": [*_DEVICE, "target", "sources", "soup.strategies", "soup.l1", "evaluate"],
+    "evaluate": [*_DEVICE, "target", "sources", "soup.ingredients", "soup.strategies", "soup.l1", "evaluate"],
 }
 
 

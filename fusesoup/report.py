@@ -12,6 +12,7 @@ from pathlib import Path
 import polars as pl
 
 from fusesoup import report_figures as figures
+from fusesoup.compare import LEVEL, RESAMPLES
 from fusesoup.errors import StageError
 from fusesoup.params import TRAINED_MODELS
 from fusesoup.storage import atomic_dir, atomic_write_bytes
@@ -26,18 +27,25 @@ METRICS = (("bpb", "bpb", min), ("accuracy", "acc", max))
 LEGEND = ("Lower bpb (bits per byte) is better, higher acc (next-token accuracy) is better; the best value of each "
           "column is **bold**, — means not measured. Bits per byte do not depend on the tokenizer, so teachers and "
           "targets compare fairly; accuracy is only comparable on the target's tokenizer, so only those models have it.")
+CI_LEGEND = (f"Each difference is bpb(model) - bpb(other) on the same test documents, with a {LEVEL:.0%} paired "
+             f"bootstrap confidence interval (CI): the resampling unit is the test document (all chunks of a document "
+             f"together), {RESAMPLES} resamples with replacement, each resample's bpb its total bits / total bytes. A "
+             "model beats another only when the whole interval is below zero; an interval that holds zero is a tie.")
+VERDICTS = {"better": "win", "worse": "loss", "tie": "tie (CI holds 0)"}
 
 
 def write_report(out_dir: Path, evaluation: dict, interpolation: pl.DataFrame,
                  training: dict[str, pl.DataFrame], alphas: dict[str, dict], target: str,
-                 missing: dict[str, list[str]]) -> Path:
+                 missing: dict[str, list[str]], comparisons: dict[str, dict[str, dict]]) -> Path:
     """Write out_dir/report.md and out_dir/figures/*.png, replacing out_dir at once; returns the report's path.
 
     `evaluation` is eval.json's models section; `alphas` maps a learned soup's model name to its {"ingredients",
     "granularity", "groups"} dict; `target` is the model the trained variants (params.TRAINED_MODELS) continue from;
-    `missing` is eval.json's missing_domains (split -> domains the corpus has but that split lacks).
+    `missing` is eval.json's missing_domains (split -> domains the corpus has but that split lacks); `comparisons` its
+    comparisons ("A vs B" -> domain -> {diff, low, high, verdict}: compare.compare), the findings' only source of wins.
     """
     _check_evaluation(evaluation)
+    _check_comparisons(comparisons)
     _check_columns(interpolation, INTERPOLATION_COLUMNS, INTERPOLATION_FILE)
     for variant, frame in training.items():
         _check_columns(frame, TRAINING_COLUMNS, f"plots/train/{variant}.csv")
@@ -47,7 +55,9 @@ def write_report(out_dir: Path, evaluation: dict, interpolation: pl.DataFrame,
     pngs: dict[str, bytes] = {}
     lines = ["# fusesoup report", "", "## Baselines", "", LEGEND, *missing_notes(missing), "",
              *baselines_table(evaluation, target), "",
-             "## Findings", "", *(f"- {finding}" for finding in findings(evaluation, alphas, target))]
+             "## Findings", "", CI_LEGEND, "", *(f"- {finding}" for finding in findings(evaluation, comparisons, target))]
+    if comparisons:
+        lines += ["", "## Comparisons", "", *comparisons_table(comparisons)]
     if interpolation.height:
         pngs["interpolation.png"] = figures.interpolation_png(interpolation)
         lines += _figure_section("Interpolation", "interpolation.png", (
@@ -92,6 +102,18 @@ def _check_evaluation(evaluation: dict) -> None:
                 if isinstance(value, bool) or not isinstance(value, (int, float)):
                     raise StageError(f"{EVAL_FILE}: model {model!r}, domain {domain!r}: {metric!r} is {value!r}, "
                                      "not a number")
+
+
+def _check_comparisons(comparisons: dict) -> None:
+    for pair, domains in comparisons.items():
+        for domain, interval in domains.items():
+            for key in ("diff", "low", "high"):
+                if not isinstance(interval.get(key), (int, float)) or isinstance(interval.get(key), bool):
+                    raise StageError(f"{EVAL_FILE}: comparisons: {pair!r}, domain {domain!r}: {key!r} is "
+                                     f"{interval.get(key)!r}, not a number")
+            if interval.get("verdict") not in VERDICTS:
+                raise StageError(f"{EVAL_FILE}: comparisons: {pair!r}, domain {domain!r}: 'verdict' is "
+                                 f"{interval.get('verdict')!r}, not one of {sorted(VERDICTS)}")
 
 
 def _check_columns(frame: pl.DataFrame, columns: tuple[str, ...], name: str) -> None:
@@ -162,48 +184,66 @@ def _bpb(evaluation: dict, model: str, domain: str) -> float | None:
     return evaluation.get(model, {}).get(domain, {}).get("bpb")
 
 
-def findings(evaluation: dict, alphas: dict[str, dict], target: str) -> list[str]:
-    """Sentences read off the numbers: the best `all` bpb, fused against its baselines, soups against ingredients."""
+def findings(evaluation: dict, comparisons: dict[str, dict[str, dict]], target: str) -> list[str]:
+    """Sentences read off the numbers: the best `all` bpb, then each compared pair (target-fused against its baselines
+    per domain, each soup against its ingredients on `all`) as a win, a loss or a tie by its bootstrap interval."""
     out = []
     overall = {model: _bpb(evaluation, model, "all") for model in model_order(list(evaluation), target)}
     overall = {model: value for model, value in overall.items() if value is not None}
     if overall:
         best = min(overall, key=overall.__getitem__)
         out.append(f"Lowest `all` bpb: {best} ({overall[best]:.3f}).")
-    for domain in _domains(evaluation):
-        clm_model, fused_model = TRAINED_MODELS
-        fused = _bpb(evaluation, fused_model, domain)
-        for baseline in (clm_model, target):
-            other = _bpb(evaluation, baseline, domain)
-            if fused is not None and other is not None:
-                out.append(f"On `{domain}`, {fused_model} {_versus(fused, other, baseline)}.")
-    union = list(dict.fromkeys(name for soup in alphas.values() for name in soup["ingredients"]))
-    for soup in [model for model in overall if model.startswith("soup-")]:
-        ingredients = alphas[soup]["ingredients"] if soup in alphas else union
-        compared = [(name, overall[soup] - overall[name]) for name in ingredients if name in overall]
-        if compared:
-            out.append(_soup_sentence(soup, overall[soup], compared))
+    soups: dict[str, list[tuple[str, dict]]] = {}
+    for pair, domains in comparisons.items():
+        model, other = pair.split(" vs ")
+        if model.startswith("soup-"):
+            soups.setdefault(model, []).append((other, domains["all"]))
+            continue
+        for domain in _domains({model: domains}):
+            out.append(f"On `{domain}`, {model} {_versus(domains[domain], other)} "
+                       f"({_bpb(evaluation, model, domain):.3f} vs {_bpb(evaluation, other, domain):.3f}).")
+    for soup in [model for model in overall if model in soups]:
+        out.append(_soup_sentence(soup, overall[soup], soups[soup]))
     return out
 
 
-def _versus(value: float, other: float, name: str) -> str:
-    if value < other:
-        return f"beats {name} by {other - value:.3f} bpb ({value:.3f} vs {other:.3f})"
-    if value > other:
-        return f"does not beat {name}: {value - other:.3f} bpb worse ({value:.3f} vs {other:.3f})"
-    return f"ties {name} ({value:.3f} bpb)"
+def _interval(interval: dict) -> str:
+    return f"CI [{interval['low']:+.4f}, {interval['high']:+.4f}]"
 
 
-def _soup_sentence(soup: str, value: float, compared: list[tuple[str, float]]) -> str:
-    """`compared` holds (ingredient, soup bpb - ingredient bpb) on `all`; negative means the soup is better."""
-    beaten = [f"{name} by {-gap:.3f}" for name, gap in compared if gap < 0]
-    kept = [f"{name} ({gap:.3f} worse)" if gap > 0 else f"{name} (equal)" for name, gap in compared if gap >= 0]
+def _versus(interval: dict, name: str) -> str:
+    gap = abs(interval["diff"])
+    if interval["verdict"] == "better":
+        return f"beats {name} by {gap:.4f} bpb ({_interval(interval)})"
+    if interval["verdict"] == "worse":
+        return f"does not beat {name}: {gap:.4f} bpb worse ({_interval(interval)})"
+    return f"ties {name}: a difference of {interval['diff']:+.4f} bpb is within noise ({_interval(interval)})"
+
+
+def _soup_sentence(soup: str, value: float, compared: list[tuple[str, dict]]) -> str:
+    """`compared` holds (ingredient, interval of soup bpb - ingredient bpb on `all`); a win needs the verdict
+    `better` (the whole interval below zero)."""
+    beaten = [f"{name} by {-i['diff']:.4f} ({_interval(i)})" for name, i in compared if i["verdict"] == "better"]
+    kept = [f"{name} ({i['diff']:+.4f}, {_interval(i)})" for name, i in compared if i["verdict"] != "better"]
     head = f"{soup} ({value:.3f} `all` bpb) beats"
     if not kept:
         return f"{head} every ingredient: {', '.join(beaten)}."
     if not beaten:
         return f"{head} none of its ingredients: {', '.join(kept)}."
     return f"{head} {', '.join(beaten)} but not {', '.join(kept)}."
+
+
+def comparisons_table(comparisons: dict[str, dict[str, dict]]) -> list[str]:
+    """Markdown rows: one per compared pair and domain, the difference, its interval and the verdict."""
+    rows = [f"| model | vs | domain | bpb difference | {LEVEL:.0%} CI | verdict |",
+            "| --- | --- | --- | ---: | ---: | --- |"]
+    for pair, domains in comparisons.items():
+        model, other = pair.split(" vs ")
+        for domain in _domains({model: domains}):
+            i = domains[domain]
+            rows.append(f"| {model} | {other} | {domain} | {i['diff']:+.4f} | [{i['low']:+.4f}, {i['high']:+.4f}] "
+                        f"| {VERDICTS[i['verdict']]} |")
+    return rows
 
 
 def _figure_section(title: str, name: str, caption: str) -> list[str]:

@@ -2,8 +2,9 @@
 
 Models: each source (the teachers and the target base), target-clm, target-fused and each soup. Bits per byte for
 all of them (tokenizer-independent); next-token accuracy for those on the target's tokenizer. Writes
-metrics/eval.json ({"models": model -> domain -> metric, "missing_domains": split -> domains the corpus has
-but that split lacks}), plots/eval.csv (one row per model and domain) and reports/
+metrics/eval.json ({"models": model -> domain -> metric, "comparisons": "A vs B" -> domain -> the bpb difference
+and its paired bootstrap interval over test documents, "bootstrap": how, "missing_domains": split -> domains the
+corpus has but that split lacks}), plots/eval.csv (one row per model and domain) and reports/
 (report.md with PNG figures: baselines, interpolation probe, training curves, learned alphas). With
 evaluate.harness_tasks, the models on the target's tokenizer also run lm-evaluation-harness into
 metrics/harness.json (model -> task -> metric); without, that file is `{}` (DVC needs every declared metric).
@@ -15,6 +16,7 @@ from pathlib import Path
 import polars as pl
 
 from fusesoup.cli import run_stage, stage_parser, torch_runtime
+from fusesoup.compare import bootstrap_settings, compare, comparison_pairs, document_scores
 from fusesoup.corpus import read_split
 from fusesoup.evaluate import score_by_domain
 from fusesoup.harness import run_harness
@@ -24,21 +26,23 @@ from fusesoup.report import write_report
 from fusesoup.storage import read_json, write_csv, write_json
 
 
-def evaluate_models(locations: dict[str, str], params, corpus: str) -> dict[str, dict[str, dict[str, float]]]:
-    """model -> domain -> {"bpb", and "accuracy" where the model shares the target's tokenizer}, on the test split."""
+def evaluate_models(locations: dict[str, str], params, corpus: str) -> tuple[dict, dict]:
+    """model -> domain -> {"bpb", and "accuracy" where the model shares the target's tokenizer}, on the test split;
+    and model -> domain -> each test document's (bits, bytes), for the paired comparisons."""
     test = read_split(corpus, "test")
-    target_vocab, evaluation = None, {}
+    target_vocab, evaluation, documents = None, {}, {}
     for name, models_dir in locations.items():
         model, tokenizer = load_model(name, params, models_dir)
         if name == params.target:
             target_vocab = tokenizer.get_vocab()
         comparable = tokenizer.get_vocab() == target_vocab
         scores = score_by_domain(model, tokenizer, test, params.evaluate.batch_tokens)
+        documents[name] = document_scores(test, scores)
         evaluation[name] = {domain: {"bpb": r.bpb, **({"accuracy": r.accuracy} if comparable else {})}
                             for domain, r in scores.items()}
         print(f"evaluate: {name}: test bpb " + ", ".join(f"{d} {m['bpb']:.3f}" for d, m in evaluation[name].items()),
               flush=True)
-    return evaluation
+    return evaluation, documents
 
 
 def harness_models(evaluation: dict, locations: dict[str, str], params, params_dir: Path) -> dict:
@@ -66,12 +70,15 @@ def main(argv: list[str] | None = None) -> None:
     torch_runtime(params)
     locations = {name: args.models for name in params.evaluated_models()}
     locations.update({soup: args.soups for soup in params.soup.soup_names()})
-    evaluation = evaluate_models(locations, params, args.corpus)
+    evaluation, documents = evaluate_models(locations, params, args.corpus)
+    soups = {soup: params.soup_ingredients() for soup in params.soup.soup_names()}
+    comparisons = compare(documents, comparison_pairs(list(evaluation), params.target, soups))
     missing = read_json(Path(args.corpus) / "manifest.json")["missing_domains"]
     for domain in missing["test"]:
         print(f"evaluate: warning: domain {domain!r} has no test documents: it shaped the models but has no score",
               flush=True)
-    write_json(args.metrics, {"models": evaluation, "missing_domains": missing})
+    write_json(args.metrics, {"models": evaluation, "comparisons": comparisons, "bootstrap": bootstrap_settings(),
+                              "missing_domains": missing})
     rows = [{"model": model, "domain": domain, "bpb": m["bpb"], "accuracy": m.get("accuracy", "")}
             for model, domains in evaluation.items() for domain, m in domains.items()]
     write_csv(Path(args.plots) / "eval.csv", rows, ["model", "domain", "bpb", "accuracy"])
@@ -85,7 +92,7 @@ def main(argv: list[str] | None = None) -> None:
         if "l1" in recipe:  # the learned ones (soup-learned has l1 0)
             alphas[soup] = {key: recipe[key] for key in ("ingredients", "granularity", "groups")}
     report = write_report(Path(args.report), evaluation, pl.read_csv(plots / "interpolation.csv"), training, alphas,
-                          params.target, missing)
+                          params.target, missing, comparisons)
     print(f"evaluate: {len(evaluation)} models; report at {report}", flush=True)
 
 

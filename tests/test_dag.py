@@ -278,6 +278,16 @@ def test_soups_probe_and_evaluation(built):
     report = (built / "reports/report.md").read_text()
     for model in evaluation:
         assert f"| {model} |" in report
+    assert metrics["bootstrap"]["unit"] == "test documents" and metrics["bootstrap"]["resamples"] == 1000
+    fused = metrics["comparisons"]["target-fused vs target-clm"]
+    assert set(fused) == {"code", "prose", "all"} and set(metrics["comparisons"]) >= {
+        f"{soup} vs {name}" for soup in params.soup.soup_names() for name in names}
+    for domain, interval in fused.items():  # the difference is the two bpb's, the interval around it
+        assert math.isclose(interval["diff"], evaluation["target-fused"][domain]["bpb"]
+                            - evaluation["target-clm"][domain]["bpb"], abs_tol=1e-9)
+        assert interval["low"] <= interval["diff"] <= interval["high"]
+        verdict = {"better": "win", "worse": "loss", "tie": "tie (CI holds 0)"}[interval["verdict"]]
+        assert f"| target-fused | target-clm | {domain} | {interval['diff']:+.4f} |" in report and verdict in report
     for figure in re.findall(r"\(figures/([^)]+\.png)\)", report):
         assert (built / "reports/figures" / figure).read_bytes().startswith(b"\x89PNG")
 

@@ -18,7 +18,7 @@ LAYERS = [
     ("fuse", ["fusion", "fusion_store"]),
     ("train", ["train"]),
     ("soup", ["soup"]),
-    ("evaluate", ["evaluate", "harness", "report", "report_figures"]),
+    ("evaluate", ["evaluate", "compare", "harness", "report", "report_figures"]),
     ("bootstrap", ["bootstrap"]),
 ]
 

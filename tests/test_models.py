@@ -6,12 +6,13 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import GPT2Config, LlamaConfig, PreTrainedConfig, PreTrainedTokenizerFast
 
 from fusesoup.bootstrap import build_model
-from fusesoup.batching import plan_batches
-from fusesoup.evaluate import BpbResult, ContextError, bits_per_byte
+from fusesoup.batching import pad_batch, plan_batches
+from fusesoup.evaluate import BpbResult, ContextError, bits_per_byte, encode_texts
 from fusesoup.models import ModelError, context_length, load_model, load_tokenizer, model_path, resolve_device_dtype
 from fusesoup.params import ModelSpec, Runtime, parse_params
 from fusesoup.pin import external_token_limits
@@ -194,6 +195,19 @@ def test_bits_per_byte_matches_direct_computation_and_ignores_padding(architectu
     assert batched.nll_nats == pytest.approx(alone.nll_nats, rel=1e-5)
     assert 0 < batched.bpb < 20
     assert model.training is False
+    per_text = [direct_nll(model, tokenizer, t)[0] for t in texts]  # each text's own NLL, in input order
+    for result in (batched, alone):
+        assert result.text_nats == pytest.approx(per_text, rel=1e-5)
+    # the sum is what cross_entropy(reduction="sum") gives, bit for bit, as before texts were scored one by one
+    sequences = encode_texts(tokenizer, texts)
+    (batch,) = plan_batches([len(ids) for ids in sequences], 10_000)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else sequences[0][0]
+    ids = pad_batch([sequences[i] for i in batch], pad)
+    with torch.no_grad():
+        logits = model(input_ids=ids[0], attention_mask=ids[1]).logits[:, :-1].float()
+    targets = ids[0][:, 1:].masked_fill(ids[1][:, 1:] == 0, -100)
+    summed = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum")
+    assert batched.nll_nats == float(summed.double())
 
 
 def test_batches_respect_the_padded_token_budget():

@@ -28,6 +28,25 @@ def evaluation() -> dict:
     }
 
 
+def interval(diff: float, half: float) -> dict:
+    verdict = "better" if diff + half < 0 else "worse" if diff - half > 0 else "tie"
+    return {"diff": diff, "low": diff - half, "high": diff + half, "verdict": verdict}
+
+
+def comparisons(evaluation: dict) -> dict:
+    """As compare.compare writes them: the differences of `evaluation`, each with an interval of +-0.01 (+-0.025 for
+    soup-vanilla against target-clm, so that that one holds zero))."""
+    bpb = lambda model, domain: evaluation[model][domain]["bpb"]  # noqa: E731
+    out = {f"target-fused vs {other}": {domain: interval(bpb("target-fused", domain) - bpb(other, domain), 0.01)
+                                         for domain in ("code", "prose", "all")}
+           for other in ("target-clm", "target-base")}
+    for soup in ("soup-learned", "soup-vanilla"):
+        for other in ("target-clm", "target-fused"):
+            half = 0.025 if (soup, other) == ("soup-vanilla", "target-clm") else 0.01
+            out[f"{soup} vs {other}"] = {"all": interval(bpb(soup, "all") - bpb(other, "all"), half)}
+    return out
+
+
 def module_alphas() -> dict:
     groups = {f"model.layers.{layer}.{part}": [0.2 + 0.1 * layer, 0.8 - 0.1 * layer]
               for layer in range(2)
@@ -53,8 +72,11 @@ def training() -> dict[str, pl.DataFrame]:
 
 
 def report(tmp_path, **changes) -> str:
-    inputs = {"evaluation": evaluation(), "interpolation": interpolation(), "training": training(),
+    scores = changes.get("evaluation", evaluation())
+    inputs = {"evaluation": scores, "interpolation": interpolation(), "training": training(),
               "alphas": {"soup-learned": module_alphas()}, "missing": {"valid": [], "test": []}} | changes
+    if "comparisons" not in inputs:
+        inputs["comparisons"] = comparisons(scores)
     return write_report(tmp_path / "report", **inputs, target="target-base").read_text()
 
 
@@ -81,16 +103,31 @@ def test_table_has_a_row_per_model_in_order_with_best_values_bold_and_dashes_for
     assert "lower bpb (bits per byte) is better, higher acc" in text.lower()
 
 
-def test_findings_follow_the_numbers(tmp_path):
+def test_findings_call_a_win_only_when_the_interval_excludes_zero(tmp_path):
     text = report(tmp_path)
     assert "- Lowest `all` bpb: soup-learned (1.010)." in text
-    assert "- On `code`, target-fused beats target-clm by 0.150 bpb (0.950 vs 1.100)." in text
-    assert "- On `prose`, target-fused does not beat target-clm: 0.080 bpb worse (1.080 vs 1.000)." in text
-    assert "- On `all`, target-fused beats target-base by 0.335 bpb (1.015 vs 1.350)." in text
-    assert ("- soup-learned (1.010 `all` bpb) beats every ingredient: target-clm by 0.040, target-fused by 0.005."
-            in text)
-    # soup-vanilla has no alphas of its own: it is compared with the learned soups' ingredients
-    assert "- soup-vanilla (1.030 `all` bpb) beats target-clm by 0.020 but not target-fused (0.015 worse)." in text
+    assert "- On `code`, target-fused beats target-clm by 0.1500 bpb (CI [-0.1600, -0.1400]) (0.950 vs 1.100)." in text
+    assert ("- On `prose`, target-fused does not beat target-clm: 0.0800 bpb worse (CI [+0.0700, +0.0900]) "
+            "(1.080 vs 1.000).") in text
+    assert "- On `all`, target-fused beats target-base by 0.3350 bpb (CI [-0.3450, -0.3250]) (1.015 vs 1.350)." in text
+    # soup-learned is 0.005 better than target-fused, inside +-0.01: no win
+    assert ("- soup-learned (1.010 `all` bpb) beats target-clm by 0.0400 (CI [-0.0500, -0.0300]) but not "
+            "target-fused (-0.0050, CI [-0.0150, +0.0050]).") in text
+    assert ("- soup-vanilla (1.030 `all` bpb) beats none of its ingredients: target-clm (-0.0200, CI [-0.0450, "
+            "+0.0050]), target-fused (+0.0150, CI [+0.0050, +0.0250]).") in text
+    assert ("95% paired bootstrap confidence interval (CI): the resampling unit is the test document (all chunks of "
+            "a document together), 1000 resamples with replacement") in text
+
+
+def test_the_comparisons_table_shows_every_interval_and_verdict(tmp_path):
+    text = report(tmp_path)
+    section = text.split("## Comparisons")[1].split("\n## ")[0]
+    table = [line for line in section.splitlines() if line.startswith("| ")]
+    assert table[0] == "| model | vs | domain | bpb difference | 95% CI | verdict |"
+    assert len(table) == 2 + 2 * 3 + 4  # heading, rule, target-fused against 2 models on 3 domains, 2 soups x 2
+    assert "| target-fused | target-clm | prose | +0.0800 | [+0.0700, +0.0900] | loss |" in table
+    assert "| target-fused | target-base | all | -0.3350 | [-0.3450, -0.3250] | win |" in table
+    assert "| soup-learned | target-fused | all | -0.0050 | [-0.0150, +0.0050] | tie (CI holds 0) |" in table
 
 
 def test_findings_flip_when_fused_loses(tmp_path):
@@ -98,9 +135,9 @@ def test_findings_flip_when_fused_loses(tmp_path):
     worse["target-fused"]["code"]["bpb"] = 1.25
     worse["target-fused"]["all"]["bpb"] = 1.1
     text = report(tmp_path, evaluation=worse)
-    assert "- On `code`, target-fused does not beat target-clm: 0.150 bpb worse (1.250 vs 1.100)." in text
-    assert "- On `code`, target-fused beats target-base by 0.150 bpb (1.250 vs 1.400)." in text
-    assert "- On `all`, target-fused does not beat target-clm: 0.050 bpb worse (1.100 vs 1.050)." in text
+    assert "- On `code`, target-fused does not beat target-clm: 0.1500 bpb worse (CI [+0.1400, +0.1600])" in text
+    assert "- On `code`, target-fused beats target-base by 0.1500 bpb" in text
+    assert "- On `all`, target-fused does not beat target-clm: 0.0500 bpb worse" in text
 
 
 def test_domains_a_held_out_split_lacks_are_named_above_the_table(tmp_path):
@@ -163,7 +200,12 @@ def test_errors_name_the_file_and_the_key(tmp_path):
     broken = evaluation()
     del broken["target-clm"]["prose"]["bpb"]
     with pytest.raises(StageError, match=r"metrics/eval\.json: model 'target-clm', domain 'prose' has no 'bpb'"):
-        report(tmp_path, evaluation=broken)
+        report(tmp_path, evaluation=broken, comparisons={})
+    odd = comparisons(evaluation())
+    odd["target-fused vs target-clm"]["code"]["low"] = "n/a"
+    with pytest.raises(StageError, match=r"metrics/eval\.json: comparisons: 'target-fused vs target-clm', domain "
+                                         r"'code': 'low' is 'n/a', not a number"):
+        report(tmp_path, comparisons=odd)
     with pytest.raises(StageError, match=r"plots/train/fused\.csv: missing column\(s\) 'fusion'"):
         report(tmp_path, training={"fused": training()["fused"].drop("fusion")})
     short = copy.deepcopy(module_alphas())
