@@ -152,13 +152,19 @@ def rss_child(name: str, params, args) -> None:
     print(int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmHWM:"))) / 1024)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def teacher_parser(description: str, sequences: int) -> argparse.ArgumentParser:
+    """The arguments every teacher bench shares: the project's params, models and corpus, the teachers, the rows."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--params", default=str(ROOT / "params.yaml"))
     parser.add_argument("--models", default=str(ROOT / "data/models"))
     parser.add_argument("--corpus", default=str(ROOT / "data/corpus"))
     parser.add_argument("--teachers", nargs="*", help="default: every source in params")
-    parser.add_argument("--sequences", type=int, default=512, help="train rows to extract (default: 512)")
+    parser.add_argument("--sequences", type=int, default=sequences, help=f"train rows to extract (default: {sequences})")
+    return parser
+
+
+def main() -> None:
+    parser = teacher_parser(__doc__, 512)
     parser.add_argument("--repeats", type=int, default=3, help="timed runs of each side; the best counts")
     parser.add_argument("--vocab", type=int, nargs="*", help="generated teachers of these vocabulary sizes instead")
     parser.add_argument("--hidden", type=int, default=512, help="--vocab: hidden size (default: 512)")

@@ -13,7 +13,6 @@ shuffle, both domains), extracted as the extract stage would into a scratch stor
 """
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import tempfile
@@ -27,7 +26,7 @@ import numpy as np  # noqa: E402
 import polars as pl  # noqa: E402
 import torch  # noqa: E402
 
-from bench.extract import run_extraction, small_corpus, train_only  # noqa: E402
+from bench.extract import run_extraction, small_corpus, teacher_parser, train_only  # noqa: E402
 from fusesoup.batching import bos_token_id  # noqa: E402
 from fusesoup.logits.store import LogitStore  # noqa: E402
 from fusesoup.models import load_model  # noqa: E402
@@ -71,13 +70,8 @@ def bench_scheme(model, tokenizer, corpus: Path, spec, scheme: str, scratch: Pat
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--params", default=str(ROOT / "params.yaml"))
-    parser.add_argument("--models", default=str(ROOT / "data/models"))
-    parser.add_argument("--corpus", default=str(ROOT / "data/corpus"))
-    parser.add_argument("--teachers", nargs="*", help="default: every source in params")
+    parser = teacher_parser(__doc__, 256)
     parser.add_argument("--schemes", nargs="+", default=["topk:10", "topk:32", "topk:64", "sample:12", "sample:24"])
-    parser.add_argument("--sequences", type=int, default=256, help="train rows to extract (default: 256)")
     args = parser.parse_args()
     params = load_params(args.params)
     results = {}
