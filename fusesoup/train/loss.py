@@ -126,14 +126,23 @@ def student_log_probs(logits: torch.Tensor) -> torch.Tensor:
 TAIL_FLOOR = 1e-4  # a row's missing mass below this is rounding (renormalised rows sum to 1 within ~1e-6), not a tail
 
 
-def tail_outcome(log_q: torch.Tensor, p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """A row's (k+1)-th outcome, everything but its ids: the teacher's mass there, 1 - sum_e p_e (a store that keeps
-    the tail, align.tail; 0 for renormalised rows), and the student's log-mass there, log(1 - sum_e q(id_e)).
-    log_q and p [B, L, E] (padding entries have p = 0); both results [B, L]."""
+def tail_mass(p: torch.Tensor) -> torch.Tensor:
+    """[B, L] the teacher's mass beyond each row's ids, 1 - sum_e p_e (a store that keeps the tail, align.tail; 0 for
+    renormalised rows): the row's (k+1)-th outcome."""
     tail = 1 - p.sum(-1)
-    tail = torch.where(tail > TAIL_FLOOR, tail, torch.zeros_like(tail))
+    return torch.where(tail > TAIL_FLOOR, tail, torch.zeros_like(tail))
+
+
+def tail_outcome(log_q: torch.Tensor, p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A row's (k+1)-th outcome, everything but its ids: tail_mass(p), and the student's log-mass there,
+    log(1 - sum_e q(id_e)). log_q and p [B, L, E] (padding entries have p = 0); both results [B, L]."""
     held = torch.logsumexp(log_q.masked_fill(p <= 0, float("-inf")), dim=-1)
-    return tail, log1mexp(held.clamp(max=-1e-6))
+    return tail_mass(p), log1mexp(held.clamp(max=-1e-6))
+
+
+def p_log_p(p: torch.Tensor) -> torch.Tensor:
+    """p log p elementwise, 0 where p = 0."""
+    return p * torch.log(torch.where(p > 0, p, torch.ones_like(p)))
 
 
 def soft_cross_entropy(log_q: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
@@ -146,9 +155,7 @@ def soft_cross_entropy(log_q: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
 
 def kl_divergence(log_q: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
     """`kl`: KL(p || q) per position: the cross-entropy minus the targets' entropy (same gradient, reaches 0)."""
-    tail, _ = tail_outcome(log_q, p)
-    entropy = (p * torch.log(torch.where(p > 0, p, torch.ones_like(p)))).sum(-1)
-    return soft_cross_entropy(log_q, p) + entropy + tail * torch.log(torch.where(tail > 0, tail, torch.ones_like(tail)))
+    return soft_cross_entropy(log_q, p) + p_log_p(p).sum(-1) + p_log_p(tail_mass(p))
 
 
 def topk_cross_entropy(log_q: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
