@@ -25,6 +25,7 @@ sys.path.insert(0, str(ROOT))
 
 from fusesoup.align.token_alignment import byte_ends, dtw_align, offset_align  # noqa: E402
 from fusesoup.align.vocab_map import map_vocab  # noqa: E402
+from fusesoup.batching import encode_text  # noqa: E402
 from fusesoup.corpus.builtin import stdlib_files  # noqa: E402
 from fusesoup.token_bytes import text_token_bytes, token_bytes  # noqa: E402
 from fusesoup.tokenizer_families import train_tokenizer  # noqa: E402
@@ -53,7 +54,7 @@ def spelled(kind_size: tuple[str, int], train: list[str], text: str) -> list[byt
     """`text` as the token bytes of a freshly trained `kind_size` tokenizer."""
     kind, vocab_size = kind_size
     tokenizer = train_tokenizer(kind, iter(train), vocab_size)
-    return text_token_bytes(token_bytes(tokenizer), tokenizer.encode(text, add_special_tokens=False), text)
+    return text_token_bytes(token_bytes(tokenizer), encode_text(tokenizer, [text])["input_ids"][0], text)
 
 
 def block_pairs(source: list[bytes], target: list[bytes], count: int) -> list[tuple[list[bytes], list[bytes]]]:

@@ -21,6 +21,13 @@ def bos_token_id(tokenizer) -> int:
     return bos
 
 
+def encode_text(tokenizer, texts: Sequence[str], **options):
+    """The tokenizer's encoding of corpus `texts` as text: no special token added, and a special token spelled in the
+    text (`<|endoftext|>` or `<s>` in code about language models) encoded as the characters it is, not as its id, so
+    special ids appear only where the pipeline puts them (bos_token_id). `options` go to the tokenizer's call."""
+    return tokenizer(list(texts), add_special_tokens=False, split_special_tokens=True, **options)
+
+
 def plan_batches(lengths: Sequence[int], batch_tokens: int) -> list[list[int]]:
     """Indices grouped so that each batch's padded size (count x longest) stays within batch_tokens.
 

@@ -11,7 +11,7 @@ from typing import NamedTuple, Sequence
 import torch
 import torch.nn.functional as F
 
-from fusesoup.batching import bos_token_id, pad_batch, plan_batches
+from fusesoup.batching import bos_token_id, encode_text, pad_batch, plan_batches
 from fusesoup.errors import StageError
 from fusesoup.models import context_length
 
@@ -44,7 +44,7 @@ class ContextError(StageError):
 def encode_texts(tokenizer, texts: Sequence[str]) -> list[list[int]]:
     """Each text as [BOS] + its tokens (no other special tokens): the sequences every score is computed on."""
     bos = bos_token_id(tokenizer)
-    return [[bos] + list(ids) for ids in tokenizer(list(texts), add_special_tokens=False)["input_ids"]]
+    return [[bos] + list(ids) for ids in encode_text(tokenizer, texts)["input_ids"]]
 
 
 def bits_per_byte(model, tokenizer, texts: Sequence[str], batch_tokens: int) -> BpbResult:

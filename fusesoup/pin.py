@@ -16,6 +16,7 @@ from pathlib import Path
 
 from transformers import AutoConfig, AutoTokenizer
 
+from fusesoup.batching import encode_text
 from fusesoup.corpus import TokenLimit
 from fusesoup.gguf import dequantise, gguf_file, gguf_location, inspect_gguf
 from fusesoup.models import (SPECIAL_TOKENS_PER_SEQUENCE, UNSAFE_WEIGHTS, ModelError, check_safetensors, context_length,
@@ -101,7 +102,7 @@ def check_round_trip(name: str, directory: Path, trust_remote_code: bool = False
     """PinError unless the tokenizer's tokens of ROUND_TRIP_PROBE are its exact bytes (a lowercasing or
     unicode-folding normaliser, dropped whitespace or <unk> would misalign every row, found only hours later)."""
     tokenizer = load_from("tokenizer", AutoTokenizer, name, str(directory), {"trust_remote_code": trust_remote_code})
-    ids = tokenizer(ROUND_TRIP_PROBE, add_special_tokens=False).input_ids
+    ids = encode_text(tokenizer, [ROUND_TRIP_PROBE])["input_ids"][0]
     try:
         text_token_bytes(token_bytes(tokenizer), ids, ROUND_TRIP_PROBE)
     except ValueError as error:
@@ -157,7 +158,7 @@ def describe(record: dict) -> str:
 
 def _token_counter(tokenizer):
     def count_tokens(text: str) -> int:
-        return len(tokenizer(text, add_special_tokens=False).input_ids)
+        return len(encode_text(tokenizer, [text])["input_ids"][0])
 
     return count_tokens
 

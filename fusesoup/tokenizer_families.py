@@ -19,6 +19,8 @@ from collections.abc import Callable, Iterable, Iterator
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerFast
 
+from fusesoup.batching import encode_text
+
 FAMILIES = ("sentencepiece_bpe", "byte_level_bpe", "unigram")
 SPACE = "▁"  # SentencePiece's meta symbol for a space (U+2581)
 BYTE_TOKENS = [f"<0x{b:02X}>" for b in range(256)]
@@ -44,12 +46,12 @@ def train_tokenizer(kind: str, texts: Iterable[str], vocab_size: int) -> PreTrai
 
 def round_trips(tokenizer: PreTrainedTokenizerFast, text: str) -> bool:
     """Whether decoding the encoding of `text` (no special tokens) gives `text` back exactly."""
-    return tokenizer.decode(tokenizer.encode(text, add_special_tokens=False)) == text
+    return tokenizer.decode(encode_text(tokenizer, [text])["input_ids"][0]) == text
 
 
 def within_length_bound(tokenizer: PreTrainedTokenizerFast, text: str) -> bool:
     """Whether `text` costs at most one token per UTF-8 byte plus one (a prepended `▁`), special tokens aside."""
-    return len(tokenizer.encode(text, add_special_tokens=False)) <= len(text.encode("utf-8")) + 1
+    return len(encode_text(tokenizer, [text])["input_ids"][0]) <= len(text.encode("utf-8")) + 1
 
 
 def _sentencepiece_bpe(texts: Iterable[str], vocab_size: int) -> PreTrainedTokenizerFast:

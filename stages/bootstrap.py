@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import time
 
+from fusesoup.batching import encode_text
 from fusesoup.bootstrap import build_model, train_causal_lm
 from fusesoup.cli import run_stage, stage_parser, torch_runtime
 from fusesoup.corpus import read_split
@@ -39,7 +40,7 @@ def main(argv: list[str] | None = None) -> None:
     started = time.perf_counter()
     tokenizer_texts = train.filter(train["domain"].is_in(tokenizer_domains))["text"].to_list()
     tokenizer = train_tokenizer(spec.tokenizer.kind, tokenizer_texts, spec.tokenizer.vocab_size)
-    sequences = {d: tokenizer(texts, add_special_tokens=False)["input_ids"] for d, texts in texts_by_domain.items()}
+    sequences = {d: encode_text(tokenizer, texts)["input_ids"] for d, texts in texts_by_domain.items()}
     print(f"{name}: {spec.tokenizer.kind} tokenizer of {len(tokenizer)} tokens in {time.perf_counter() - started:.1f} s; "
           + ", ".join(f"{d}: {len(s)} documents, {sum(map(len, s))} tokens" for d, s in sequences.items()), flush=True)
 

@@ -7,12 +7,15 @@ import math
 import os
 from pathlib import Path
 
+import polars as pl
 import pytest
 import torch
 import yaml
 from safetensors import safe_open
-from transformers import GPT2Config, GPTNeoXConfig, MistralConfig, Qwen2Config
+from transformers import AutoTokenizer, GPT2Config, GPTNeoXConfig, MistralConfig, Qwen2Config
 
+from fusesoup.corpus import read_split
+from fusesoup.logits.store import LogitStore
 from fusesoup.models import stored_dtype
 from tests.dvc_project import dvc, make_project, set_param
 from tests.hub_cache import add_snapshot, save_checkpoint
@@ -29,6 +32,11 @@ def qwen2() -> Qwen2Config:  # tied input/output embeddings, as Qwen2.5-0.5B shi
     return Qwen2Config(**SMALL, num_key_value_heads=1, tie_word_embeddings=True)
 
 
+# Corpus text that spells the special tokens of these models (code and prose about language models has them): the
+# text must reach every model as text, never as a special id (one of them used to stop align@)
+SPECIAL_TEXTS = [f"{text} # {index}" for index in range(12) for text in (
+    "print('<|endoftext|>')", "<|im_start|>user\nhi<|im_end|>", "<s>[INST] 2+2? [/INST] 4</s>",
+    "vocab = ['<unk>', '<s>', '</s>', '<pad>']")]
 CHAT_TEMPLATE = "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
 
 
@@ -63,6 +71,9 @@ def external(tmp_path_factory):
         add_snapshot(root / "hf-cache", "org/tiny-neox", neox_dir, commit)
     repo = make_project(root / "project")
     params = yaml.safe_load((repo / "params.yaml").read_text())
+    specials = root / "given/specials.jsonl"
+    specials.write_text("".join(json.dumps({"text": text}) + "\n" for text in SPECIAL_TEXTS))
+    params["corpus"]["sources"].append({"kind": "files", "paths": [str(specials)], "domain": "specials"})
     params.update(bootstrap={}, target="base-qwen", sources=[*SOURCES], models={
         "base-qwen": {"source": "path", "path": str(target)},
         "code-neox": {"source": "hub", "id": "org/tiny-neox"},
@@ -98,6 +109,25 @@ def test_the_dag_runs_on_given_models_only(external):
     evaluation = json.loads((repo / "metrics/eval.json").read_text())["models"]
     for name in (*SOURCES, "target-clm", "target-fused", "soup-vanilla"):
         assert math.isfinite(evaluation[name]["all"]["bpb"]), name
+
+
+def test_text_that_spells_a_special_token_reaches_every_model_as_text(external):
+    """No model's stored ids of the corpus hold a special id (the BOS the pipeline puts first is not stored), and
+    the documents that spell them were aligned and scored like any other (align@ used to stop on them)."""
+    repo, _ = external
+    splits = {split: read_split(repo / "data/corpus", split) for split in ("train", "valid", "test")}
+    assert sum(frame.filter(pl.col("domain") == "specials").height for frame in splits.values()) == len(SPECIAL_TEXTS)
+    assert splits["train"].filter(pl.col("domain") == "specials").height > 0
+    for name in SOURCES:
+        tokenizer = AutoTokenizer.from_pretrained(repo / "data/models" / name)
+        special = set(tokenizer.all_special_ids)
+        assert special, name
+        store = LogitStore(repo / "data/logits" / name)
+        stored = [item.logits.input_ids for batch in store.iter_batches("train") for item in batch]
+        assert len(stored) == splits["train"].height
+        assert not any(special & set(ids.tolist()) for ids in stored), name
+    scores = json.loads((repo / "metrics/eval.json").read_text())["models"]
+    assert all(math.isfinite(scores[name]["specials"]["bpb"]) for name in SOURCES)
 
 
 def test_a_bf16_tied_target_trains_and_soups_in_its_own_dtype(external):

@@ -10,6 +10,7 @@ import tiktoken
 from tiktoken.load import load_tiktoken_bpe
 
 from fusesoup.align.align_store import align_sequence, alignment
+from fusesoup.batching import encode_text
 from fusesoup.align.transfer import EXACT, SPAN
 from fusesoup.logits.codec import SequenceLogits
 from fusesoup.params import Align
@@ -118,3 +119,18 @@ def test_a_span_at_the_start_is_read_without_the_teachers_space(mistral, gpt2):
     row, status = first_row(mistral, gpt2, "\nThe quick", ["▁", "▁Hello", "▁Yes"], spans="expand")
     assert status == SPAN and set(row) == {"Ċ", "Hello", "Yes"}
     assert row["Hello"] == pytest.approx(0.3, abs=1e-3) and row["Yes"] == pytest.approx(0.2, abs=1e-3)
+
+
+@pytest.mark.parametrize("name", ["mistral", "gpt2"])
+def test_text_that_spells_a_special_token_is_encoded_as_text(name, request):
+    """Corpus text spelling a special token (`<|endoftext|>`, `<s>` in code about language models) gets no special
+    id from encode_text, as every stage encodes, and its tokens spell it; the tokenizer's default call would put the
+    special id there (a document boundary in mid-text) and leave its bytes out."""
+    tokenizer = request.getfixturevalue(name)
+    special = set(tokenizer.all_special_ids)
+    text = "print(" + " + ".join(repr(token) for token in tokenizer.all_special_tokens) + ")"
+    assert special & set(tokenizer(text, add_special_tokens=False).input_ids)  # the hazard
+    ids = encode_text(tokenizer, [text, "plain"])["input_ids"][0]
+    assert not special & set(ids)
+    assert b"".join(text_token_bytes(token_bytes(tokenizer), ids, text)).endswith(text.encode())
+    assert tokenizer(text, add_special_tokens=False).input_ids != ids  # the call left the tokenizer's default alone

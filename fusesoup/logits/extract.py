@@ -21,7 +21,7 @@ import pyarrow.parquet as pq
 import torch
 from tqdm.auto import tqdm
 
-from fusesoup.batching import bos_token_id, pad_batch, plan_batches
+from fusesoup.batching import bos_token_id, encode_text, pad_batch, plan_batches
 from fusesoup.corpus import CORPUS_SCHEMA, read_texts, split_path
 from fusesoup.errors import StageError
 from fusesoup.logits import store as shards
@@ -191,7 +191,7 @@ def extract_sequences(model, tokenizer, texts: Sequence[str], k: int, batch_toke
     vocab_size = model.config.vocab_size
     if k > vocab_size:
         raise ExtractionError(f"extract.k is {k} but the model has only {vocab_size} ids")
-    encoded = tokenizer(list(texts), add_special_tokens=False, return_offsets_mapping=True)
+    encoded = encode_text(tokenizer, texts, return_offsets_mapping=True)
     bos = bos_token_id(tokenizer)
     sequences = [[bos] + ids for ids in encoded["input_ids"]]
     context = context_length(model.config)
