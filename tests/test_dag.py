@@ -2,6 +2,8 @@
 when nothing changed, and reruns exactly the stages whose params changed."""
 from __future__ import annotations
 
+import csv
+import io
 import itertools
 import json
 import math
@@ -471,6 +473,25 @@ def test_extraction_reruns_for_k_only_and_a_new_teacher_reuses_the_other_stores(
     out = dvc(repo, "exp", "run", "-S", "fuse.method=avg_ce").stdout  # downstream of extraction: no extract reruns
     assert ran_stages(out) == {"fuse", "train@fused", "soup", "evaluate"}  # train@clm reads the target's own tokens
     assert json.loads((repo / "metrics/fusion.json").read_text())["method"] == "avg_ce"
+
+
+def test_a_prefect_overrides_run_trains_train_fused_alone_and_dvc_exp_show_has_it(committed, prefect_api):
+    """The flow's `overrides` (a `dvc exp run --temp`) reuse what a lambda does not change as `dvc repro` does:
+    train@fused retrains, train@clm, fuse, extract@ and align@ do not; the workspace stays as committed and
+    `dvc exp show` lists the experiment with its lambda and train@fused's figures."""
+    from flows.pipeline import pipeline
+    from fusesoup.params import Flow
+
+    lines = pipeline(str(committed), Flow(retries=0, max_parallel=2), overrides=["train.lambda=0.6"])["experiment"]
+    ran = ran_stages("\n".join(lines))
+    assert "train@fused" in ran and ran <= {"train@fused", "soup", "evaluate"}
+    assert git_status(committed) == ""
+    rows = list(csv.DictReader(io.StringIO(dvc(committed, "exp", "show", "--csv").stdout)))
+    [row] = [row for row in rows if row["params.yaml:train.lambda"] == "0.6"]
+    baseline = next(row for row in rows if row["typ"] == "baseline")
+    assert row["Experiment"] and row["metrics/train/fused.json:train.lambda"] == "0.6"
+    assert row["metrics/train/fused.json:train.final_loss"] != baseline["metrics/train/fused.json:train.final_loss"]
+    assert row["metrics/train/clm.json:train.final_loss"] == baseline["metrics/train/clm.json:train.final_loss"]
 
 
 def test_a_queued_lambda_sweep_trains_train_fused_alone(committed):
