@@ -44,8 +44,8 @@ def _stdlib_texts(skipped: Counter[str]) -> Iterator[tuple[str, str]]:
 
 
 # Files whose text the prose source yields itself: pydoc_data/topics.py is a dict literal of the pydoc topic texts
-# (about 0.8 MB of English), which builtin_prose yields one topic per split group. As code it was misdomained, and it
-# leaked across splits: its hash put it in valid, where it was 91% of the code bytes, with most topics in train prose.
+# (about 0.8 MB of English), which builtin_prose yields one topic per split group; as one code file it would put
+# English text in the code domain, all of it in one split.
 PROSE_FILES = frozenset({"pydoc_data/topics.py"})
 
 
