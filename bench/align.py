@@ -29,7 +29,7 @@ from fusesoup.batching import encode_text  # noqa: E402
 from fusesoup.corpus.builtin import stdlib_files  # noqa: E402
 from fusesoup.token_bytes import text_token_bytes, token_bytes  # noqa: E402
 from fusesoup.tokenizer_families import train_tokenizer  # noqa: E402
-from tests.test_align_tokens import reference_dtw  # noqa: E402
+from tests.helpers import reference_dtw  # noqa: E402
 
 DTW_SOURCE, DTW_TARGET = ("byte_level_bpe", 8000), ("sentencepiece_bpe", 3072)  # params.yaml: code-neox, target-base
 VOCAB_PAIR = (("sentencepiece_bpe", 32000), ("byte_level_bpe", 50000))

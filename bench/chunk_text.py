@@ -24,7 +24,7 @@ sys.path.insert(0, str(ROOT))
 
 from fusesoup.corpus.prepare import chunk_text, prepare_corpus  # noqa: E402
 from fusesoup.params import Corpus, FilesSource  # noqa: E402
-from tests.test_corpus_prepare import reference_chunk_text  # noqa: E402
+from tests.helpers import reference_chunk_text  # noqa: E402
 
 MAX_BYTES = 1024
 

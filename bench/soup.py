@@ -42,7 +42,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench.llama_shape import add_shape_arguments  # noqa: E402
 from fusesoup.soup.learn import learn_alphas, mapped_ingredients, memory_plan, release_weights  # noqa: E402
-from fusesoup.soup.checkpoint import INDEX_NAME, compare_checkpoints, tensor_index  # noqa: E402
+from fusesoup.soup.checkpoint import INDEX_NAME, compare_checkpoints  # noqa: E402
 from fusesoup.soup.merge import check_ingredients, plan_linear, write_linear_merge  # noqa: E402
 from fusesoup.soup.mergekit import mergekit_config  # noqa: E402
 from fusesoup.storage import atomic_dir  # noqa: E402

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import pytest
 
+from tests.helpers import make_tokenizer
+
 # The longest modules first, so that `pytest -n 2 --dist loadfile` (make test) starts them on different workers
 # at once and the short ones fill in around them, instead of one of them starting last.
 LONGEST_FIRST = ("test_dag.py", "test_dag_external.py", "test_prefect_server.py", "test_flow.py", "test_logits.py")
@@ -24,3 +26,9 @@ def prefect_api(tmp_path_factory):
     # 120 s, not the harness's 30: on 2 busy cores the server's first start (migrations) can take longer
     with temporary_settings(offline), prefect_test_harness(server_startup_timeout=120):
         yield
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    """tests.helpers.make_tokenizer's small byte-level BPE (a module may override it with its own texts)."""
+    return make_tokenizer()

@@ -1,4 +1,5 @@
-"""Helpers to make a throwaway copy of this DVC project (optionally on the tiny profile) and drive DVC in it."""
+"""Helpers to make a throwaway copy of this DVC project (optionally on the tiny profile), or a small DVC project of
+shell stages, and drive DVC in it."""
 from __future__ import annotations
 
 import os
@@ -8,6 +9,7 @@ import sys
 from pathlib import Path
 
 import yaml
+from dvc.repo import Repo
 
 from fusesoup.profiles import dump, with_profile
 
@@ -49,6 +51,17 @@ def make_project(dest: Path, profile: str | None = "tiny") -> Path:
     dvc(dest, "init", "-q")
     dvc(dest, "config", "core.analytics", "false")
     commit_all(dest, "project")
+    return dest
+
+
+def make_stages_project(dest: Path, stages: dict) -> Path:
+    """A fresh git + DVC repo at `dest` whose dvc.yaml holds `stages` (the flow's tests: a small DAG of shell
+    commands, not this project's)."""
+    dest.mkdir(parents=True)
+    run(["git", "init", "-q"], dest)
+    Repo.init(str(dest)).close()  # in process: the flow's tests make many of these
+    (dest / ".dvc" / "config").write_text("[core]\n    analytics = false\n")
+    (dest / "dvc.yaml").write_text(yaml.safe_dump({"stages": stages}, sort_keys=False))
     return dest
 
 

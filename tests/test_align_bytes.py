@@ -7,7 +7,7 @@ from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
 from fusesoup.align.vocab_map import map_vocab
 from fusesoup.token_bytes import UNICODE_TO_BYTE, shadowed_fallbacks, text_token_bytes, token_bytes
 from fusesoup.tokenizer_families import BYTE_TOKENS, FAMILIES, SPACE, train_tokenizer
-from tests.test_tokenizer_families import CASES, random_strings, sample_texts
+from tests.helpers import CASES, random_strings, sample_texts
 
 VOCAB_SIZE = 800
 MORE_CASES = ["x\ty\t\tz", "a\n\n\nb\r\n", "naïve café", "e\u0301\u0302 o\u0308", "🙂🙃 👍🏽",

@@ -1,9 +1,7 @@
 """Token alignment: DTW against a plain pure-Python reference, and byte-offset spans on edge cases and real text."""
 from __future__ import annotations
 
-import functools
 import itertools
-import math
 import random
 
 import pytest
@@ -14,32 +12,11 @@ from fusesoup.align.token_alignment import (GROUP_KINDS, _warping_path, byte_end
                                            offset_align)
 from fusesoup.token_bytes import text_token_bytes, token_bytes
 from fusesoup.tokenizer_families import FAMILIES, train_tokenizer
-from tests.test_align_vocab import reference_edit_distance
-from tests.test_tokenizer_families import sample_texts
+from tests.helpers import reference_dtw, sample_texts
 
 TEXT = sample_texts()[0][:1500] + "\n中文 👍 naïve\tcafé\n"
 
 
-def reference_dtw(source: list, target: list, distance=reference_edit_distance) -> list[tuple[int, int]]:
-    """FuseLLM's DTW in plain Python, O(N * M): acc[i][j] = cost + min of the three predecessors (1-based, with an
-    infinite border), then the path traced back from the end to the predecessor with the smallest acc, the first of
-    (diagonal, (i-1, j), (i, j-1)) on ties. The `distance` of a token pair is computed once (a cache)."""
-    cost = functools.cache(distance)
-    n, m = len(source), len(target)
-    acc = [[math.inf] * (m + 1) for _ in range(n + 1)]
-    acc[0][0] = 0
-    for i in range(1, n + 1):
-        row, above, token = acc[i], acc[i - 1], source[i - 1]
-        for j in range(1, m + 1):
-            row[j] = cost(token, target[j - 1]) + min(above[j], row[j - 1], above[j - 1])
-    i, j = n, m
-    path = [(i - 1, j - 1)]
-    while (i, j) != (1, 1):
-        options = [acc[i - 1][j - 1], acc[i - 1][j], acc[i][j - 1]]
-        move = options.index(min(options))
-        i, j = (i - 1, j - 1) if move == 0 else (i - 1, j) if move == 1 else (i, j - 1)
-        path.append((i - 1, j - 1))
-    return path[::-1]
 
 
 @pytest.fixture(scope="module")

@@ -11,18 +11,9 @@ from fusesoup.align.vocab_map import map_vocab
 from fusesoup.errors import StageError
 from fusesoup.token_bytes import token_bytes
 from fusesoup.tokenizer_families import train_tokenizer
-from tests.test_tokenizer_families import sample_texts
+from tests.helpers import reference_edit_distance, sample_texts
 
 
-def reference_edit_distance(a: bytes, b: bytes) -> int:
-    """Levenshtein distance, the textbook DP (unit insert, delete, substitute)."""
-    previous = list(range(len(b) + 1))
-    for i, byte_a in enumerate(a, start=1):
-        current = [i]
-        for j, byte_b in enumerate(b, start=1):
-            current.append(min(previous[j] + 1, current[j - 1] + 1, previous[j - 1] + (byte_a != byte_b)))
-        previous = current
-    return previous[-1]
 
 
 def brute_force_nearest(query: bytes, target_bytes: list[bytes]) -> int:

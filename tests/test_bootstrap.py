@@ -17,14 +17,9 @@ from fusesoup.params import Bootstrap, TrainSpec, load_params
 from fusesoup.storage import write_parquet
 from fusesoup.train.packing import IGNORE, BlockPacker
 from fusesoup.train.recipe import TrainingError, lr_at
-from tests.test_models import TEXTS, make_tokenizer, tiny_spec
+from tests.helpers import TEXTS, tiny_spec
 
 ARCHITECTURES = ["llama", "gpt_neox", "gpt2"]
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return make_tokenizer()
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,6 @@ byte-identical reruns, and the stage CLI."""
 from __future__ import annotations
 
 import ast
-import bisect
 import hashlib
 import json
 import random
@@ -28,10 +27,9 @@ from fusesoup.corpus.builtin import docstrings, stdlib_files
 from fusesoup.params import BuiltinCodeSource, BuiltinProseSource, Split
 from fusesoup.storage import sha256_file
 from tests.corpus_fixtures import corpus, files_source, write_jsonl, write_parquet, write_zst
+from tests.helpers import reference_chunk_text, words
 
 
-def words(limit: int) -> TokenLimit:
-    return TokenLimit("words", lambda s: len(s.split()), limit)
 
 
 def check_chunks(text: str, chunks: list[str], max_bytes: int, limits=()) -> None:
@@ -88,36 +86,6 @@ def test_random_unicode_text_keeps_every_chunk_invariant():
         check_chunks(text, chunks, max_bytes, limits)
 
 
-def reference_chunk_text(text: str, max_bytes: int, token_limits=()) -> list[str]:
-    """chunk_text as it was before it kept an offset into an over-long line (quadratic in that line's length: it
-    sliced the line's rest once per chunk): the reference its chunks must equal."""
-    def fits(chunk: str) -> bool:
-        return len(chunk.encode("utf-8")) <= max_bytes and all(
-            limit.count_tokens(chunk) <= limit.max_tokens for limit in token_limits)
-
-    def longest(count: int, fits_first) -> int:
-        return bisect.bisect_left(range(1, count + 1), True, key=lambda k: not fits_first(k))
-
-    lines = text.split("\n")
-    units = [line + "\n" for line in lines[:-1]] + ([lines[-1]] if lines[-1] else [])
-    sizes = [len(unit.encode("utf-8")) for unit in units]
-    chunks = []
-    while units:  # units[0] begins at the first character no chunk holds yet
-        take = 0
-        while take < len(units) and sum(sizes[:take + 1]) <= max_bytes:
-            take += 1
-        if take and not fits("".join(units[:take])):
-            take = longest(take - 1, lambda k: fits("".join(units[:k])))
-        if take:
-            chunks.append("".join(units[:take]))
-            del units[:take], sizes[:take]
-        else:
-            cut = longest(min(len(units[0]) - 1, max_bytes), lambda k: fits(units[0][:k]))
-            assert cut, "the reference is only run on inputs every character of which fits"
-            chunks.append(units[0][:cut])
-            units[0] = units[0][cut:]  # the slice of the line's whole rest, once per chunk: quadratic
-            sizes[0] -= len(chunks[-1].encode("utf-8"))
-    return chunks
 
 
 def test_chunks_equal_the_quadratic_reference_on_random_long_lines():

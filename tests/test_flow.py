@@ -15,13 +15,12 @@ from pathlib import Path
 import psutil
 import pytest
 import yaml
-from dvc.repo import Repo
 
 from flows.pipeline import pipeline, stage_graph
 from flows.stage_task import StageRunError
 from flows.serve import build_deployment
 from fusesoup.params import Flow, Schedule
-from tests.dvc_project import commit_all
+from tests.dvc_project import commit_all, make_stages_project
 
 pytestmark = pytest.mark.usefixtures("prefect_api")
 
@@ -45,16 +44,6 @@ DIAMOND = {
 }
 
 
-def make_project(dest: Path, stages: dict) -> Path:
-    """A fresh git + DVC repo at `dest` whose dvc.yaml holds `stages`."""
-    dest.mkdir(parents=True)
-    subprocess.run(["git", "init", "-q"], cwd=dest, check=True)
-    Repo.init(str(dest)).close()
-    (dest / ".dvc" / "config").write_text("[core]\n    analytics = false\n")
-    (dest / "dvc.yaml").write_text(yaml.safe_dump({"stages": stages}, sort_keys=False))
-    return dest
-
-
 def runs(repo: Path) -> list[tuple[str, str, float]]:
     """(stage, 'start' | 'end', time) for each line of the project's ../runs.log."""
     log = repo.parent / "runs.log"
@@ -67,12 +56,12 @@ def diamond(tmp_path_factory) -> tuple[Path, dict[str, list[str]]]:
     """The diamond project after one flow run, and that run's result."""
     root = tmp_path_factory.mktemp("diamond")
     (root / "slow").touch()
-    repo = make_project(root / "repo", DIAMOND)
+    repo = make_stages_project(root / "repo", DIAMOND)
     return repo, pipeline(str(repo), SETTINGS)
 
 
 def test_stage_graph_reads_dependencies_from_dvc(tmp_path):
-    repo = make_project(tmp_path / "repo", DIAMOND)
+    repo = make_stages_project(tmp_path / "repo", DIAMOND)
     graph = stage_graph(repo)
     assert graph == {"a": [], "b": ["a"], "c": ["a"], "d": ["b", "c"]}
     assert list(graph) == ["a", "b", "c", "d"]
@@ -95,7 +84,7 @@ def test_flow_runs_each_stage_once_in_order_and_matches_dvc_repro(diamond, tmp_p
     at = {(name, event): t for name, event, t in events}
     assert at["b", "start"] < at["c", "end"] and at["c", "start"] < at["b", "end"], "b and c did not overlap"
 
-    reference = make_project(tmp_path / "repo", DIAMOND)
+    reference = make_stages_project(tmp_path / "repo", DIAMOND)
     subprocess.run([sys.executable, "-m", "dvc", "repro"], cwd=reference, check=True, capture_output=True)
     # Byte for byte: DVC appends an entry when a stage completes, so b and c, finishing in either order in the
     # flow, would land in completion order; the flow puts new entries in `dvc repro`'s own order.
@@ -122,7 +111,7 @@ def test_second_run_is_a_no_op_for_dvc(diamond):
 
 
 def test_failed_stage_fails_the_flow_and_skips_its_downstream(tmp_path):
-    repo = make_project(tmp_path / "repo", {
+    repo = make_stages_project(tmp_path / "repo", {
         "bad": {"cmd": "echo about to fail && exit 1", "outs": ["bad.txt"]},
         "after": {"cmd": logged("after", "cp bad.txt after.txt"), "deps": ["bad.txt"], "outs": ["after.txt"]},
         "fine": {"cmd": "echo fine > fine.txt", "outs": ["fine.txt"]},
@@ -148,7 +137,7 @@ def test_timeout_kills_the_stage_process_group(tmp_path):
     # The shell records its background sleep's pid, its own and its process group's, then waits. The timeout leaves
     # `dvc repro` time to start the command (about 2 s on 2 busy cores: a 2 s timeout killed DVC before it ran it).
     cmd = "sleep 60 & echo $! $$ $(cut -d' ' -f5 /proc/$$/stat) > ../pids; wait"
-    repo = make_project(tmp_path / "repo", {"slow": {"cmd": cmd, "outs": ["slow.txt"]}})
+    repo = make_stages_project(tmp_path / "repo", {"slow": {"cmd": cmd, "outs": ["slow.txt"]}})
     started = time.monotonic()
     with pytest.raises(StageRunError, match="stage 'slow' timed out after 8 s"):
         pipeline(str(repo), SETTINGS.model_copy(update={"stage_timeout_seconds": 8}))
@@ -165,14 +154,14 @@ def test_timeout_kills_the_stage_process_group(tmp_path):
 
 def test_retries_rerun_a_failed_stage(tmp_path):
     cmd = "if [ ! -f ../tried ]; then touch ../tried; exit 1; fi; echo ok > flaky.txt"
-    repo = make_project(tmp_path / "repo", {"flaky": {"cmd": cmd, "outs": ["flaky.txt"]}})
+    repo = make_stages_project(tmp_path / "repo", {"flaky": {"cmd": cmd, "outs": ["flaky.txt"]}})
     result = pipeline(str(repo), SETTINGS.model_copy(update={"retries": 1}))
     assert list(result) == ["flaky"]
     assert (tmp_path / "tried").exists() and (repo / "flaky.txt").read_text() == "ok\n"
 
 
 def test_unknown_stage_is_refused(tmp_path):
-    repo = make_project(tmp_path / "repo", DIAMOND)
+    repo = make_stages_project(tmp_path / "repo", DIAMOND)
     with pytest.raises(ValueError, match="unknown stage"):
         pipeline(str(repo), SETTINGS, stages=["nope"])
 
@@ -190,7 +179,7 @@ def test_deployment_carries_the_schedule(tmp_path):
 
 
 def test_named_stages_run_with_what_they_need_and_single_runs_them_alone(tmp_path):
-    repo = make_project(tmp_path / "repo", DIAMOND)
+    repo = make_stages_project(tmp_path / "repo", DIAMOND)
     assert sorted(pipeline(str(repo), SETTINGS, stages=["b"])) == ["a", "b"]  # as `dvc repro b`
     assert (repo / "b.txt").exists() and not (repo / "c.txt").exists() and not (repo / "d.txt").exists()
     assert list(pipeline(str(repo), SETTINGS, stages=["c"], single=True)) == ["c"]  # as `dvc repro -s c`
@@ -212,7 +201,7 @@ def flow_run_records(state) -> tuple[list, list]:
 
 
 def test_each_task_waits_for_its_direct_dependencies_only(tmp_path):
-    repo = make_project(tmp_path / "repo", DIAMOND)
+    repo = make_stages_project(tmp_path / "repo", DIAMOND)
     tasks, _ = flow_run_records(pipeline(str(repo), SETTINGS, return_state=True))
     ids = {task.name: task.id for task in tasks}
     waits = {task.name: sorted(name for name, i in ids.items()
@@ -221,7 +210,7 @@ def test_each_task_waits_for_its_direct_dependencies_only(tmp_path):
 
 
 def test_a_stage_error_is_logged_at_error_and_dvc_advice_not_at_all(tmp_path):
-    repo = make_project(tmp_path / "repo", {
+    repo = make_stages_project(tmp_path / "repo", {
         "fine": {"cmd": "echo fine > fine.txt", "outs": ["fine.txt"]},
         "bad": {"cmd": "echo 'error: data/x.jsonl row 3: no text' >&2 && exit 2", "deps": ["fine.txt"],
                 "outs": ["bad.txt"]}})
@@ -258,7 +247,7 @@ def test_a_run_leaves_artifacts_the_stage_outcomes_the_evaluation_table_and_the_
 
     (tmp_path / "figure.png").write_bytes(PNG)
     (tmp_path / "eval.json").write_text(json.dumps(EVAL))
-    repo = make_project(tmp_path / "repo", REPORTING)
+    repo = make_stages_project(tmp_path / "repo", REPORTING)
     runs = [pipeline(str(repo), SETTINGS, return_state=True) for _ in range(2)]  # the second: DVC skips both
     found = []
     with get_client(sync_client=True) as client:
@@ -284,7 +273,7 @@ def test_a_run_is_named_by_its_start_and_the_projects_git_revision(tmp_path):
         with get_client(sync_client=True) as client:
             return client.read_flow_run(state.state_details.flow_run_id).name
 
-    repo = make_project(tmp_path / "repo", {"a": DIAMOND["a"]})
+    repo = make_stages_project(tmp_path / "repo", {"a": DIAMOND["a"]})
     assert re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d no-commit", run_name(repo))
     commit_all(repo)
     head = subprocess.run(["git", "rev-parse", "--short=7", "HEAD"], cwd=repo, capture_output=True, text=True)
@@ -292,7 +281,7 @@ def test_a_run_is_named_by_its_start_and_the_projects_git_revision(tmp_path):
 
 
 def test_force_reruns_a_stage_that_did_not_change(tmp_path):
-    repo = make_project(tmp_path / "repo", DIAMOND)
+    repo = make_stages_project(tmp_path / "repo", DIAMOND)
     pipeline(str(repo), SETTINGS, stages=["a"])
     again = pipeline(str(repo), SETTINGS, stages=["a"], force=True)
     assert any(line.startswith("Running stage 'a'") for line in again["a"])
@@ -300,7 +289,7 @@ def test_force_reruns_a_stage_that_did_not_change(tmp_path):
 
 
 def test_overrides_and_profiles_run_as_a_dvc_experiment_and_leave_params_yaml_alone(tmp_path):
-    repo = make_project(tmp_path / "repo", {"echo": {"cmd": "echo seed=${seed} > seed.txt", "params": ["seed"],
+    repo = make_stages_project(tmp_path / "repo", {"echo": {"cmd": "echo seed=${seed} > seed.txt", "params": ["seed"],
                                                      "outs": ["seed.txt"]}})
     shutil.copyfile(Path(__file__).resolve().parents[1] / "params.yaml", repo / "params.yaml")
     (repo / "profiles").mkdir()

@@ -9,24 +9,21 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import polars as pl
 import pytest
 import torch
 import yaml
 
 from fusesoup.bootstrap import build_model
-from fusesoup.corpus import CORPUS_SCHEMA
 from fusesoup.logits.codec import (CE_STEP, LOGPROB_STEP, SequenceLogits, decode, encode, id_dtype,
                                    renormalized_kl)
-from fusesoup.logits.extract import (ExtractionError, extract_sequences, extract_store, key_parts, output_head,
-                                     teacher_outputs, top_k_rows, worker_count)
+from fusesoup.logits.extract import (ExtractionError, extract_sequences, output_head, teacher_outputs, top_k_rows,
+                                     worker_count)
 from fusesoup.logits.store import LogitStore
 from fusesoup.params import Extract
-from fusesoup.storage import StorageError, write_parquet
-from tests.test_models import make_tokenizer, tiny_spec
+from fusesoup.storage import StorageError
+from tests.helpers import ASCII_TEXTS, EXTRACT_SPEC, make_tokenizer, run_store, shard_bytes, tiny_spec, write_code_corpus
 
 REPO = Path(__file__).resolve().parents[1]
-ASCII_TEXTS = [f"def f{i}(x):\n    return x * {i} + {i % 7}\n" * (1 + i % 3) for i in range(40)]
 
 
 @pytest.fixture(scope="module")
@@ -179,37 +176,18 @@ def test_a_sequence_longer_than_the_context_names_its_row(tokenizer):
 
 # --- the store ------------------------------------------------------------------------------------------------------
 
-def write_corpus(directory: Path, texts=ASCII_TEXTS) -> Path:
-    rows = [(f"d{i}", "code", text) for i, text in enumerate(texts)]
-    for split in ("train", "valid", "test"):
-        write_parquet(pl.DataFrame(rows if split == "train" else rows[:3], schema=CORPUS_SCHEMA, orient="row"),
-                      directory / f"{split}.parquet")
-    return directory
 
 
-SPEC = Extract(k=5, splits=["train"], batch_tokens=512, shard_sequences=8, workers=1)  # one process unless a test asks
 
 
-def run_store(model, tokenizer, corpus: Path, store: Path, spec: Extract = SPEC, **kwargs):
-    calls = []
-
-    def load():
-        calls.append(1)
-        return model, tokenizer
-
-    parts = key_parts({"model.safetensors": "fixed"}, corpus, spec, torch.float32)
-    manifest = extract_store(load, model.config.vocab_size, corpus, store, spec, parts, progress=False, **kwargs)
-    return manifest, len(calls)
 
 
-def shard_bytes(store: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(store)): p.read_bytes() for p in sorted(store.rglob("*")) if p.is_file()}
 
 
 @pytest.fixture(scope="module")
 def reference_store(model, tokenizer, tmp_path_factory) -> tuple[Path, Path]:
     root = tmp_path_factory.mktemp("store")
-    corpus = write_corpus(root / "corpus")
+    corpus = write_code_corpus(root / "corpus")
     run_store(model, tokenizer, corpus, root / "logits")
     return corpus, root / "logits"
 
@@ -239,10 +217,10 @@ def test_same_key_does_nothing_and_changing_k_re_extracts(reference_store, model
     before = shard_bytes(store)
     manifest, loads = run_store(model, tokenizer, corpus, store)
     assert loads == 0 and shard_bytes(store) == before  # the model is not even loaded
-    manifest, loads = run_store(model, tokenizer, corpus, store, Extract(**{**SPEC.model_dump(), "k": 3}))
+    manifest, loads = run_store(model, tokenizer, corpus, store, Extract(**{**EXTRACT_SPEC.model_dump(), "k": 3}))
     assert loads == 1 and manifest["k"] == 3 and LogitStore(store).k == 3
     assert next(LogitStore(store).iter_batches("train"))[0].logits.topk_ids.shape[1] == 3
-    manifest, loads = run_store(model, tokenizer, corpus, store, Extract(**{**SPEC.model_dump(), "k": 3,
+    manifest, loads = run_store(model, tokenizer, corpus, store, Extract(**{**EXTRACT_SPEC.model_dump(), "k": 3,
                                                                            "targets": "sample"}))
     assert loads == 1 and manifest["targets"] == "sample" and manifest["key_parts"]["sample_temperature"] == 1.0
     first = next(LogitStore(store).iter_batches("train"))[0].logits
@@ -253,7 +231,7 @@ def test_corpus_change_re_extracts(reference_store, model, tokenizer, tmp_path):
     corpus, reference = reference_store
     store = tmp_path / "logits"
     run_store(model, tokenizer, corpus, store)
-    changed = write_corpus(tmp_path / "corpus", ASCII_TEXTS[:20])
+    changed = write_code_corpus(tmp_path / "corpus", ASCII_TEXTS[:20])
     manifest, loads = run_store(model, tokenizer, changed, store)
     assert loads == 1 and manifest["splits"]["train"]["sequences"] == 20
     assert sorted(p.name for p in (store / "train").iterdir()) == [
@@ -316,12 +294,12 @@ main(sys.argv[1:])
 @pytest.fixture(scope="module")
 def stage_project(model, tokenizer, tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("stage")
-    write_corpus(root / "corpus")
+    write_code_corpus(root / "corpus")
     model.save_pretrained(root / "models/teacher")
     tokenizer.save_pretrained(root / "models/teacher")
     raw = {"models": {"teacher": {"source": "path", "path": str(root / "models/teacher")}}, "target": "teacher",
            "sources": ["teacher"], "corpus": {"sources": [{"kind": "builtin_code"}]},
-           "runtime": {"device": "cpu", "threads": 1}, "extract": SPEC.model_dump()}
+           "runtime": {"device": "cpu", "threads": 1}, "extract": EXTRACT_SPEC.model_dump()}
     (root / "params.yaml").write_text(yaml.safe_dump(raw))
     return root
 

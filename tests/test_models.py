@@ -7,39 +7,20 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import GPT2Config, LlamaConfig, PreTrainedConfig, PreTrainedTokenizerFast
+from transformers import GPT2Config, LlamaConfig, PreTrainedConfig
 
 from fusesoup.bootstrap import build_model
 from fusesoup.batching import pad_batch, plan_batches
 from fusesoup.evaluate import BpbResult, ContextError, bits_per_byte, encode_texts
 from fusesoup.models import ModelError, context_length, load_model, load_tokenizer, model_path, resolve_device_dtype
-from fusesoup.params import ModelSpec, Runtime, parse_params
+from fusesoup.params import Runtime, parse_params
 from fusesoup.pin import external_token_limits
-
-TEXTS = [
-    "def add(a, b):\n    return a + b\n",
-    "The quick brown fox jumps over the lazy dog. Naïve café — déjà vu.\n",
-    "for i in range(10):\n    print(i * i)\n",
-    "Return the sum of the arguments; raise TypeError if they cannot be added.",
-    "x",
-    "class Stack:\n    def __init__(self):\n        self.items = []\n",
-] * 4
+from tests.helpers import TEXTS, tiny_spec
 
 
-def make_tokenizer(texts=TEXTS, vocab_size: int = 300) -> PreTrainedTokenizerFast:
-    """A byte-level BPE with <s>, </s>, <pad>: 259 symbols + a few merges (300 is not a multiple of 64)."""
-    backend = Tokenizer(models.BPE())
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<s>", "</s>", "<pad>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    backend.train_from_iterator(texts, trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
 
 
-def tiny_spec(context: int = 128) -> ModelSpec:
-    return ModelSpec(hidden_size=32, layers=2, heads=2, intermediate_size=64, context=context)
+
 
 
 def make_params(models_section: dict, bootstrap: dict | None = None):
@@ -53,11 +34,6 @@ BOOTSTRAP_ENTRY = {"architecture": "llama", "tokenizer": {"kind": "byte_level_bp
                    "domains": {"code": 1.0},
                    "model": {"hidden_size": 32, "layers": 1, "heads": 2, "intermediate_size": 64, "context": 80},
                    "train": {"steps": 1, "batch_tokens": 64, "block_size": 64, "lr": 1e-3}}
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return make_tokenizer()
 
 
 @pytest.fixture(scope="module")

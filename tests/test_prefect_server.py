@@ -23,8 +23,7 @@ import yaml
 from flows.extract_workers import WORKER_DEPLOYMENT, stage_command
 from flows.serve import DEPLOYMENT
 from tests import dvc_project
-from tests.dvc_project import REPO, subprocess_env
-from tests.test_flow import make_project
+from tests.dvc_project import REPO, make_stages_project, subprocess_env
 
 pytestmark = pytest.mark.e2e
 STAGES = {"hello": {"cmd": "echo scheduled > hello.txt", "outs": ["hello.txt"]}}
@@ -99,7 +98,7 @@ def deployment_runs(api_url: str) -> list[dict]:
 
 def project_with_flow_params(root: Path, stages: dict, **flow) -> Path:
     """A toy DVC project holding `stages`, with the project's params.yaml, its `flow` section updated."""
-    repo = make_project(root / "repo", stages)
+    repo = make_stages_project(root / "repo", stages)
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     params["flow"].update(flow)
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
@@ -213,7 +212,7 @@ def test_two_runs_started_together_in_one_workspace_both_end_well(server, tmp_pa
     assert [run.returncode for run in runs] == [0, 0], outputs
     assert sum("waiting for the flow run already running in" in out for out in outputs) == 1, outputs
     assert "is busy" not in "".join(outputs)  # DVC's lock was never contended
-    reference = make_project(tmp_path / "reference", DIAMOND_SLOW)
+    reference = make_stages_project(tmp_path / "reference", DIAMOND_SLOW)
     subprocess.run([sys.executable, "-m", "dvc", "repro"], cwd=reference, env=env, check=True, capture_output=True)
     assert (repo / "dvc.lock").read_text() == (reference / "dvc.lock").read_text()
 

@@ -17,7 +17,7 @@ from fusesoup.logits.codec import CE_MAX, CE_STEP, LOGPROB_STEP, SequenceLogits,
 from fusesoup.token_bytes import prepended_space, text_token_bytes, token_bytes
 from fusesoup.tokenizer_families import FAMILIES, train_tokenizer
 from tests.real_tokenizers import gpt2_tokenizer, mistral_tokenizer
-from tests.test_corpus_prepare import reference_chunk_text, words
+from tests.helpers import reference_chunk_text, words
 
 # any code point but lone surrogates (a str read from UTF-8 never holds one), with line ends, NUL, combining marks and
 # emoji ZWJ sequences made likely

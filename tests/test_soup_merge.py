@@ -9,30 +9,18 @@ import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
 from fusesoup.soup.checkpoint import INDEX_NAME, SoupError, tensor_index, weight_files
 from fusesoup.soup.merge import check_ingredients, format_plan, plan_linear, write_linear_merge
 from fusesoup.soup.mergekit import mergekit_config
 from fusesoup.storage import atomic_dir
-
-LAYERS = 2
-
-
-def tiny_config(intermediate_size: int = 64) -> LlamaConfig:
-    return LlamaConfig(hidden_size=32, intermediate_size=intermediate_size, num_hidden_layers=LAYERS,
-                       num_attention_heads=4, num_key_value_heads=2, vocab_size=100)
+from tests.helpers import LAYERS, save_model, state_dict, tiny_config
 
 
-def save_model(directory: Path, seed: int, dtype: torch.dtype = torch.float32, **kwargs) -> Path:
-    torch.manual_seed(seed)
-    model = LlamaForCausalLM(tiny_config(kwargs.pop("intermediate_size", 64)))
-    with torch.no_grad():  # the norms start at ones in every seed: make them differ too
-        for name, parameter in model.named_parameters():
-            if name.endswith("norm.weight"):
-                parameter.add_(torch.randn_like(parameter))
-    model.to(dtype).save_pretrained(directory, **kwargs)
-    return directory
+
+
+
 
 
 @pytest.fixture(scope="module")
@@ -50,11 +38,6 @@ def per_tensor(names) -> dict[str, tuple[float, float, float]]:
     return {name: (0.1 + 0.05 * i, 0.7 - 0.02 * i, -0.3 + 0.01 * i) for i, name in enumerate(names)}
 
 
-def state_dict(model_dir: Path) -> dict[str, torch.Tensor]:
-    tensors = {}
-    for file in weight_files(model_dir):
-        tensors.update(load_file(file))
-    return tensors
 
 
 def merge_into(directory: Path, plan, dirs, **kwargs) -> list[Path]:

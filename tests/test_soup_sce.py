@@ -19,7 +19,7 @@ from fusesoup.soup.mergekit import task_vector_config
 from fusesoup.soup.recipes import Kitchen, cook
 from fusesoup.soup.relative import Settings, lambdas_for, settings_for, task_vector_combine
 from fusesoup.soup.sce import sce, select
-from tests.test_soup_merge import LAYERS, save_model, state_dict
+from tests.helpers import LAYERS, save_model, state_dict
 
 MERGEKIT_YAML = Path(sys.executable).with_name("mergekit-yaml")  # installed with the test dependencies
 

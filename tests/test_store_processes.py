@@ -11,8 +11,7 @@ from fusesoup.logits.sparse_store import ALIGNED_EXTRAS, SparseStore
 from fusesoup.logits.store import LogitStore, finished_shard
 from fusesoup.params import Align
 from fusesoup.storage import StorageError
-from tests.test_logits import ASCII_TEXTS, run_store, shard_bytes, write_corpus
-from tests.test_models import make_tokenizer, tiny_spec
+from tests.helpers import ASCII_TEXTS, make_tokenizer, run_store, shard_bytes, tiny_spec, write_code_corpus
 
 
 @pytest.fixture(scope="module")
@@ -21,7 +20,7 @@ def logits(tmp_path_factory):
     tokenizer = make_tokenizer(ASCII_TEXTS)
     model = build_model("llama", tiny_spec(context=256), tokenizer, seed=0).eval()
     root = tmp_path_factory.mktemp("processes")
-    corpus = write_corpus(root / "corpus")
+    corpus = write_code_corpus(root / "corpus")
     run_store(model, tokenizer, corpus, root / "logits")
     return corpus, LogitStore(root / "logits"), tokenizer
 

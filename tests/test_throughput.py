@@ -8,7 +8,7 @@ from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausa
 from fusesoup.train import throughput
 from fusesoup.train.loop import train_target
 from fusesoup.train.throughput import flops_per_token, model_flops_utilisation, peak_flops
-from tests.test_train import UNCHECKPOINTED, blocks, planned, tiny_model
+from tests.helpers import UNCHECKPOINTED, blocks, planned, tiny_model
 
 
 def test_flops_per_token_count_every_multiplying_weight_once_and_attention_over_the_block():

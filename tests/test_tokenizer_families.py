@@ -1,12 +1,10 @@
 """Tokenizer families: exact round trip, length bound, family markers, specials, save/reload, determinism."""
 from __future__ import annotations
 
-import random
 import sysconfig
 from pathlib import Path
 
 import pytest
-from pydoc_data.topics import topics
 from tokenizers.pre_tokenizers import ByteLevel
 from transformers import AutoTokenizer
 
@@ -19,67 +17,15 @@ from fusesoup.tokenizer_families import (
     train_tokenizer,
     within_length_bound,
 )
+from tests.helpers import CASES, random_strings, sample_texts
 
 VOCAB_SIZE = 800
 
-CASES = [
-    "Hello, world!",
-    "def f(x):\n    return x + 1\n",
-    "x , y . z ! ? 's n't",  # what clean_up_tokenization_spaces would rewrite
-    " leading",
-    "   three leading",
-    "trailing ",
-    "trailing   ",
-    "a  b   c    d",
-    "\ttab\tand\t\ttabs\t",
-    "\n",
-    "\n\n",
-    "\nstarts\n\nand ends\n",
-    "\r\nwindows\r\n",
-    "emoji 👍🎉",
-    "👩‍👩‍👧‍👦 family, 🏳️‍🌈 flag",
-    "中文分词测试",
-    "日本語のテキスト",
-    "e\u0301 a\u0308\u0301",
-    "שלום עולם",
-    "مرحبا بالعالم",
-    "12345 67890",
-    "<s> </s> <unk> <pad> <|endoftext|> <|padding|>",
-    "<0x41> <0x0A>",
-    "",
-    " ",
-    "   ",
-    "\t",
-    " \n\t \n ",
-]
-
-# Code point ranges for random strings: ASCII, controls, odd spaces, Latin-1, combining marks, Hebrew, Arabic,
-# CJK, Hangul, private use, emoji with ZWJ and variation selector, and astral planes. U+2581 is not in any of them.
-RANGES = [(0x20, 0x7E), (0x00, 0x1F), (0xA0, 0xFF), (0x2000, 0x200F), (0x3000, 0x3000), (0x300, 0x36F),
-          (0x5D0, 0x5EA), (0x627, 0x64A), (0x4E00, 0x9FFF), (0xAC00, 0xD7A3), (0xE000, 0xF8FF),
-          (0x1F300, 0x1FAFF), (0xFE0F, 0xFE0F), (0x10000, 0x10FFFF)]
 
 
-def random_strings(count: int = 200, seed: int = 0) -> list[str]:
-    rng = random.Random(seed)
-
-    def char() -> str:
-        low, high = rng.choice(RANGES)
-        return chr(rng.randint(low, high))
-
-    return ["".join(char() for _ in range(rng.randint(0, 40))) for _ in range(count)]
 
 
-def sample_texts() -> list[str]:
-    """~250 KB of stdlib source and ~100 KB of its prose (the pydoc topics), in a fixed order."""
-    texts, size = [], 0
-    for path in sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py")):
-        texts.append(path.read_text(encoding="utf-8"))
-        size += len(texts[-1])
-        if size > 250_000:
-            break
-    prose = [topics[key] for key in sorted(topics)]
-    return texts + prose[: len(prose) // 4]
+
 
 
 @pytest.fixture(scope="module")

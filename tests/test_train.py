@@ -3,69 +3,34 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 
-from fusesoup.bootstrap import build_model
-from fusesoup.logits.sparse import Chunks, RankRows, merge_entries
-from fusesoup.params import ContinuedTraining, ModelSpec
+from fusesoup.logits.sparse import Chunks, RankRows
 from fusesoup.train.loop import ExtraTerms, LiveTeacher, make_batch, micro_batches, train_target
-from fusesoup.train.packing import TrainBlock, TrainSequence, pack_documents, packing_order
-from fusesoup.train.stream import PlannedBatches, plan_steps
+from fusesoup.train.packing import TrainBlock, TrainSequence, pack_documents
+from fusesoup.train.stream import plan_steps
 from fusesoup.train.recipe import TrainingError
-
-VOCAB = 64
-SPEC = ContinuedTraining(steps=6, batch_tokens=48, block_size=16, lr=3e-3, warmup_steps=1, checkpoint_every=2)
-UNCHECKPOINTED = SPEC.model_copy(update={"checkpoint_every": 100})
+from tests.helpers import TRAIN_SPEC, UNCHECKPOINTED, blocks, order_of, planned, sequences, tiny_model
 
 
-class SpecialIds(SimpleNamespace):
-    """What build_model reads of a tokenizer: its special ids and its length."""
-
-    def __len__(self) -> int:
-        return VOCAB
 
 
-def tiny_model():
-    tokenizer = SpecialIds(bos_token_id=1, eos_token_id=2, pad_token_id=0)
-    spec = ModelSpec(hidden_size=16, layers=1, heads=2, intermediate_size=32, context=64)
-    return build_model("llama", spec, tokenizer, seed=0)
 
 
-def blocks(with_targets: bool, n: int = 12) -> list[TrainBlock]:
-    """The documents below packed as the stage packs them (BOS 1, blocks of SPEC.block_size, context 64)."""
-    documents = sequences(with_targets, n)
-    return pack_documents(documents, SPEC.block_size, 1, 64, order_of(documents))
 
 
-def order_of(documents: list[TrainSequence], seed: int = 0) -> np.ndarray:
-    return packing_order([len(d.input_ids) for d in documents], np.random.default_rng(seed))
 
 
-def planned(data: list[TrainBlock], spec: ContinuedTraining = SPEC) -> PlannedBatches:
-    """Each step's blocks as the in-memory plan takes them."""
-    return PlannedBatches(data, spec.batch_tokens, spec.steps, 0)
+
 
 
 def widths(data: list[TrainBlock]) -> list[int]:
     return [block.width for block in data]
 
 
-def sequences(with_targets: bool, n: int = 12) -> list[TrainSequence]:
-    rng, target_rng = np.random.default_rng(3), np.random.default_rng(4)
-    out = []
-    for length in rng.integers(5, 20, n):
-        ids = rng.integers(3, VOCAB, length)
-        rows = None
-        if with_targets:
-            entries = np.repeat(np.arange(length), 3)
-            rows = merge_entries(entries, target_rng.integers(3, VOCAB, 3 * length), target_rng.random(3 * length),
-                                 length, VOCAB)
-        out.append(TrainSequence(ids, rows))
-    return out
 
 
 class Killed(Exception):
@@ -89,24 +54,24 @@ class KilledAfter(list):
 def test_killed_run_resumes_to_the_same_weights(tmp_path):
     data = blocks(with_targets=True)
     straight = tiny_model()
-    log = train_target(straight, planned(data), SPEC, 0.9, "ce", 0, tmp_path / "a", "key", False)
+    log = train_target(straight, planned(data), TRAIN_SPEC, 0.9, "ce", 0, tmp_path / "a", "key", False)
     assert [row["step"] for row in log] == list(range(6)) and all(row["fusion"] != "" for row in log)
     assert all(row["tok_s"] > 0 for row in log)  # throughput of each step, for the plots and the progress bar
 
     resumed = tiny_model()
-    plan = plan_steps(widths(data), SPEC.batch_tokens, SPEC.steps, 0)
+    plan = plan_steps(widths(data), TRAIN_SPEC.batch_tokens, TRAIN_SPEC.steps, 0)
     with pytest.raises(Killed):  # dies inside step 4, after the checkpoint at step 4
-        train_target(resumed, planned(KilledAfter(data, sum(map(len, plan[:4])) + 1)), SPEC, 0.9, "ce", 0,
+        train_target(resumed, planned(KilledAfter(data, sum(map(len, plan[:4])) + 1)), TRAIN_SPEC, 0.9, "ce", 0,
                      tmp_path / "b", "key", False)
     assert (tmp_path / "b/state.json").is_file()
     resumed = tiny_model()
-    log_resumed = train_target(resumed, planned(data), SPEC, 0.9, "ce", 0, tmp_path / "b", "key", False)
+    log_resumed = train_target(resumed, planned(data), TRAIN_SPEC, 0.9, "ce", 0, tmp_path / "b", "key", False)
     assert [row["loss"] for row in log_resumed] == [row["loss"] for row in log]
     for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
         assert torch.equal(a, b), name
     # a checkpoint of another run (another key) is not resumed from
     other = tiny_model()
-    assert len(train_target(other, planned(data), SPEC, 0.9, "ce", 0, tmp_path / "b", "other", False)) == 6
+    assert len(train_target(other, planned(data), TRAIN_SPEC, 0.9, "ce", 0, tmp_path / "b", "other", False)) == 6
 
 
 def test_clm_and_fused_see_the_same_tokens_and_differ_only_by_the_fusion_term(tmp_path):
@@ -131,7 +96,7 @@ def test_a_live_teacher_s_kl_starts_at_zero_for_a_copy_of_the_student_and_grows_
 def test_a_non_finite_loss_stops_with_the_step_and_saves_nothing(tmp_path):
     data = blocks(with_targets=True)
     data[0] = data[0]._replace(targets=data[0].targets._replace(logprobs=np.full_like(data[0].targets.logprobs, np.nan)))
-    plan = plan_steps(widths(data), SPEC.batch_tokens, SPEC.steps, 0)
+    plan = plan_steps(widths(data), TRAIN_SPEC.batch_tokens, TRAIN_SPEC.steps, 0)
     first_bad = next(step for step, batch in enumerate(plan) if 0 in batch)
     with pytest.raises(TrainingError, match=f"loss is nan at step {first_bad} "):
         train_target(tiny_model(), planned(data), UNCHECKPOINTED, 0.9, "ce", 0, tmp_path / "n", "k", False)
@@ -148,7 +113,7 @@ def _rank(rank: int, world: int, init: str, out: str, engine: str, kill_after: i
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
     try:
         model, data = tiny_model(), blocks(with_targets=True)
-        spec = SPEC.model_copy(update={"distributed": engine})
+        spec = TRAIN_SPEC.model_copy(update={"distributed": engine})
         try:
             batches = planned(data if kill_after is None else KilledAfter(data, kill_after))
             log = train_target(model, batches, spec, 0.9, "ce", 0, Path(out) / "ckpt", "k", False)
@@ -192,7 +157,7 @@ def test_two_processes_follow_the_single_process_trajectory(tmp_path, engine, re
     on the weights (float summation order differs)."""
     torch.set_num_threads(1)
     single = tiny_model()
-    log = train_target(single, planned(blocks(with_targets=True)), SPEC, 0.9, "ce", 0, tmp_path / "one", "k", False)
+    log = train_target(single, planned(blocks(with_targets=True)), TRAIN_SPEC, 0.9, "ce", 0, tmp_path / "one", "k", False)
     two = request.getfixturevalue("fsdp_two_processes") if engine == "fsdp" else run_ranks(tmp_path / "two", 2, engine)
     assert_same_trajectory(two, log, single.state_dict(), atol=1e-4)
 
@@ -201,7 +166,7 @@ def test_a_killed_fsdp_run_resumes_to_the_same_weights_on_two_processes_and_on_o
     """Killed inside step 4 (after the sharded checkpoint of step 4): resumed on 2 processes it ends bit-identical to
     an unkilled 2-process run; resumed on 1 process (DCP reshards the same checkpoint) within 1e-4 of it."""
     straight = fsdp_two_processes
-    plan = plan_steps(widths(blocks(True)), SPEC.batch_tokens, SPEC.steps, 0)
+    plan = plan_steps(widths(blocks(True)), TRAIN_SPEC.batch_tokens, TRAIN_SPEC.steps, 0)
     killed = tmp_path / "killed"
     run_ranks(killed, 2, "fsdp", kill_after=sum(map(len, plan[:4])) + 1)
     assert (killed / "ckpt/state.json").is_file() and list((killed / "ckpt").glob("*.distcp"))
@@ -213,7 +178,7 @@ def test_a_killed_fsdp_run_resumes_to_the_same_weights_on_two_processes_and_on_o
         assert torch.equal(result["weights"][name], weight), name
 
     model = tiny_model()
-    log = train_target(model, planned(blocks(True)), SPEC.model_copy(update={"distributed": "fsdp"}), 0.9, "ce", 0,
+    log = train_target(model, planned(blocks(True)), TRAIN_SPEC.model_copy(update={"distributed": "fsdp"}), 0.9, "ce", 0,
                        tmp_path / "ckpt-for-one", "k", False)
     assert [r["step"] for r in log] == list(range(6))
     np.testing.assert_allclose([r["loss"] for r in log[:4]], [r["loss"] for r in straight["log"][:4]], rtol=0)
@@ -284,7 +249,7 @@ def test_the_chunk_term_adds_mu_times_chunk_likelihood_matching(tmp_path):
     documents = [d._replace(chunks=Chunks((rng.random(len(d.input_ids)) < 0.5).astype(np.uint8) | np.eye(
         1, len(d.input_ids), len(d.input_ids) - 1, dtype=np.uint8)[0], rng.random(len(d.input_ids)) * 3))
         for d in sequences(with_targets=True)]
-    data = pack_documents(documents, SPEC.block_size, 1, 64, order_of(documents))
+    data = pack_documents(documents, TRAIN_SPEC.block_size, 1, 64, order_of(documents))
     assert sum(int((b.chunks.of >= 0).sum()) for b in data) > 100
     log = train_target(tiny_model(), planned(data), UNCHECKPOINTED, 0.9, "ce", 0, tmp_path / "a", "k", False,
                        extra=ExtraTerms(chunk_weight=0.5))
@@ -303,7 +268,7 @@ def test_the_uld_term_adds_nu_times_rank_matching(tmp_path):
         at = np.flatnonzero(rng.random(len(d.input_ids)) < 0.3)
         probs = np.sort(rng.dirichlet(np.ones(4), len(at)), axis=1)[:, ::-1]
         documents.append(d._replace(ranks=RankRows(at, np.log(probs).astype(np.float32))))
-    data = pack_documents(documents, SPEC.block_size, 1, 64, order_of(documents))
+    data = pack_documents(documents, TRAIN_SPEC.block_size, 1, 64, order_of(documents))
     log = train_target(tiny_model(), planned(data), UNCHECKPOINTED, 0.9, "ce", 0, tmp_path / "a", "k", False,
                        extra=ExtraTerms(uld_weight=2.0))
     for row in log:

@@ -10,7 +10,7 @@ from fusesoup.train.recipe import TrainingError
 from fusesoup.train import loop
 from fusesoup.train.loss import clm_loss, student_log_probs
 from fusesoup.train.memory import MemoryPlan, check_fits, format_memory_plan, plan_memory
-from tests.test_train import UNCHECKPOINTED, blocks, planned, tiny_model
+from tests.helpers import UNCHECKPOINTED, blocks, planned, tiny_model
 
 
 def llama(hidden: int, layers: int, vocab: int) -> LlamaForCausalLM:

@@ -8,7 +8,7 @@ import pytest
 from fusesoup.train.packing import pack_documents, packed_widths, packing_order
 from fusesoup.train.recipe import TrainingError
 from fusesoup.train.stream import PlannedBatches, TrainStream, plan_steps
-from tests.test_train import sequences
+from tests.helpers import sequences
 
 BLOCK, BOS, CONTEXT = 16, 1, 24
 
