@@ -1,7 +1,8 @@
 """Real pretrained weights through the DAG: SmolLM2-135M-Instruct (Q4_1 GGUF, fetched by tests/real_weights.py) as a
 `source: gguf` target, fused with a bootstrapped partner on a few dozen sequences of the builtin corpus: pin@ (the
-GGUF dequantised), extract, align, fuse and three train@fused steps, then the numbers only real weights give and the
-pinned tokenizer's round trips. Fails, saying how to fetch it, when the GGUF is not there.
+GGUF dequantised), extract, align, fuse and three train@fused steps, then the numbers only real weights give, the
+stored top-1 against transformers' own forward and the pinned tokenizer's round trips. Fails, saying how to fetch
+it, when the GGUF is not there.
 
 Thresholds, from the values measured on this file's project (valid is prose, test is code at these byte caps;
 `pytest -s tests/test_real_weights.py` with the values printed, two runs, the same to 4 digits where shared), each
@@ -11,20 +12,25 @@ with its margin:
   under a third of the first and 0.75x the second (1.92, 1.68): no bootstrapped model comes near real weights.
 - After the 3 train@fused steps (train@'s own metrics): valid 1.436 (1.426 with 512-token steps), asserted < 1.6;
   test 1.171, asserted < 1.3 (+11%): the steps keep what the weights know.
+- The stored top-1 of the first 6 train sequences vs transformers' own forward of the GGUF: 528 of 528 positions
+  agree, worst |log p| difference 0.0310 (the codec's half step is 1/32); asserted > 99% and < 1/32 + 1e-3.
 """
 from __future__ import annotations
 
 import json
 import shutil
 
+import numpy as np
 import pytest
 import torch
 import yaml
 from safetensors import safe_open
-from transformers import AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from fusesoup.batching import bos_token_id
 from fusesoup.corpus import read_split
 from fusesoup.evaluate import bits_per_byte
+from fusesoup.logits.store import LogitStore
 from fusesoup.models import load_model, stored_dtype
 from fusesoup.params import load_params
 from fusesoup.token_bytes import text_token_bytes, token_bytes
@@ -95,3 +101,22 @@ def test_real_weights_score_far_below_any_bootstrapped_model(project):
     trained = json.loads((repo / "metrics/train/fused.json").read_text())
     assert trained["train"]["steps"] == 3 and trained["valid"]["all"]["bpb"] < 1.6, trained
     assert trained["test"]["all"]["bpb"] < 1.3, trained
+
+
+def test_extracted_top1_is_transformers_own_forward_of_the_gguf(project):
+    repo, root = project
+    store = LogitStore(repo / "data/logits/smol")
+    stored = next(store.iter_batches("train", batch_sequences=6))
+    model = AutoModelForCausalLM.from_pretrained(root / "given", gguf_file=SMOLLM2, dtype=torch.float32)
+    _, tokenizer = load_model("smol", load_params(repo / "params.yaml"), repo / "data/models")
+    agree = total = 0
+    worst = 0.0
+    with torch.inference_mode():
+        for row in stored:
+            ids = torch.tensor([[bos_token_id(tokenizer), *row.logits.input_ids.tolist()]])
+            logits = model(input_ids=ids).logits[0, :-1].float()
+            agree += int((logits.argmax(-1).numpy() == row.logits.topk_ids[:, 0]).sum())
+            total += len(row.logits.input_ids)
+            top1 = torch.log_softmax(logits, -1).max(-1).values.numpy()
+            worst = max(worst, float(np.abs(top1 - row.logits.topk_logprobs[:, 0]).max()))
+    assert total > 300 and agree / total > 0.99 and worst < 1 / 32 + 1e-3, (agree, total, worst)
