@@ -1,8 +1,8 @@
 """Real pretrained weights through the DAG: SmolLM2-135M-Instruct (Q4_1 GGUF, fetched by tests/real_weights.py) as a
 `source: gguf` target, fused with a bootstrapped partner on a few dozen sequences of the builtin corpus: pin@ (the
 GGUF dequantised), extract, align, fuse and three train@fused steps, then the numbers only real weights give, the
-stored top-1 against transformers' own forward and the pinned tokenizer's round trips. Fails, saying how to fetch
-it, when the GGUF is not there.
+stored top-1 against transformers' own forward, the pinned tokenizer's round trips, and DVC tracking the GGUF file
+by its content. Fails, saying how to fetch it, when the GGUF is not there.
 
 Thresholds, from the values measured on this file's project (valid is prose, test is code at these byte caps;
 `pytest -s tests/test_real_weights.py` with the values printed, two runs, the same to 4 digits where shared), each
@@ -18,6 +18,7 @@ with its margin:
 from __future__ import annotations
 
 import json
+import os
 import shutil
 
 import numpy as np
@@ -120,3 +121,16 @@ def test_extracted_top1_is_transformers_own_forward_of_the_gguf(project):
             top1 = torch.log_softmax(logits, -1).max(-1).values.numpy()
             worst = max(worst, float(np.abs(top1 - row.logits.topk_logprobs[:, 0]).max()))
     assert total > 300 and agree / total > 0.99 and worst < 1 / 32 + 1e-3, (agree, total, worst)
+
+
+def test_dvc_tracks_the_gguf_by_content(project):
+    repo, root = project
+    assert json.loads(dvc(repo, "status", "--with-deps", "train@fused", "--json").stdout) == {}
+    file = root / "given" / SMOLLM2
+    os.utime(file)  # touched, same bytes: nothing to rerun
+    assert json.loads(dvc(repo, "status", "--with-deps", "train@fused", "--json").stdout) == {}
+    data = bytearray(file.read_bytes())
+    data[-1000] ^= 0xFF  # one byte of the last tensor's blocks: the user's file changed
+    file.write_bytes(bytes(data))
+    status = json.loads(dvc(repo, "status", "--with-deps", "train@fused", "--json").stdout)
+    assert {"pin@smol", "extract@smol", "train@fused"} <= set(status) and "bootstrap@code-neox" not in status
