@@ -7,7 +7,8 @@ from tests.helpers import make_tokenizer
 
 # The longest modules first, so that `pytest -n 2 --dist loadfile` (make test) starts them on different workers
 # at once and the short ones fill in around them, instead of one of them starting last.
-LONGEST_FIRST = ("test_dag.py", "test_dag_external.py", "test_prefect_server.py", "test_flow.py", "test_logits.py")
+LONGEST_FIRST = ("test_dag.py", "test_dag_external.py", "test_real_weights.py", "test_prefect_server.py", "test_flow.py",
+                 "test_logits.py")
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
