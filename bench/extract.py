@@ -39,7 +39,8 @@ import polars as pl  # noqa: E402
 import torch  # noqa: E402
 
 from fusesoup.corpus import read_split  # noqa: E402
-from fusesoup.batching import bos_token_id, encode_text, pad_batch, plan_batches  # noqa: E402
+from fusesoup.batching import bos_token_id, pad_batch, plan_batches  # noqa: E402
+from fusesoup.evaluate import encode_texts  # noqa: E402
 from fusesoup.logits.codec import renormalized_kl  # noqa: E402
 from fusesoup.logits.extract import extract_sequences, extract_store, key_parts  # noqa: E402
 from fusesoup.logits.store import LogitStore  # noqa: E402
@@ -66,7 +67,7 @@ def forward_seconds(model, tokenizer, texts: list[str], batch_tokens: int) -> fl
     """Tokenize + the model's forward pass over the same length-sorted batches extraction uses, nothing else."""
     started = time.perf_counter()
     bos = bos_token_id(tokenizer)
-    sequences = [[bos] + ids for ids in encode_text(tokenizer, texts)["input_ids"]]
+    sequences = encode_texts(tokenizer, texts)
     for batch in plan_batches([len(s) for s in sequences], batch_tokens):
         input_ids, mask = pad_batch([sequences[i] for i in batch], pad=bos)
         model(input_ids=input_ids, attention_mask=mask).logits

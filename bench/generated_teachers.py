@@ -12,7 +12,8 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from fusesoup.corpus.builtin import stdlib_files
 from fusesoup.corpus.prepare import chunk_text
-from fusesoup.batching import bos_token_id, encode_text
+from fusesoup.batching import bos_token_id
+from fusesoup.evaluate import encode_texts
 from fusesoup.logits.codec import renormalized_kl
 from fusesoup.storage import write_parquet
 from tests.real_tokenizers import gpt2_tokenizer, mistral_tokenizer
@@ -68,7 +69,7 @@ def bf16_fidelity(model, tokenizer, texts: list[str], k: int) -> dict:
     head = half.lm_head.weight.float()
     rows: dict[str, list[torch.Tensor]] = {key: [] for key in ("store", "logits", "topk", "top1", "overlap", "entropy")}
     for text in texts:
-        ids = torch.tensor([[bos_token_id(tokenizer)] + encode_text(tokenizer, [text])["input_ids"][0]])
+        ids = torch.tensor(encode_texts(tokenizer, [text]))
         exact = torch.log_softmax(model(input_ids=ids).logits[0, :-1].double(), dim=-1)
         store = torch.log_softmax(half.base_model(input_ids=ids).last_hidden_state[0, :-1].float() @ head.t(), -1)
         rounded = torch.log_softmax(half(input_ids=ids).logits[0, :-1].float(), dim=-1)

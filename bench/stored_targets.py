@@ -27,7 +27,7 @@ import polars as pl  # noqa: E402
 import torch  # noqa: E402
 
 from bench.extract import run_extraction, small_corpus, teacher_parser, train_only  # noqa: E402
-from fusesoup.batching import bos_token_id, encode_text  # noqa: E402
+from fusesoup.evaluate import encode_texts  # noqa: E402
 from fusesoup.logits.store import LogitStore  # noqa: E402
 from fusesoup.models import load_model  # noqa: E402
 from fusesoup.params import load_params  # noqa: E402
@@ -36,7 +36,7 @@ from fusesoup.params import load_params  # noqa: E402
 @torch.inference_mode()
 def teacher_logprobs(model, tokenizer, text: str) -> np.ndarray:
     """[n, V] float64 log-probs of the text's n tokens, after BOS, as extraction scores them."""
-    ids = [bos_token_id(tokenizer)] + encode_text(tokenizer, [text])["input_ids"][0]
+    [ids] = encode_texts(tokenizer, [text])
     logits = model(input_ids=torch.tensor([ids])).logits[0, :-1].double()
     return torch.log_softmax(logits, dim=-1).numpy()
 
